@@ -1,0 +1,406 @@
+//! The `Queue` custom resource (`queues.sluice.dev`, version `v1alpha1`).
+//!
+//! Every field carries a doc comment: kube-derive and schemars turn them into the
+//! OpenAPI descriptions that `kubectl explain queue.spec` prints. `crds/` is generated
+//! from these types by `sluice-operator crd` (a test fails when it drifts).
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Pattern of a duration string: one or more `<number><unit>` with units ms, s, m, h, d.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+/// Pattern of a storage quantity such as `1Gi`, `500Mi`, `10G`.
+pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
+
+/// A durable, partitioned message queue served by a StatefulSet of Sluice brokers.
+///
+/// The operator turns a Queue into a StatefulSet `sluice-<name>` (one broker per
+/// replica, a data volume each), a headless Service `sluice-<name>`, a ConfigMap
+/// `sluice-<name>-config` holding `broker.toml` and a PodDisruptionBudget
+/// `sluice-<name>`, all owned by the Queue.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "Queue",
+    plural = "queues",
+    singular = "queue",
+    shortname = "slq",
+    namespaced,
+    status = "QueueStatus",
+    category = "sluice",
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas","description":"Broker pods requested"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Broker pods ready"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Reason of the Ready condition"}"#,
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".status.address","priority":1,"description":"Address the sidecar routes to"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Number of broker pods. Partition p is owned by the broker of ordinal
+    /// `p % replicas`. Scaling down below the pods that hold partition data is refused
+    /// (condition `Degraded`, reason `ScaleDownBlocked`) until data can move.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: i32,
+
+    /// Number of partitions: the unit of parallelism and ordering. Must be at least
+    /// `replicas` (a broker without a partition would sit idle).
+    #[serde(default = "default_partitions")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub partitions: i32,
+
+    /// Persistent volume of each broker pod (a PersistentVolumeClaim per pod).
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// When writes are flushed to disk.
+    #[serde(default)]
+    pub durability: DurabilitySpec,
+
+    /// Delivery semantics: leases, redelivery and dead-lettering.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+
+    /// How much the queue keeps, and what happens when it is full.
+    #[serde(default)]
+    pub retention: RetentionSpec,
+
+    /// Largest message body accepted, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1, max = 67108864))]
+    pub max_message_bytes: i64,
+
+    /// Largest number of messages in one batch call (EnqueueBatch, Dequeue).
+    #[serde(default = "default_max_batch")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_batch: i32,
+
+    /// Window during which a message with the same deduplication id is accepted
+    /// only once, e.g. "5m". "0s" disables deduplication.
+    #[serde(default = "default_dedup_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub deduplication_window: String,
+
+    /// Which workloads may use the queue. Empty: any pod whose sidecar is injected.
+    #[serde(default)]
+    pub access: AccessSpec,
+
+    /// What happens to the broker data volumes when the Queue is deleted:
+    /// `Retain` (default) keeps the PersistentVolumeClaims, `Delete` removes them
+    /// (the operator holds a finalizer until they are gone).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Overrides of the broker pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<BrokerTemplate>,
+}
+
+/// Persistent storage of each broker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each broker's volume, a Kubernetes quantity such as "1Gi".
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+    /// StorageClass of the volumes; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+/// Flush policy of the broker's log.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Fsync {
+    /// Every enqueue returns only after its record is on disk (group commit).
+    #[default]
+    Always,
+    /// Flush every `fsyncInterval`; a crash may lose the last interval.
+    Interval,
+    /// Leave flushing to the operating system.
+    Never,
+}
+
+impl Fsync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Interval => "interval",
+            Fsync::Never => "never",
+        }
+    }
+}
+
+/// Durability settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DurabilitySpec {
+    /// `always`, `interval` or `never`.
+    #[serde(default)]
+    pub fsync: Fsync,
+    /// Flush period when fsync is `interval`, e.g. "10ms".
+    #[serde(default = "default_fsync_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub fsync_interval: String,
+}
+
+impl Default for DurabilitySpec {
+    fn default() -> Self {
+        Self {
+            fsync: Fsync::Always,
+            fsync_interval: default_fsync_interval(),
+        }
+    }
+}
+
+/// Delivery settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// How long a dequeued message stays invisible before it is delivered again
+    /// unless acked, e.g. "30s".
+    #[serde(default = "default_visibility_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub visibility_timeout: String,
+    /// Deliveries after which a message goes to the dead-letter queue (or is dropped).
+    #[serde(default = "default_max_deliveries")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_deliveries: i32,
+    /// Move messages that exhausted `maxDeliveries` to `<name>.dlq`.
+    #[serde(default = "default_true")]
+    pub dead_letter: bool,
+    /// Redelivery backoff: first delay of an exponential backoff, e.g. "1s".
+    #[serde(default = "default_zero")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub redelivery_delay: String,
+    /// Upper bound of the redelivery backoff, e.g. "15m".
+    #[serde(default = "default_redelivery_delay_max")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub redelivery_delay_max: String,
+    /// Delay applied to messages enqueued without one.
+    #[serde(default = "default_zero")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub default_delay: String,
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: default_visibility_timeout(),
+            max_deliveries: default_max_deliveries(),
+            dead_letter: true,
+            redelivery_delay: default_zero(),
+            redelivery_delay_max: default_redelivery_delay_max(),
+            default_delay: default_zero(),
+        }
+    }
+}
+
+/// What to do when a retention limit is reached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Overflow {
+    /// Refuse new messages (producers get RESOURCE_EXHAUSTED).
+    #[default]
+    RejectNew,
+    /// Drop the oldest messages to make room.
+    DropOldest,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::RejectNew => "reject_new",
+            Overflow::DropOldest => "drop_oldest",
+        }
+    }
+}
+
+/// Retention limits (per queue; 0 means unlimited).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Oldest message kept, e.g. "336h" (14 days); "0s" keeps messages forever.
+    #[serde(default = "default_max_age")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub max_age: String,
+    /// Most messages kept; 0 is unlimited.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_messages: i64,
+    /// Most bytes of message bodies kept; 0 is unlimited.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_bytes: i64,
+    /// `rejectNew` or `dropOldest`.
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+impl Default for RetentionSpec {
+    fn default() -> Self {
+        Self {
+            max_age: default_max_age(),
+            max_messages: 0,
+            max_bytes: 0,
+            overflow: Overflow::RejectNew,
+        }
+    }
+}
+
+/// Workloads allowed to use the queue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessSpec {
+    /// ServiceAccounts whose pods may use the queue. Empty: every pod. The injection
+    /// webhook leaves out routes to queues the pod's ServiceAccount may not use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<ServiceAccountRef>,
+}
+
+/// A ServiceAccount, by name and namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Namespace of the ServiceAccount; the Queue's namespace when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// What deletion of the Queue does to the broker volumes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum DeletionPolicy {
+    /// Keep the PersistentVolumeClaims (the messages survive; recreate the Queue to reuse them).
+    #[default]
+    Retain,
+    /// Delete the PersistentVolumeClaims with the Queue.
+    Delete,
+}
+
+/// Overrides of the broker pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerTemplate {
+    /// Broker image; the operator's `--broker-image` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy of the broker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Compute resources of the broker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Scheduling affinity; replaces the default pod anti-affinity (brokers of one
+    /// queue preferably on different nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Tolerations of the broker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node selector of the broker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// PriorityClass of the broker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Seconds a broker gets to flush after SIGTERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+/// Observed state of a Queue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, in the Kubernetes convention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Broker pods the StatefulSet runs (may differ from spec.replicas when a
+    /// scale-down is blocked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Broker pods ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Address the sidecar routes to: the headless Service, port 7171.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Address of each broker pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Hash of the broker settings the pods were last rolled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_max_message_bytes() -> i64 {
+    262_144
+}
+fn default_max_batch() -> i32 {
+    1000
+}
+fn default_dedup_window() -> String {
+    "5m".into()
+}
+fn default_storage_size() -> String {
+    "1Gi".into()
+}
+fn default_fsync_interval() -> String {
+    "10ms".into()
+}
+fn default_visibility_timeout() -> String {
+    "30s".into()
+}
+fn default_max_deliveries() -> i32 {
+    5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_zero() -> String {
+    "0s".into()
+}
+fn default_redelivery_delay_max() -> String {
+    "15m".into()
+}
+fn default_max_age() -> String {
+    "336h".into()
+}
+
+/// The CRD as YAML, exactly as written to `crds/queues.sluice.dev.yaml`.
+pub fn crd_yaml() -> String {
+    let crd = Queue::crd();
+    let body = serde_yaml::to_string(&crd).expect("CRD serializes");
+    format!(
+        "# Generated by `cargo run -p sluice-operator -- crd` from operator/src/crd.rs.\n# Do not edit: a test fails when this file drifts from the Rust types.\n{body}"
+    )
+}

@@ -1,0 +1,10 @@
+//! Sluice control plane: the `Queue` CRD, its reconciler, leader election, metrics
+//! and the sidecar-injection webhook. The binary is `sluice-operator`.
+
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod resources;
+pub mod settings;
+pub mod webhook;

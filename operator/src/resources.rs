@@ -1,0 +1,418 @@
+//! The objects a Queue owns, built from its spec. Pure functions: unit-testable
+//! without an API server.
+
+use crate::crd::Queue;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext, Capabilities, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+pub const GRPC_PORT: i32 = 7171;
+pub const METRICS_PORT: i32 = 9090;
+pub const CONFIG_KEY: &str = "broker.toml";
+pub const HASH_ANNOTATION: &str = "sluice.dev/config-hash";
+pub const QUEUE_LABEL: &str = "sluice.dev/queue";
+
+/// Names of the owned objects.
+pub fn sts_name(queue: &str) -> String {
+    format!("sluice-{queue}")
+}
+pub fn svc_name(queue: &str) -> String {
+    sts_name(queue)
+}
+pub fn cm_name(queue: &str) -> String {
+    format!("sluice-{queue}-config")
+}
+pub fn pdb_name(queue: &str) -> String {
+    sts_name(queue)
+}
+/// Address the sidecar routes to.
+pub fn address(queue: &str, ns: &str, cluster_domain: &str) -> String {
+    format!("{}.{ns}.svc.{cluster_domain}:{GRPC_PORT}", svc_name(queue))
+}
+
+/// Selector labels of a queue's broker pods.
+pub fn selector_labels(queue: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "sluice-broker".into()),
+        ("app.kubernetes.io/instance".into(), queue.into()),
+        (QUEUE_LABEL.into(), queue.into()),
+    ])
+}
+
+/// Labels on every owned object.
+pub fn labels(queue: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(queue);
+    l.insert("app.kubernetes.io/component".into(), "broker".into());
+    l.insert("app.kubernetes.io/part-of".into(), "sluice".into());
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "sluice-operator".into(),
+    );
+    l
+}
+
+/// Operator-wide defaults for what a Queue does not say.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub broker_image: String,
+    pub image_pull_policy: String,
+    pub cluster_domain: String,
+}
+
+fn meta(q: &Queue, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: q.namespace(),
+        labels: Some(labels(&q.name_any())),
+        owner_references: Some(vec![owner(q)]),
+        ..Default::default()
+    }
+}
+
+pub fn owner(q: &Queue) -> OwnerReference {
+    q.controller_owner_ref(&()).expect("Queue has a uid")
+}
+
+pub fn config_map(q: &Queue, toml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(q, cm_name(&q.name_any())),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), toml.to_string())])),
+        ..Default::default()
+    }
+}
+
+pub fn service(q: &Queue) -> Service {
+    let name = q.name_any();
+    Service {
+        metadata: meta(q, svc_name(&name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(&name)),
+            publish_not_ready_addresses: Some(false),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: METRICS_PORT,
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failure: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            scheme: Some("HTTP".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn default_affinity(queue: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels(queue)),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The broker StatefulSet. `replicas` is what it should run (spec.replicas unless a
+/// scale-down is blocked); `hash` rolls the pods when the settings change.
+pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> StatefulSet {
+    let name = q.name_any();
+    let t = q.spec.template.clone().unwrap_or_default();
+    let mut pod_labels = labels(&name);
+    pod_labels.extend(selector_labels(&name));
+    let container = Container {
+        name: "broker".into(),
+        image: Some(t.image.clone().unwrap_or_else(|| d.broker_image.clone())),
+        image_pull_policy: Some(
+            t.image_pull_policy
+                .clone()
+                .unwrap_or_else(|| d.image_pull_policy.clone()),
+        ),
+        command: Some(vec!["sluice-broker".into()]),
+        args: Some(vec![
+            "--config".into(),
+            format!("/etc/sluice/{CONFIG_KEY}"),
+            "--data-dir".into(),
+            "/var/lib/sluice".into(),
+            "--listen".into(),
+            format!("0.0.0.0:{GRPC_PORT}"),
+            "--metrics-listen".into(),
+            format!("0.0.0.0:{METRICS_PORT}"),
+        ]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
+        resources: t.resources.clone(),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: "/var/lib/sluice".into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "config".into(),
+                mount_path: "/etc/sluice".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut storage_req = BTreeMap::new();
+    storage_req.insert("storage".to_string(), Quantity(q.spec.storage.size.clone()));
+    StatefulSet {
+        metadata: meta(q, sts_name(&name)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(svc_name(&name)),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        HASH_ANNOTATION.to_string(),
+                        hash.to_string(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(
+                        t.termination_grace_period_seconds.unwrap_or(60),
+                    ),
+                    affinity: Some(t.affinity.clone().unwrap_or_else(|| default_affinity(&name))),
+                    tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
+                    node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
+                    priority_class_name: t.priority_class_name.clone(),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        ..Default::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "config".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: cm_name(&name),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    labels: Some(selector_labels(&name)),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: q.spec.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(storage_req),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The PodDisruptionBudget as JSON, for `policy/v1` or `policy/v1beta1` (Kubernetes
+/// before 1.21 serves only the latter): at most one broker down at a time.
+pub fn pdb(q: &Queue, api_version: &str) -> Value {
+    let name = q.name_any();
+    json!({
+        "apiVersion": api_version,
+        "kind": "PodDisruptionBudget",
+        "metadata": serde_json::to_value(meta(q, pdb_name(&name))).expect("meta"),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": { "matchLabels": selector_labels(&name) },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::QueueSpec;
+
+    fn queue(spec: &str) -> Queue {
+        let mut q = Queue::new("orders", serde_yaml::from_str::<QueueSpec>(spec).unwrap());
+        q.metadata.namespace = Some("shop".into());
+        q.metadata.uid = Some("1234".into());
+        q
+    }
+
+    fn defaults() -> Defaults {
+        Defaults {
+            broker_image: "sluice-broker:test".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn statefulset_shape() {
+        let q = queue("{replicas: 3, storage: {size: 2Gi, storageClassName: fast}}");
+        let s = stateful_set(&q, &defaults(), 3, "abc");
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.service_name.as_deref(), Some("sluice-orders"));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("sluice-broker:test"));
+        assert!(c.args.as_ref().unwrap().contains(&"/etc/sluice/broker.toml".to_string()));
+        assert_eq!(
+            c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/readyz")
+        );
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        let pvc = &spec.volume_claim_templates.unwrap()[0];
+        assert_eq!(
+            pvc.spec.as_ref().unwrap().storage_class_name.as_deref(),
+            Some("fast")
+        );
+        assert_eq!(
+            spec.template.metadata.unwrap().annotations.unwrap()[HASH_ANNOTATION],
+            "abc"
+        );
+        let owner = &s.metadata.owner_references.unwrap()[0];
+        assert_eq!(owner.kind, "Queue");
+        assert_eq!(owner.controller, Some(true));
+    }
+
+    #[test]
+    fn template_overrides() {
+        let q = queue(
+            "template: {image: my/broker:1, priorityClassName: high, nodeSelector: {disk: ssd}, terminationGracePeriodSeconds: 5}",
+        );
+        let s = stateful_set(&q, &defaults(), 3, "h");
+        let pod = s.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("my/broker:1"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(pod.node_selector.unwrap()["disk"], "ssd");
+        assert_eq!(pod.termination_grace_period_seconds, Some(5));
+    }
+
+    #[test]
+    fn pdb_and_service() {
+        let q = queue("{}");
+        let p = pdb(&q, "policy/v1beta1");
+        assert_eq!(p["apiVersion"], "policy/v1beta1");
+        assert_eq!(p["metadata"]["name"], "sluice-orders");
+        assert_eq!(p["spec"]["maxUnavailable"], 1);
+        let s = service(&q);
+        assert_eq!(s.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        assert_eq!(
+            address("orders", "shop", "cluster.local"),
+            "sluice-orders.shop.svc.cluster.local:7171"
+        );
+    }
+}
