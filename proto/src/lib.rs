@@ -8,3 +8,6 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/sluice.v1.bin");
+
+pub mod receipt;
+pub use receipt::Receipt;

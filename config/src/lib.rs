@@ -1,0 +1,356 @@
+//! Queue settings: the one description of a queue that the operator writes (into the
+//! ConfigMap key `broker.toml`), the broker reads, and `sluice dev` defaults.
+//!
+//! Durations are Kubernetes-style strings ("30s", "5m", "1h30m", "250ms"), parsed the
+//! way Go's `time.ParseDuration` does, so a value means the same in a Queue manifest
+//! and in the broker.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+mod duration;
+pub use duration::{format_duration, parse_duration};
+
+/// Errors in queue settings and names.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid duration {value:?}: {reason}")]
+    Duration { value: String, reason: String },
+    #[error("invalid queue name {name:?}: {reason}")]
+    QueueName { name: String, reason: &'static str },
+    #[error("queue {queue}: {field}: {reason}")]
+    Invalid {
+        queue: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The longest queue name; leaves room for the `.dlq` suffix within DNS label rules.
+pub const MAX_QUEUE_NAME: usize = 59;
+/// Suffix of a queue's dead-letter queue.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// Checks a queue name: 1–59 characters of `a-z 0-9 - _`, starting with a letter or
+/// digit; a dead-letter queue adds `.dlq`.
+pub fn validate_queue_name(name: &str) -> Result<(), ConfigError> {
+    let base = name.strip_suffix(DLQ_SUFFIX).unwrap_or(name);
+    let err = |reason| ConfigError::QueueName {
+        name: name.to_string(),
+        reason,
+    };
+    if base.is_empty() {
+        return Err(err("must not be empty"));
+    }
+    if base.len() > MAX_QUEUE_NAME {
+        return Err(err("must be at most 59 characters (plus .dlq)"));
+    }
+    if !base.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(err("must start with a letter or digit"));
+    }
+    if !base
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(err(
+            "may hold only lowercase letters, digits, '-' and '_' (and end in .dlq for a dead-letter queue)",
+        ));
+    }
+    Ok(())
+}
+
+/// How hard the broker works to keep a message before answering its producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Answer only once the record is on disk (group commit: one fsync for many writes).
+    #[default]
+    Always,
+    /// Answer once written to the OS; fsync every `fsync_interval`.
+    Interval,
+    /// Answer once written to the OS; never fsync (the OS flushes when it likes).
+    Never,
+}
+
+impl FsyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsyncMode::Always => "always",
+            FsyncMode::Interval => "interval",
+            FsyncMode::Never => "never",
+        }
+    }
+}
+
+/// What happens when a retention limit (messages or bytes) is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Refuse new messages with RESOURCE_EXHAUSTED.
+    #[default]
+    RejectNew,
+    /// Drop the oldest waiting messages to make room.
+    DropOldest,
+}
+
+/// The settings of one queue. Field names are those of `broker.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    pub name: String,
+    pub partitions: u32,
+    /// Broker pods sharing the partitions: partition p belongs to ordinal p % replicas.
+    pub replicas: u32,
+    pub fsync: FsyncMode,
+    #[serde(with = "duration::serde_str")]
+    pub fsync_interval: Duration,
+    #[serde(with = "duration::serde_str")]
+    pub visibility_timeout: Duration,
+    /// Deliveries before a message is dead-lettered (0 = unlimited).
+    pub max_deliveries: u32,
+    /// Whether failing messages go to `<name>.dlq` (otherwise they are dropped).
+    pub dead_letter: bool,
+    /// Base of the exponential redelivery backoff after a nack without a delay.
+    #[serde(with = "duration::serde_str")]
+    pub redelivery_delay: Duration,
+    #[serde(with = "duration::serde_str")]
+    pub redelivery_delay_max: Duration,
+    #[serde(with = "duration::serde_str")]
+    pub default_delay: Duration,
+    pub max_message_bytes: u64,
+    pub max_batch: u32,
+    #[serde(with = "duration::serde_str")]
+    pub dedup_window: Duration,
+    /// Age after which a waiting message is dropped (0 = unlimited).
+    #[serde(with = "duration::serde_str")]
+    pub retention_max_age: Duration,
+    /// Unsettled messages the queue holds at most (0 = unlimited).
+    pub retention_max_messages: u64,
+    /// Bytes of unsettled message bodies the queue holds at most (0 = unlimited).
+    pub retention_max_bytes: u64,
+    pub overflow: Overflow,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            name: String::new(),
+            partitions: 4,
+            replicas: 1,
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_millis(10),
+            visibility_timeout: Duration::from_secs(30),
+            max_deliveries: 5,
+            dead_letter: true,
+            redelivery_delay: Duration::ZERO,
+            redelivery_delay_max: Duration::from_secs(15 * 60),
+            default_delay: Duration::ZERO,
+            max_message_bytes: 256 * 1024,
+            max_batch: 1000,
+            dedup_window: Duration::from_secs(5 * 60),
+            retention_max_age: Duration::from_secs(14 * 24 * 3600),
+            retention_max_messages: 0,
+            retention_max_bytes: 0,
+            overflow: Overflow::RejectNew,
+        }
+    }
+}
+
+/// Upper bounds that keep one setting from exhausting a broker.
+pub const MAX_PARTITIONS: u32 = 1024;
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+pub const MAX_BATCH_LIMIT: u32 = 10_000;
+pub const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+pub const MAX_DELAY: Duration = Duration::from_secs(15 * 24 * 3600);
+
+impl QueueSettings {
+    /// Default settings for a queue of this name.
+    pub fn named(name: &str) -> Self {
+        QueueSettings {
+            name: name.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Settings of this queue's dead-letter queue: the same storage and limits, no
+    /// further dead-lettering, no delays.
+    pub fn dead_letter_queue(&self) -> Self {
+        QueueSettings {
+            name: format!("{}{DLQ_SUFFIX}", self.name),
+            dead_letter: false,
+            max_deliveries: 0,
+            default_delay: Duration::ZERO,
+            retention_max_messages: 0,
+            retention_max_bytes: 0,
+            ..self.clone()
+        }
+    }
+
+    /// Checks everything a schema cannot: ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_queue_name(&self.name)?;
+        let bad = |field: &'static str, reason: String| ConfigError::Invalid {
+            queue: self.name.clone(),
+            field,
+            reason,
+        };
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return Err(bad(
+                "partitions",
+                format!("must be between 1 and {MAX_PARTITIONS}, got {}", self.partitions),
+            ));
+        }
+        if self.replicas == 0 || self.replicas > self.partitions {
+            return Err(bad(
+                "replicas",
+                format!(
+                    "must be between 1 and partitions ({}), got {}: a broker without a partition would serve nothing",
+                    self.partitions, self.replicas
+                ),
+            ));
+        }
+        if self.visibility_timeout.is_zero() || self.visibility_timeout > MAX_VISIBILITY_TIMEOUT {
+            return Err(bad(
+                "visibility_timeout",
+                format!(
+                    "must be between 1ms and 12h, got {}",
+                    format_duration(self.visibility_timeout)
+                ),
+            ));
+        }
+        if self.fsync == FsyncMode::Interval && self.fsync_interval.is_zero() {
+            return Err(bad(
+                "fsync_interval",
+                "must be above 0 when fsync is interval".into(),
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
+            return Err(bad(
+                "max_message_bytes",
+                format!(
+                    "must be between 1 and {MAX_MESSAGE_BYTES_LIMIT}, got {}",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH_LIMIT {
+            return Err(bad(
+                "max_batch",
+                format!(
+                    "must be between 1 and {MAX_BATCH_LIMIT}, got {}",
+                    self.max_batch
+                ),
+            ));
+        }
+        if self.default_delay > MAX_DELAY {
+            return Err(bad("default_delay", "must be at most 15 days".into()));
+        }
+        if self.redelivery_delay > self.redelivery_delay_max && !self.redelivery_delay_max.is_zero()
+        {
+            return Err(bad(
+                "redelivery_delay",
+                "must not exceed redelivery_delay_max".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The broker's settings file: the queues it serves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    #[serde(default, rename = "queue")]
+    pub queues: Vec<QueueSettings>,
+}
+
+impl BrokerFile {
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let file: BrokerFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
+        for q in &file.queues {
+            q.validate()?;
+        }
+        Ok(file)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_toml(&text, &shown)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("queue settings always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "a", "orders-v2", "o_1", "orders.dlq", &"x".repeat(59)] {
+            validate_queue_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "", ".dlq", "-x", "Orders", "a b", "a/b", "ä", "a.b", &"x".repeat(60), "x.dlq.dlq",
+        ] {
+            assert!(validate_queue_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn toml_round_trip_and_defaults() {
+        let file = BrokerFile::from_toml(
+            r#"
+            [[queue]]
+            name = "orders"
+            partitions = 8
+            replicas = 3
+            fsync = "interval"
+            visibility_timeout = "1m30s"
+            overflow = "drop_oldest"
+            "#,
+            "test",
+        )
+        .unwrap();
+        let q = &file.queues[0];
+        assert_eq!(q.partitions, 8);
+        assert_eq!(q.visibility_timeout, Duration::from_secs(90));
+        assert_eq!(q.overflow, Overflow::DropOldest);
+        assert_eq!(q.max_deliveries, 5, "unset fields take defaults");
+        let again = BrokerFile::from_toml(&file.to_toml(), "again").unwrap();
+        assert_eq!(file, again);
+    }
+
+    #[test]
+    fn invalid_settings_name_the_field() {
+        let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\nreplicas = 9\npartitions = 4\n", "t")
+            .unwrap_err();
+        assert!(err.to_string().contains("replicas"), "{err}");
+        let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\nvisibility_timeout = \"soon\"\n", "t")
+            .unwrap_err();
+        assert!(err.to_string().contains("soon"), "{err}");
+        let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\ncolour = 1\n", "t").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}
