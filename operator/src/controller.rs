@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
+    PatchParams,
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -534,6 +534,5 @@ pub async fn apply_crd(client: &Client) -> Result<(), Error> {
         &Patch::Apply(Queue::crd()),
     )
     .await?;
-    let _ = PostParams::default();
     Ok(())
 }

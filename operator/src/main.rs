@@ -236,7 +236,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(el) = elector.as_ref() {
+    if elector.is_some() {
         // Renew in the background; losing the Lease stops the reconciler.
         let el = LeaderElector::new(client.clone(), &a.namespace, &a.lease_name, &identity, a.lease_duration);
         let lost = lost.clone();
@@ -245,7 +245,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             lost.store(true, Ordering::SeqCst);
             let _ = lost_tx.send(());
         });
-        let _ = el;
     } else {
         drop(lost_tx);
     }

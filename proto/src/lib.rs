@@ -11,3 +11,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/sluice.v1.bin");
 
 pub mod receipt;
 pub use receipt::Receipt;
+
+/// The partition of a keyed (or deduplicated) message: FNV-1a of the key, so that the
+/// sidecar and every broker agree on it across versions and processes.
+pub fn partition_for_key(key: &str, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}

@@ -1,0 +1,587 @@
+//! A partition's append-only, segmented log.
+//!
+//! One writer thread per partition does group commit: it takes every append waiting
+//! for it, writes them with one `write`, and under `fsync: always` covers them all with
+//! one `fdatasync` before answering any. Segments are files named by a growing number;
+//! a segment is deleted once no unsettled message lives in it or an older one.
+
+pub mod record;
+
+use bytes::Bytes;
+use sluice_config::FsyncMode;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+use record::{Frame, Record, read_frame};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("disk full writing {path}: free space or raise the volume size")]
+    DiskFull { path: PathBuf },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("record at {segment}:{offset} is damaged: {why}")]
+    Damaged {
+        segment: u64,
+        offset: u64,
+        why: &'static str,
+    },
+    #[error("the log writer has stopped")]
+    Stopped,
+}
+
+impl LogError {
+    fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(28) {
+            LogError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            LogError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Where a frame lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub fsync: FsyncMode,
+    pub fsync_interval: Duration,
+    pub segment_bytes: u64,
+}
+
+/// Observes the writer; the broker's metrics implement it.
+pub trait LogObserver: Send + Sync + 'static {
+    fn fsync(&self, took: Duration);
+    fn damage(&self, segment: u64, offset: u64, why: &str);
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.log"))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut ids = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| LogError::io("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(id) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records: u64,
+    pub bytes: u64,
+    /// Damaged ranges skipped (segment, offset, why).
+    pub damage: Vec<(u64, u64, &'static str)>,
+    /// Bytes cut from the end of the last segment (a torn write).
+    pub torn_tail: u64,
+}
+
+/// Replays every segment in order, calling `apply` for each intact record.
+/// A torn tail of the last segment is cut. Damage inside a segment is reported and
+/// skipped: the reader searches forward for the next intact frame, so records after a
+/// flipped byte survive too.
+pub fn recover(
+    dir: &Path,
+    observer: &dyn LogObserver,
+    mut apply: impl FnMut(Record, Location),
+) -> Result<(Vec<u64>, RecoveryReport), LogError> {
+    std::fs::create_dir_all(dir).map_err(|e| LogError::io("creating", dir, e))?;
+    let ids = list_segments(dir)?;
+    let mut report = RecoveryReport {
+        segments: ids.len(),
+        ..Default::default()
+    };
+    for (i, &id) in ids.iter().enumerate() {
+        let path = segment_path(dir, id);
+        let data = Bytes::from(std::fs::read(&path).map_err(|e| LogError::io("reading", &path, e))?);
+        report.bytes += data.len() as u64;
+        let is_last = i + 1 == ids.len();
+        let mut pos = 0usize;
+        // End of the last intact frame: where a torn tail would be cut.
+        let mut good_end = 0usize;
+        while pos < data.len() {
+            match read_frame(&data.slice(pos..)) {
+                Frame::Record(rec, n) => {
+                    apply(
+                        rec,
+                        Location {
+                            segment: id,
+                            offset: pos as u64,
+                            len: n as u32,
+                        },
+                    );
+                    report.records += 1;
+                    pos += n;
+                    good_end = pos;
+                }
+                Frame::Incomplete | Frame::Corrupt(_) => {
+                    // Look for the next intact frame; if there is none, this is the tail.
+                    let next = (pos + 1..data.len())
+                        .find(|&p| matches!(read_frame(&data.slice(p..)), Frame::Record(..)));
+                    match next {
+                        Some(p) => {
+                            let why = match read_frame(&data.slice(pos..)) {
+                                Frame::Corrupt(why) => why,
+                                _ => "truncated record",
+                            };
+                            observer.damage(id, pos as u64, why);
+                            report.damage.push((id, pos as u64, why));
+                            pos = p;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        if good_end < data.len() {
+            let cut = (data.len() - good_end) as u64;
+            observer.damage(id, good_end as u64, "torn tail");
+            if is_last {
+                report.torn_tail = cut;
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| LogError::io("opening", &path, e))?;
+                file.set_len(good_end as u64)
+                    .and_then(|_| file.sync_all())
+                    .map_err(|e| LogError::io("truncating", &path, e))?;
+            } else {
+                report.damage.push((id, good_end as u64, "damaged end of segment"));
+            }
+        }
+    }
+    Ok((ids, report))
+}
+
+/// Reads frames back (for bodies not kept in memory).
+pub struct SegmentReader {
+    dir: PathBuf,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+impl SegmentReader {
+    pub fn new(dir: &Path) -> Self {
+        SegmentReader {
+            dir: dir.to_path_buf(),
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn read(&self, loc: Location) -> Result<Record, LogError> {
+        let file = {
+            let mut files = self.files.lock().unwrap();
+            match files.get(&loc.segment) {
+                Some(f) => f.clone(),
+                None => {
+                    let path = segment_path(&self.dir, loc.segment);
+                    let f = Arc::new(File::open(&path).map_err(|e| LogError::io("opening", &path, e))?);
+                    files.insert(loc.segment, f.clone());
+                    f
+                }
+            }
+        };
+        let mut buf = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+            LogError::io("reading", &segment_path(&self.dir, loc.segment), e)
+        })?;
+        match read_frame(&Bytes::from(buf)) {
+            Frame::Record(rec, _) => Ok(rec),
+            Frame::Corrupt(why) => Err(LogError::Damaged {
+                segment: loc.segment,
+                offset: loc.offset,
+                why,
+            }),
+            Frame::Incomplete => Err(LogError::Damaged {
+                segment: loc.segment,
+                offset: loc.offset,
+                why: "truncated record",
+            }),
+        }
+    }
+
+    fn forget_below(&self, floor: u64, active: u64) {
+        self.files
+            .lock()
+            .unwrap()
+            .retain(|&id, _| id >= floor || id == active);
+    }
+}
+
+pub type AppendResult = Result<Location, LogError>;
+
+enum Command {
+    Append {
+        buf: Bytes,
+        /// None: nobody waits (the record rides along with the next fsync).
+        done: Option<oneshot::Sender<AppendResult>>,
+    },
+    /// Delete every segment older than this one (except the active one).
+    DeleteBelow(u64),
+    /// Sync everything written, then answer.
+    Flush(oneshot::Sender<Result<(), LogError>>),
+}
+
+/// Handle to a partition's writer thread.
+pub struct LogWriter {
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    active: Arc<AtomicU64>,
+    pub reader: Arc<SegmentReader>,
+}
+
+impl LogWriter {
+    /// Opens the log for appending after recovery returned `segments`.
+    pub fn open(
+        dir: &Path,
+        segments: &[u64],
+        options: LogOptions,
+        observer: Arc<dyn LogObserver>,
+        name: String,
+    ) -> Result<LogWriter, LogError> {
+        let active_id = segments.last().copied().unwrap_or(0);
+        let path = segment_path(dir, active_id);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| LogError::io("opening", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| LogError::io("opening", &path, e))?
+            .len();
+        if segments.is_empty() {
+            sync_dir(dir)?;
+        }
+        let active = Arc::new(AtomicU64::new(active_id));
+        let reader = Arc::new(SegmentReader::new(dir));
+        let (tx, rx) = mpsc::channel();
+        let mut state = WriterThread {
+            dir: dir.to_path_buf(),
+            segments: segments.to_vec(),
+            file,
+            path,
+            len,
+            options,
+            observer,
+            active: active.clone(),
+            reader: reader.clone(),
+            unsynced: false,
+            last_sync: Instant::now(),
+        };
+        if state.segments.is_empty() {
+            state.segments.push(active_id);
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("log-{name}"))
+            .spawn(move || state.run(rx))
+            .map_err(|e| LogError::io("starting writer for", dir, e))?;
+        Ok(LogWriter {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            active,
+            reader,
+        })
+    }
+
+    fn send(&self, cmd: Command) -> bool {
+        match &*self.tx.lock().unwrap() {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Queues framed records; `done` hears where they landed once they are as durable
+    /// as the fsync mode promises.
+    pub fn append(&self, buf: Bytes, done: Option<oneshot::Sender<AppendResult>>) {
+        let cmd = Command::Append { buf, done };
+        let failed = match &*self.tx.lock().unwrap() {
+            Some(tx) => tx.send(cmd).err().map(|e| e.0),
+            None => Some(cmd),
+        };
+        if let Some(Command::Append { done: Some(d), .. }) = failed {
+            let _ = d.send(Err(LogError::Stopped));
+        }
+    }
+
+    pub fn delete_below(&self, floor: u64) {
+        self.send(Command::DeleteBelow(floor));
+    }
+
+    pub async fn flush(&self) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Flush(tx)) {
+            return Err(LogError::Stopped);
+        }
+        rx.await.map_err(|_| LogError::Stopped)?
+    }
+
+    pub fn active_segment(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread after it has written and synced everything queued.
+    pub fn close(&self) {
+        self.tx.lock().unwrap().take();
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io("syncing directory", dir, e))
+}
+
+struct WriterThread {
+    dir: PathBuf,
+    segments: Vec<u64>,
+    file: File,
+    path: PathBuf,
+    len: u64,
+    options: LogOptions,
+    observer: Arc<dyn LogObserver>,
+    active: Arc<AtomicU64>,
+    reader: Arc<SegmentReader>,
+    unsynced: bool,
+    last_sync: Instant,
+}
+
+impl WriterThread {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        let mut group = Vec::new();
+        let mut staging = Vec::new();
+        loop {
+            let first = if self.options.fsync == FsyncMode::Interval && self.unsynced {
+                let left = self
+                    .options
+                    .fsync_interval
+                    .saturating_sub(self.last_sync.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => break,
+                }
+            };
+            group.extend(first);
+            while let Ok(cmd) = rx.try_recv() {
+                group.push(cmd);
+            }
+            self.process(&mut group, &mut staging);
+        }
+        // Channel closed: make what was written durable before exiting.
+        if self.unsynced && self.options.fsync != FsyncMode::Never {
+            let _ = self.sync();
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), LogError> {
+        let start = Instant::now();
+        let result = self
+            .file
+            .sync_data()
+            .map_err(|e| LogError::io("syncing", &self.path, e));
+        self.observer.fsync(start.elapsed());
+        self.last_sync = Instant::now();
+        if result.is_ok() {
+            self.unsynced = false;
+        }
+        result
+    }
+
+    fn roll(&mut self) -> Result<(), LogError> {
+        if self.unsynced {
+            self.sync()?;
+        }
+        let id = self.segments.last().copied().unwrap_or(0) + 1;
+        let path = segment_path(&self.dir, id);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| LogError::io("creating", &path, e))?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.path = path;
+        self.len = 0;
+        self.segments.push(id);
+        self.active.store(id, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn process(&mut self, group: &mut Vec<Command>, staging: &mut Vec<u8>) {
+        let mut waiting: Vec<(oneshot::Sender<AppendResult>, Location)> = Vec::new();
+        let mut flushes = Vec::new();
+        let mut delete_floor = None;
+        let mut must_sync = false;
+        staging.clear();
+        let mut bufs = Vec::new();
+        for cmd in group.drain(..) {
+            match cmd {
+                Command::Append { buf, done } => {
+                    if done.is_some() {
+                        must_sync = true;
+                    }
+                    bufs.push((buf, done));
+                }
+                Command::DeleteBelow(floor) => {
+                    delete_floor = Some(delete_floor.map_or(floor, |f: u64| f.max(floor)))
+                }
+                Command::Flush(tx) => {
+                    must_sync = true;
+                    flushes.push(tx);
+                }
+            }
+        }
+        let mut write_result = Ok(());
+        if !bufs.is_empty() && self.len >= self.options.segment_bytes {
+            write_result = self.roll();
+        }
+        let base = self.len;
+        if !bufs.is_empty() {
+            let mut offset = base;
+            for (buf, done) in bufs {
+                staging.extend_from_slice(&buf);
+                if let Some(done) = done {
+                    waiting.push((
+                        done,
+                        Location {
+                            segment: self.active.load(Ordering::Relaxed),
+                            offset,
+                            len: buf.len() as u32,
+                        },
+                    ));
+                }
+                offset += buf.len() as u64;
+            }
+            if write_result.is_ok() {
+                write_result = match self.file.write_all(staging) {
+                    Ok(()) => {
+                        self.len = offset;
+                        self.unsynced = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Cut what part of the group made it, so the file holds only
+                        // whole records and the next group starts clean.
+                        let _ = self.file.set_len(base);
+                        Err(LogError::io("writing", &self.path, e))
+                    }
+                };
+            }
+        }
+        let sync_now = match self.options.fsync {
+            FsyncMode::Always => must_sync && self.unsynced || !flushes.is_empty(),
+            FsyncMode::Interval => {
+                !flushes.is_empty() || self.last_sync.elapsed() >= self.options.fsync_interval
+            }
+            FsyncMode::Never => !flushes.is_empty(),
+        };
+        let mut sync_result = Ok(());
+        if sync_now && self.unsynced && write_result.is_ok() {
+            sync_result = self.sync();
+            if sync_result.is_err() {
+                // After a failed fsync the kernel may have dropped the dirty pages;
+                // nothing in this group can be called durable. Cut it off.
+                if self.file.set_len(base).is_ok() {
+                    self.len = base;
+                }
+            }
+        }
+        for (done, loc) in waiting {
+            let result = match (&write_result, &sync_result) {
+                (Err(e), _) | (Ok(()), Err(e)) => Err(clone_err(e)),
+                _ => Ok(loc),
+            };
+            let _ = done.send(result);
+        }
+        for tx in flushes {
+            let _ = tx.send(sync_result.as_ref().map(|_| ()).map_err(clone_err));
+        }
+        if let Some(floor) = delete_floor {
+            let active = self.active.load(Ordering::Relaxed);
+            let (gone, keep): (Vec<u64>, Vec<u64>) = self
+                .segments
+                .iter()
+                .partition(|&&id| id < floor && id != active);
+            for id in &gone {
+                let path = segment_path(&self.dir, *id);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not delete settled segment");
+                }
+            }
+            if !gone.is_empty() {
+                self.reader.forget_below(floor, active);
+                self.segments = keep;
+            }
+        }
+    }
+}
+
+fn clone_err(e: &LogError) -> LogError {
+    match e {
+        LogError::DiskFull { path } => LogError::DiskFull { path: path.clone() },
+        LogError::Io { op, path, source } => LogError::Io {
+            op,
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        LogError::Damaged {
+            segment,
+            offset,
+            why,
+        } => LogError::Damaged {
+            segment: *segment,
+            offset: *offset,
+            why,
+        },
+        LogError::Stopped => LogError::Stopped,
+    }
+}
