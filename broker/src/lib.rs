@@ -5,7 +5,16 @@
 //! - [`queue`]: partitions put together with their logs, timers and waiters.
 //! - [`broker`]: the queues a broker serves.
 //! - [`service`]: the `sluice.v1.Queues` gRPC service.
-//! - [`metrics`]: Prometheus metrics and the HTTP health endpoints.
+//! - [`server`]: runs it all, with health, reflection and metrics.
 
+pub mod broker;
+pub mod error;
 pub mod log;
+pub mod metrics;
 pub mod partition;
+pub mod queue;
+pub mod server;
+pub mod service;
+
+pub use broker::{Broker, BrokerOptions};
+pub use error::BrokerError;

@@ -1,1 +1,72 @@
-fn main() {}
+//! `sluice-broker`: serves the queues of its settings file.
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_broker::BrokerOptions;
+use sluice_broker::server::{bind, run, shutdown_signal};
+use sluice_config::BrokerFile;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice-broker", version, about = "Sluice broker: durable queues over gRPC")]
+struct Args {
+    /// Settings file (TOML, `[[queue]]` tables); the operator mounts it from a ConfigMap.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    data_dir: PathBuf,
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7171")]
+    listen: SocketAddr,
+    /// HTTP address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "127.0.0.1:9190")]
+    metrics_listen: SocketAddr,
+    /// This broker's ordinal among the queue's replicas; by default the trailing -N of
+    /// POD_NAME or HOSTNAME (a StatefulSet pod's name), else 0.
+    #[arg(long, env = "SLUICE_ORDINAL")]
+    ordinal: Option<u32>,
+    /// Create unknown queues on first use, with default settings.
+    #[arg(long)]
+    auto_create: bool,
+    /// Bytes of message bodies kept in memory.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    cache_bytes: u64,
+    /// Log segment size in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    segment_bytes: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "SLUICE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn ordinal_from_env() -> u32 {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find_map(|name| name.rsplit_once('-').and_then(|(_, n)| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sluice_broker::server::init_tracing(args.log_json);
+    let file = match &args.config {
+        Some(path) => BrokerFile::load(path)?,
+        None => BrokerFile::default(),
+    };
+    if file.queues.is_empty() && !args.auto_create {
+        anyhow::bail!("no queues configured: pass --config with [[queue]] tables, or --auto-create");
+    }
+    let mut options = BrokerOptions::new(&args.data_dir);
+    options.ordinal = args.ordinal.unwrap_or_else(ordinal_from_env);
+    options.queues = file.queues;
+    options.auto_create = args.auto_create.then(sluice_config::QueueSettings::default);
+    options.cache_bytes = args.cache_bytes;
+    options.storage.segment_bytes = args.segment_bytes;
+    let grpc = bind(args.listen).await?;
+    let http = bind(args.metrics_listen).await?;
+    run(options, grpc, Some(http), shutdown_signal())
+        .await
+        .context("broker failed")
+}

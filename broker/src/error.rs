@@ -1,0 +1,60 @@
+//! The broker's error type and its gRPC status.
+
+use crate::log::LogError;
+use crate::partition::EnqueueRefused;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Refused(#[from] EnqueueRefused),
+    #[error(transparent)]
+    Config(#[from] sluice_config::ConfigError),
+}
+
+impl BrokerError {
+    pub fn code(&self) -> Code {
+        match self {
+            BrokerError::InvalidArgument(_) | BrokerError::Config(_) => Code::InvalidArgument,
+            BrokerError::NotFound(_) => Code::NotFound,
+            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::ResourceExhausted(_)
+            | BrokerError::Refused(_)
+            | BrokerError::Log(LogError::DiskFull { .. }) => Code::ResourceExhausted,
+            BrokerError::Unavailable(_) | BrokerError::Log(_) => Code::Unavailable,
+            BrokerError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The same error again (for answering every caller of a failed group).
+    pub fn clone_status(&self) -> BrokerError {
+        match self.code() {
+            Code::ResourceExhausted => BrokerError::ResourceExhausted(self.to_string()),
+            Code::InvalidArgument => BrokerError::InvalidArgument(self.to_string()),
+            Code::NotFound => BrokerError::NotFound(self.to_string()),
+            Code::FailedPrecondition => BrokerError::FailedPrecondition(self.to_string()),
+            Code::Internal => BrokerError::Internal(self.to_string()),
+            _ => BrokerError::Unavailable(self.to_string()),
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,158 @@
+//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use crate::broker::Broker;
+use crate::log::LogObserver;
+
+/// The broker's own metrics; queue gauges and counters are read at scrape time.
+#[derive(Debug)]
+pub struct Metrics {
+    fsync_seconds: Histogram,
+    log_damage: Counter,
+    broker: OnceLock<Weak<Broker>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics {
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            log_damage: Counter::default(),
+            broker: OnceLock::new(),
+        })
+    }
+
+    pub fn attach(&self, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("sluice");
+        r.register(
+            "fsync_seconds",
+            "Time one group-commit fsync took",
+            self.fsync_seconds.clone(),
+        );
+        r.register(
+            "log_damage",
+            "Damaged or torn log records found and skipped",
+            self.log_damage.clone(),
+        );
+        r.register_collector(Box::new(QueueCollector(self.clone())));
+        r
+    }
+}
+
+impl LogObserver for Metrics {
+    fn fsync(&self, took: Duration) {
+        self.fsync_seconds.observe(took.as_secs_f64());
+    }
+    fn damage(&self, segment: u64, offset: u64, why: &str) {
+        tracing::warn!(segment, offset, why, "log damage");
+        self.log_damage.inc();
+    }
+}
+
+#[derive(Debug)]
+struct QueueCollector(Arc<Metrics>);
+
+impl Collector for QueueCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(broker) = self.0.broker.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        let queues = broker.queues();
+        let rows: Vec<_> = queues
+            .iter()
+            .flat_map(|q| {
+                q.snapshots()
+                    .into_iter()
+                    .map(move |(p, s)| (q.name().to_string(), p.to_string(), s))
+            })
+            .collect();
+        type Pick = fn(&crate::partition::Snapshot) -> u64;
+        let gauges: [(&str, &str, Pick); 4] = [
+            ("sluice_queue_ready", "Messages ready for delivery", |s| s.ready),
+            ("sluice_queue_in_flight", "Messages leased and not yet settled", |s| s.in_flight),
+            ("sluice_queue_delayed", "Messages waiting for their delay", |s| s.delayed),
+            ("sluice_queue_bytes", "Bytes of unsettled message bodies", |s| s.bytes),
+        ];
+        for (name, help, pick) in gauges {
+            let mut m = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (q, p, s) in &rows {
+                let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+                ConstGauge::new(pick(s) as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let counters: [(&str, &str, Pick); 5] = [
+            ("sluice_enqueued", "Messages stored", |s| s.counters.enqueued),
+            ("sluice_acked", "Messages settled by an ack (or moved by a redrive)", |s| s.counters.acked),
+            ("sluice_redelivered", "Leases that expired or were nacked", |s| s.counters.redelivered),
+            ("sluice_dead_lettered", "Messages moved to the dead-letter queue", |s| s.counters.dead_lettered),
+            ("sluice_dropped", "Messages dropped by retention or delivery limits", |s| s.counters.dropped),
+        ];
+        for (name, help, pick) in counters {
+            let mut m = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (q, p, s) in &rows {
+                let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+                ConstCounter::new(pick(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, http::StatusCode, routing::get};
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            out,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [("content-type", "text/plain")],
+                            "encoding failed".to_string(),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,633 @@
+//! A queue as the broker runs it: its partitions (each a [`PartitionState`] behind a
+//! lock, a log writer and a timer task), the waiters of long polls, and its
+//! dead-letter queue.
+
+use bytes::{Bytes, BytesMut};
+use sluice_config::QueueSettings;
+use sluice_proto::{Receipt, partition_for_key, receipt::message_id, v1};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::error::BrokerError;
+use crate::log::record::{Record, SettleReason};
+use crate::log::{LogObserver, LogOptions, LogWriter, recover};
+use crate::partition::{
+    CacheBudget, Delivery, Effects, EnqueueOutcome, NewMessage, PartitionState, ReceiptError,
+    Snapshot,
+};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Attributes a dead-lettered message carries.
+pub const ATTR_DLQ_SOURCE_ID: &str = "sluice-dlq-source-id";
+pub const ATTR_DLQ_DELIVERIES: &str = "sluice-dlq-deliveries";
+
+/// Storage knobs that are the broker's, not the queue's.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    pub segment_bytes: u64,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct Partition {
+    pub id: u32,
+    state: Mutex<PartitionState>,
+    log: LogWriter,
+    /// Re-arms the timer when an earlier deadline appears.
+    kick: Notify,
+    /// Wakes the queue's long polls.
+    ready: Arc<Notify>,
+    /// For moves to and from the dead-letter queue.
+    queue: Weak<Queue>,
+}
+
+impl Partition {
+    /// Encodes records and queues them to the log without waiting.
+    fn log_records(&self, records: &[Record]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut buf = BytesMut::new();
+        for r in records {
+            r.encode(&mut buf);
+        }
+        self.log.append(buf.freeze(), None);
+    }
+
+    async fn log_durably(&self, buf: Bytes) -> Result<crate::log::Location, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.log.append(buf, Some(tx));
+        Ok(rx.await.map_err(|_| crate::log::LogError::Stopped)??)
+    }
+
+    pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<EnqueueOutcome>, BrokerError> {
+        let now = now_ms();
+        let mut buf = BytesMut::new();
+        let (outcomes, reserved, drops) = {
+            let mut st = self.state.lock().unwrap();
+            let (outcomes, reserved, drops) = st.reserve(now, messages, &mut buf)?;
+            for d in &drops {
+                d.encode(&mut buf);
+            }
+            if !buf.is_empty() {
+                let (tx, rx) = oneshot::channel();
+                self.log.append(buf.split().freeze(), Some(tx));
+                (outcomes, reserved, Some((drops, rx)))
+            } else {
+                (outcomes, reserved, None)
+            }
+        };
+        let Some((_, rx)) = drops else {
+            return Ok(outcomes);
+        };
+        let written = rx.await.map_err(|_| crate::log::LogError::Stopped);
+        let mut st = self.state.lock().unwrap();
+        match written {
+            Ok(Ok(base)) => {
+                let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
+                if st.commit(now_ms(), base, reserved) {
+                    self.ready.notify_waiters();
+                }
+                drop(st);
+                if delayed {
+                    self.kick.notify_one();
+                }
+                Ok(outcomes)
+            }
+            Ok(Err(e)) => {
+                st.abort(reserved);
+                Err(e.into())
+            }
+            Err(e) => {
+                st.abort(reserved);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn deliver(&self, max: usize, visibility_ms: u64) -> Vec<Delivery> {
+        let mut records = Vec::new();
+        let out = {
+            let mut st = self.state.lock().unwrap();
+            let out = st.deliver(now_ms(), max, visibility_ms, &mut records);
+            self.log_records(&records);
+            out
+        };
+        if !out.is_empty() {
+            self.kick.notify_one();
+        }
+        out
+    }
+
+    /// Reads a delivery's content from memory or the log.
+    fn load(&self, d: &Delivery) -> Result<(Bytes, Vec<(String, String)>, String), BrokerError> {
+        if let Some(c) = &d.content {
+            return Ok((c.body.clone(), c.attributes.clone(), c.dedup_id.clone()));
+        }
+        match self.log.reader.read(d.loc)? {
+            Record::Enqueue(e) => Ok((e.body, e.attributes, e.dedup_id)),
+            _ => Err(BrokerError::Internal(format!(
+                "log record at {:?} is not the message {}",
+                d.loc, d.seq
+            ))),
+        }
+    }
+
+    fn to_message(&self, d: &Delivery) -> Result<v1::Message, BrokerError> {
+        let (body, attributes, dedup_id) = self.load(d)?;
+        Ok(v1::Message {
+            id: message_id(self.id, d.seq),
+            body,
+            attributes: attributes.into_iter().collect(),
+            key: d.key.as_deref().unwrap_or_default().to_string(),
+            dedup_id,
+            delivery_count: d.deliveries,
+            enqueued_at_ms: d.enqueued_at_ms,
+            receipt: if d.deliveries > 0 {
+                Receipt {
+                    partition: self.id,
+                    seq: d.seq,
+                    delivery: d.deliveries,
+                }
+                .to_string()
+            } else {
+                String::new()
+            },
+            partition: self.id,
+        })
+    }
+
+    fn maybe_delete_segments(&self, st: &mut PartitionState) {
+        if let Some(floor) = st.take_delete_floor(self.log.active_segment()) {
+            self.log.delete_below(floor);
+        }
+    }
+
+    pub async fn ack(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
+        let now = now_ms();
+        let mut buf = BytesMut::new();
+        let mut results: Vec<Result<(), BrokerError>> = Vec::with_capacity(receipts.len());
+        {
+            let mut st = self.state.lock().unwrap();
+            for r in receipts {
+                results.push(match st.ack(now, r) {
+                    Ok(rec) => {
+                        rec.encode(&mut buf);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                });
+            }
+        }
+        if !buf.is_empty() {
+            // Answer only once the settlement is durable: an acked message must not
+            // come back after a crash.
+            if let Err(e) = self.log_durably(buf.freeze()).await {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(e.clone_status());
+                }
+            }
+            let mut st = self.state.lock().unwrap();
+            self.maybe_delete_segments(&mut st);
+        }
+        results
+    }
+
+    pub async fn nack(
+        self: &Arc<Self>,
+        receipts: &[Receipt],
+        delay_ms: u64,
+        dead_letter: bool,
+    ) -> Vec<Result<(), BrokerError>> {
+        let now = now_ms();
+        let mut fx = Effects::default();
+        let results: Vec<Result<(), BrokerError>> = {
+            let mut st = self.state.lock().unwrap();
+            receipts
+                .iter()
+                .map(|r| st.nack(now, r, delay_ms, dead_letter, &mut fx).map_err(Into::into))
+                .collect()
+        };
+        self.apply(fx).await;
+        results
+    }
+
+    pub fn extend(&self, receipts: &[Receipt], visibility_ms: u64) -> Vec<Result<(), BrokerError>> {
+        let now = now_ms();
+        let mut st = self.state.lock().unwrap();
+        let out = receipts
+            .iter()
+            .map(|r| st.extend(now, r, visibility_ms).map_err(Into::into))
+            .collect();
+        drop(st);
+        self.kick.notify_one();
+        out
+    }
+
+    /// Carries out what the semantics decided: log records, wake consumers, move
+    /// messages to the dead-letter queue.
+    async fn apply(self: &Arc<Self>, fx: Effects) {
+        if !fx.records.is_empty() {
+            let mut buf = BytesMut::new();
+            for r in &fx.records {
+                r.encode(&mut buf);
+            }
+            if let Err(e) = self.log_durably(buf.freeze()).await {
+                tracing::warn!(partition = self.id, error = %e, "could not log requeues");
+            }
+            let mut st = self.state.lock().unwrap();
+            self.maybe_delete_segments(&mut st);
+        }
+        if fx.woke {
+            self.ready.notify_waiters();
+        }
+        self.kick.notify_one();
+        if !fx.dead_letter.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.move_out(fx.dead_letter, SettleReason::DeadLettered).await;
+            });
+        }
+    }
+
+    /// Copies messages (state Moving) into the dead-letter queue, or back to the
+    /// source queue for a redrive, and settles them here once the copy is durable.
+    async fn move_out(&self, seqs: Vec<u64>, reason: SettleReason) -> u64 {
+        let Some(queue) = self.queue.upgrade() else {
+            return 0;
+        };
+        let target = match reason {
+            SettleReason::DeadLettered => queue.dlq.as_ref().and_then(|q| q.partition(self.id)),
+            _ => queue.source().and_then(|q| q.partition(self.id)),
+        };
+        let mut moved = 0;
+        for seq in seqs {
+            let Some(d) = self.state.lock().unwrap().moving(seq) else {
+                continue;
+            };
+            let copy = match (&target, self.load(&d)) {
+                (Some(t), Ok((body, mut attributes, _))) => {
+                    if reason == SettleReason::DeadLettered {
+                        attributes.push((ATTR_DLQ_SOURCE_ID.into(), message_id(self.id, seq)));
+                        attributes.push((ATTR_DLQ_DELIVERIES.into(), d.deliveries.to_string()));
+                    } else {
+                        attributes.retain(|(k, _)| k != ATTR_DLQ_SOURCE_ID && k != ATTR_DLQ_DELIVERIES);
+                    }
+                    let m = NewMessage {
+                        body,
+                        attributes,
+                        key: d.key.as_deref().unwrap_or_default().to_string(),
+                        // A dedup id would make the move look like a duplicate.
+                        dedup_id: String::new(),
+                        delay_ms: 0,
+                    };
+                    t.enqueue(vec![m]).await.map(|_| ())
+                }
+                (None, _) => Err(BrokerError::Internal("no queue to move the message to".into())),
+                (_, Err(e)) => Err(e),
+            };
+            match copy {
+                Ok(()) => {
+                    let rec = self.state.lock().unwrap().moved(seq, reason);
+                    let mut buf = BytesMut::new();
+                    rec.encode(&mut buf);
+                    if let Err(e) = self.log_durably(buf.freeze()).await {
+                        tracing::warn!(partition = self.id, seq, error = %e, "could not log a move");
+                    }
+                    moved += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(partition = self.id, seq, error = %e, "could not move message; it stays");
+                    self.state.lock().unwrap().move_failed(seq);
+                    self.ready.notify_waiters();
+                }
+            }
+        }
+        let mut st = self.state.lock().unwrap();
+        self.maybe_delete_segments(&mut st);
+        moved
+    }
+
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let next = self.state.lock().unwrap().next_deadline();
+            let wait = next.map_or(60_000, |t| t.saturating_sub(now_ms()).min(60_000));
+            if wait > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = self.kick.notified() => continue,
+                }
+            }
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            let mut fx = Effects::default();
+            self.state.lock().unwrap().tick(now_ms(), &mut fx);
+            if !fx.records.is_empty() || fx.woke || !fx.dead_letter.is_empty() {
+                self.apply(fx).await;
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.state.lock().unwrap().snapshot()
+    }
+}
+
+/// A queue: the partitions of it this broker owns.
+pub struct Queue {
+    pub settings: Arc<QueueSettings>,
+    pub ordinal: u32,
+    partitions: HashMap<u32, Arc<Partition>>,
+    owned: Vec<u32>,
+    ready: Arc<Notify>,
+    next: AtomicUsize,
+    pub dlq: Option<Arc<Queue>>,
+    /// For a dead-letter queue: the queue it serves (redrive target).
+    source: OnceLock<Weak<Queue>>,
+}
+
+impl Queue {
+    /// Opens (recovering from disk) the partitions of `settings` owned by `ordinal`,
+    /// and the dead-letter queue when the settings ask for one.
+    pub fn open(
+        dir: &Path,
+        settings: QueueSettings,
+        ordinal: u32,
+        storage: &StorageOptions,
+        budget: Arc<CacheBudget>,
+        observer: Arc<dyn LogObserver>,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        let dlq = match settings.dead_letter {
+            true => Some(Self::open_one(
+                dir,
+                settings.dead_letter_queue(),
+                ordinal,
+                storage,
+                budget.clone(),
+                observer.clone(),
+                None,
+            )?),
+            false => None,
+        };
+        let queue = Self::open_one(dir, settings, ordinal, storage, budget, observer, dlq.clone())?;
+        if let Some(d) = &dlq {
+            let _ = d.source.set(Arc::downgrade(&queue));
+        }
+        Ok(queue)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_one(
+        dir: &Path,
+        settings: QueueSettings,
+        ordinal: u32,
+        storage: &StorageOptions,
+        budget: Arc<CacheBudget>,
+        observer: Arc<dyn LogObserver>,
+        dlq: Option<Arc<Queue>>,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        let settings = Arc::new(settings);
+        let owned: Vec<u32> = (0..settings.partitions)
+            .filter(|p| p % settings.replicas == ordinal % settings.replicas)
+            .collect();
+        let ready = Arc::new(Notify::new());
+        let now = now_ms();
+        let mut opened = Vec::new();
+        for &id in &owned {
+            let pdir = dir.join(&settings.name).join(id.to_string());
+            let mut st = PartitionState::new(settings.clone(), budget.clone());
+            let started = std::time::Instant::now();
+            let (segments, report) = recover(&pdir, observer.as_ref(), |rec, loc| {
+                st.replay(now, rec, loc, true)
+            })?;
+            st.finish_replay();
+            let snap = st.snapshot();
+            tracing::info!(
+                queue = %settings.name, partition = id, segments = report.segments,
+                records = report.records, messages = snap.messages, damaged = report.damage.len(),
+                torn_tail_bytes = report.torn_tail, took_ms = started.elapsed().as_millis() as u64,
+                "recovered partition"
+            );
+            for (segment, offset, why) in &report.damage {
+                tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
+            }
+            let log = LogWriter::open(
+                &pdir,
+                &segments,
+                LogOptions {
+                    fsync: settings.fsync,
+                    fsync_interval: settings.fsync_interval,
+                    segment_bytes: storage.segment_bytes,
+                },
+                observer.clone(),
+                format!("{}-{id}", settings.name),
+            )?;
+            opened.push((id, st, log));
+        }
+        let queue = Arc::new_cyclic(|weak: &Weak<Queue>| {
+            let partitions = opened
+                .into_iter()
+                .map(|(id, st, log)| {
+                    (
+                        id,
+                        Arc::new(Partition {
+                            id,
+                            state: Mutex::new(st),
+                            log,
+                            kick: Notify::new(),
+                            ready: ready.clone(),
+                            queue: weak.clone(),
+                        }),
+                    )
+                })
+                .collect();
+            Queue {
+                settings,
+                ordinal,
+                partitions,
+                owned,
+                ready,
+                next: AtomicUsize::new(0),
+                dlq,
+                source: OnceLock::new(),
+            }
+        });
+        for p in queue.partitions.values() {
+            // The timer holds the partition; it ends when the queue is dropped.
+            tokio::spawn(p.clone().run_timer());
+        }
+        Ok(queue)
+    }
+
+    fn source(&self) -> Option<Arc<Queue>> {
+        self.source.get().and_then(Weak::upgrade)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn owned_partitions(&self) -> &[u32] {
+        &self.owned
+    }
+
+    pub fn partition(&self, id: u32) -> Option<Arc<Partition>> {
+        self.partitions.get(&id).cloned()
+    }
+
+    /// The partition a new message goes to: by key (or dedup id) hash when it has one,
+    /// else round-robin over the partitions owned here.
+    pub fn pick_partition(&self, explicit: Option<u32>, key: &str, dedup_id: &str) -> Result<u32, BrokerError> {
+        let total = self.settings.partitions;
+        let p = match explicit {
+            Some(p) if p >= total => {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "partition {p} does not exist: queue {} has {total}",
+                    self.name()
+                )));
+            }
+            Some(p) => p,
+            None if !key.is_empty() => partition_for_key(key, total),
+            None if !dedup_id.is_empty() => partition_for_key(dedup_id, total),
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                return Ok(self.owned[i % self.owned.len()]);
+            }
+        };
+        if self.partitions.contains_key(&p) {
+            Ok(p)
+        } else {
+            Err(BrokerError::FailedPrecondition(format!(
+                "partition {p} of queue {} is owned by broker {}, not this one ({}); send through the sidecar",
+                self.name(),
+                p % self.settings.replicas,
+                self.ordinal
+            )))
+        }
+    }
+
+    /// Leases up to `max` messages, waiting up to `wait` for the first.
+    /// Cancel-safe: messages are taken only in the step that returns them.
+    pub async fn dequeue(&self, max: usize, wait: Duration, visibility_ms: u64) -> Result<Vec<v1::Message>, BrokerError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = self.take(max, visibility_ms);
+            if !got.is_empty() || Instant::now() >= deadline {
+                let mut out = Vec::with_capacity(got.len());
+                for (p, d) in got {
+                    out.push(p.to_message(&d)?);
+                }
+                return Ok(out);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    fn take(&self, max: usize, visibility_ms: u64) -> Vec<(Arc<Partition>, Delivery)> {
+        let mut out = Vec::new();
+        let n = self.owned.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            let p = &self.partitions[&self.owned[(start + i) % n]];
+            for d in p.deliver(max - out.len(), visibility_ms) {
+                out.push((p.clone(), d));
+            }
+        }
+        out
+    }
+
+    pub fn peek(&self, max: usize) -> Result<Vec<v1::Message>, BrokerError> {
+        let mut all = Vec::new();
+        for &id in &self.owned {
+            let p = &self.partitions[&id];
+            let ds = p.state.lock().unwrap().peek(max);
+            for d in ds {
+                all.push((d.enqueued_at_ms, p.to_message(&d)?));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        Ok(all.into_iter().take(max).map(|x| x.1).collect())
+    }
+
+    /// Moves up to `max` messages of this dead-letter queue back to its source queue.
+    pub async fn redrive(&self, max: u64) -> Result<u64, BrokerError> {
+        if self.source().is_none() {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "{} is not a dead-letter queue",
+                self.name()
+            )));
+        }
+        let mut moved = 0;
+        for &id in &self.owned {
+            let p = &self.partitions[&id];
+            loop {
+                let left = if max == 0 { 1000 } else { (max - moved).min(1000) } as usize;
+                if left == 0 {
+                    break;
+                }
+                let seqs = p.state.lock().unwrap().take_for_move(left);
+                if seqs.is_empty() {
+                    break;
+                }
+                moved += p.move_out(seqs, SettleReason::Redriven).await;
+            }
+        }
+        Ok(moved)
+    }
+
+    pub fn snapshots(&self) -> Vec<(u32, Snapshot)> {
+        let mut v: Vec<_> = self.partitions.iter().map(|(id, p)| (*id, p.snapshot())).collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    /// Writes and syncs everything queued and stops the log writers.
+    pub async fn close(&self) {
+        for p in self.partitions.values() {
+            if let Err(e) = p.log.flush().await {
+                tracing::warn!(queue = %self.name(), partition = p.id, error = %e, "flush at shutdown failed");
+            }
+            p.log.close();
+        }
+    }
+}
+
+impl From<ReceiptError> for BrokerError {
+    fn from(e: ReceiptError) -> Self {
+        match e {
+            ReceiptError::NotFound => BrokerError::NotFound(
+                "no message is leased with this receipt (already settled, or never delivered)".into(),
+            ),
+            ReceiptError::Expired => BrokerError::FailedPrecondition(
+                "the lease of this receipt expired; the message is or will be delivered again".into(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Runs a broker: recovery, the gRPC server (queues, health, reflection) and the HTTP
+//! metrics endpoint, until shutdown; then syncs every log.
+
+use sluice_proto::v1::queues_server::QueuesServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::broker::{Broker, BrokerOptions};
+use crate::error::BrokerError;
+use crate::metrics::{Metrics, serve_http};
+use crate::service::QueueService;
+
+/// Largest gRPC request accepted (a batch of large messages); each queue's own
+/// limits are checked after decoding.
+pub const MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// The gRPC routes of a broker, for embedding next to other services.
+pub fn routes(broker: Arc<Broker>) -> tonic::service::Routes {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the API's descriptor set is valid");
+    let queues = QueuesServer::new(QueueService::new(broker))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let mut b = tonic::service::Routes::builder();
+    b.add_service(queues).add_service(reflection);
+    b.routes()
+}
+
+/// Opens the broker and serves it on `grpc` (and `/metrics` on `http`) until
+/// `shutdown` resolves; then finishes in-flight calls and syncs the logs.
+pub async fn run(
+    options: BrokerOptions,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new();
+    let broker = Broker::open(options, metrics.clone())?;
+    metrics.attach(&broker);
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_task = http.map(|listener| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(serve_http(listener, metrics.registry(), ready.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<QueuesServer<QueueService>>().await;
+    let addr = grpc.local_addr().ok();
+    tracing::info!(?addr, queues = broker.queues().len(), "broker serving");
+    ready.store(true, Ordering::Relaxed);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .add_routes(routes(broker.clone()))
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight calls");
+        })
+        .await;
+    ready.store(false, Ordering::Relaxed);
+    broker.close().await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    tracing::info!("broker stopped; logs synced");
+    result.map_err(Into::into)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`), as JSON lines when asked.
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
