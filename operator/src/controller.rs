@@ -10,8 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -53,7 +52,11 @@ pub async fn pdb_resource(client: &Client) -> Result<ApiResource, kube::Error> {
     let version = if has_v1 {
         // policy/v1 exists from 1.21 but check the resource is really there.
         let res = client.list_api_group_resources("policy/v1").await?;
-        if res.resources.iter().any(|r| r.name == "poddisruptionbudgets") {
+        if res
+            .resources
+            .iter()
+            .any(|r| r.name == "poddisruptionbudgets")
+        {
             "v1"
         } else {
             "v1beta1"
@@ -97,7 +100,9 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             match res {
-                Ok((obj, _)) => tracing::debug!(queue = %obj.name, ns = ?obj.namespace, "reconciled"),
+                Ok((obj, _)) => {
+                    tracing::debug!(queue = %obj.name, ns = ?obj.namespace, "reconciled")
+                }
                 Err(e) => warn!(error = %e, "reconcile failed"),
             }
         })
@@ -113,15 +118,33 @@ fn error_policy(q: Arc<Queue>, err: &Error, ctx: Arc<Context>) -> Action {
 async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer();
     let res = reconcile_inner(&q, &ctx).await;
-    ctx.metrics.reconciliations.get_or_create(&crate::metrics::ResultLabel {
-        result: if res.is_ok() { "ok" } else { "error" }.into(),
-    }).inc();
+    ctx.metrics
+        .reconciliations
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: if res.is_ok() { "ok" } else { "error" }.into(),
+        })
+        .inc();
     if let Err(e) = &res {
         // Tell the user, best effort: the error policy retries with a delay.
         let msg = e.to_string();
-        let _ = publish(&ctx, &q, EventType::Warning, "ReconcileError", "Reconcile", &msg).await;
+        let _ = publish(
+            &ctx,
+            &q,
+            EventType::Warning,
+            "ReconcileError",
+            "Reconcile",
+            &msg,
+        )
+        .await;
         let mut status = q.status.clone().unwrap_or_default();
-        set_condition(&mut status, "Degraded", true, "ReconcileError", &msg, q.metadata.generation);
+        set_condition(
+            &mut status,
+            "Degraded",
+            true,
+            "ReconcileError",
+            &msg,
+            q.metadata.generation,
+        );
         let _ = patch_status(&ctx, &q, status).await;
     }
     res
@@ -141,7 +164,8 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
             let list = pvcs.list(&ListParams::default().labels(&sel)).await?;
             for pvc in &list.items {
                 if pvc.metadata.deletion_timestamp.is_none() {
-                    pvcs.delete(&pvc.name_any(), &DeleteParams::default()).await?;
+                    pvcs.delete(&pvc.name_any(), &DeleteParams::default())
+                        .await?;
                     info!(queue = %name, %ns, pvc = %pvc.name_any(), "deleted data volume claim");
                 }
             }
@@ -151,7 +175,10 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
                 EventType::Normal,
                 "VolumesDeleted",
                 "Delete",
-                &format!("deleted {} PersistentVolumeClaim(s) (deletionPolicy Delete)", list.items.len()),
+                &format!(
+                    "deleted {} PersistentVolumeClaim(s) (deletionPolicy Delete)",
+                    list.items.len()
+                ),
             )
             .await;
             remove_finalizer(&queues, q).await?;
@@ -186,7 +213,14 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
             .iter()
             .any(|c| c.type_ == "Ready" && c.reason == "InvalidSpec" && c.message == msg);
         set_condition(&mut status, "Ready", false, "InvalidSpec", &msg, generation);
-        set_condition(&mut status, "Degraded", true, "InvalidSpec", &msg, generation);
+        set_condition(
+            &mut status,
+            "Degraded",
+            true,
+            "InvalidSpec",
+            &msg,
+            generation,
+        );
         set_condition(
             &mut status,
             "Progressing",
@@ -287,7 +321,10 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
                     EventType::Normal,
                     "RollingUpdate",
                     "Apply",
-                    &format!("broker settings changed (hash {}): rolling the brokers", rendered.hash),
+                    &format!(
+                        "broker settings changed (hash {}): rolling the brokers",
+                        rendered.hash
+                    ),
                 )
                 .await;
             }
@@ -337,19 +374,36 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
 
     let rolled = sts_generation_seen && updated >= replicas && ss.replicas <= replicas;
     if rolled {
-        set_condition(&mut status, "Progressing", false, "RolloutComplete", &format!("{replicas} broker(s) run the current settings"), generation);
+        set_condition(
+            &mut status,
+            "Progressing",
+            false,
+            "RolloutComplete",
+            &format!("{replicas} broker(s) run the current settings"),
+            generation,
+        );
     } else {
         set_condition(
             &mut status,
             "Progressing",
             true,
             "RollingOut",
-            &format!("{updated}/{replicas} broker(s) run the current settings (hash {})", rendered.hash),
+            &format!(
+                "{updated}/{replicas} broker(s) run the current settings (hash {})",
+                rendered.hash
+            ),
             generation,
         );
     }
     if ready >= replicas {
-        set_condition(&mut status, "Ready", true, "AllBrokersReady", &format!("{ready}/{replicas} brokers ready"), generation);
+        set_condition(
+            &mut status,
+            "Ready",
+            true,
+            "AllBrokersReady",
+            &format!("{ready}/{replicas} brokers ready"),
+            generation,
+        );
     } else {
         let why = pods_summary(ctx, &ns, &name).await;
         set_condition(
@@ -362,8 +416,22 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         );
     }
     match &blocked {
-        Some(msg) => set_condition(&mut status, "Degraded", true, "ScaleDownBlocked", msg, generation),
-        None => set_condition(&mut status, "Degraded", false, "AsExpected", "all owned objects applied", generation),
+        Some(msg) => set_condition(
+            &mut status,
+            "Degraded",
+            true,
+            "ScaleDownBlocked",
+            msg,
+            generation,
+        ),
+        None => set_condition(
+            &mut status,
+            "Degraded",
+            false,
+            "AsExpected",
+            "all owned objects applied",
+            generation,
+        ),
     }
     patch_status(ctx, q, status).await?;
     ctx.metrics.queues_reconciled.inc();
@@ -499,7 +567,14 @@ async fn remove_finalizer(api: &Api<Queue>, q: &Queue) -> Result<(), Error> {
     set_finalizers(api, q, f).await
 }
 
-async fn publish(ctx: &Context, q: &Queue, type_: EventType, reason: &str, action: &str, note: &str) {
+async fn publish(
+    ctx: &Context,
+    q: &Queue,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),

@@ -120,7 +120,10 @@ impl LeaderElector {
             Some(mut lease) => {
                 let spec = lease.spec.clone().unwrap_or_default();
                 let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-                let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
+                let held = spec
+                    .holder_identity
+                    .as_deref()
+                    .is_some_and(|h| !h.is_empty());
                 let expired = match &spec.renew_time {
                     Some(MicroTime(t)) => {
                         let d = spec.lease_duration_seconds.unwrap_or(secs) as i64;

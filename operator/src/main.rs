@@ -14,7 +14,11 @@ use std::time::Duration;
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(name = "sluice-operator", version, about = "Sluice Kubernetes operator")]
+#[command(
+    name = "sluice-operator",
+    version,
+    about = "Sluice Kubernetes operator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,10 +56,18 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Broker image for Queues that do not set spec.template.image.
-    #[arg(long, env = "SLUICE_BROKER_IMAGE", default_value = "sluice-broker:0.1.0")]
+    #[arg(
+        long,
+        env = "SLUICE_BROKER_IMAGE",
+        default_value = "sluice-broker:0.1.0"
+    )]
     broker_image: String,
     /// Sidecar image the webhook injects.
-    #[arg(long, env = "SLUICE_SIDECAR_IMAGE", default_value = "sluice-sidecar:0.1.0")]
+    #[arg(
+        long,
+        env = "SLUICE_SIDECAR_IMAGE",
+        default_value = "sluice-sidecar:0.1.0"
+    )]
     sidecar_image: String,
     #[arg(long, default_value = "IfNotPresent")]
     image_pull_policy: String,
@@ -133,7 +145,9 @@ async fn main() -> std::process::ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.with_ansi(false).init(),
@@ -166,7 +180,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let resolver = Arc::new(CertResolver::default());
         match &a.webhook_cert_dir {
             Some(dir) => {
-                tokio::spawn(webhook::watch_cert_dir(dir.clone(), resolver.clone(), metrics.clone()));
+                tokio::spawn(webhook::watch_cert_dir(
+                    dir.clone(),
+                    resolver.clone(),
+                    metrics.clone(),
+                ));
             }
             None => {
                 let svc = &a.webhook_service;
@@ -225,7 +243,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     info!(pdb = %ctx.pdb.api_version, "PodDisruptionBudget version served");
 
     let elector = a.leader_elect.then(|| {
-        LeaderElector::new(client.clone(), &a.namespace, &a.lease_name, &identity, a.lease_duration)
+        LeaderElector::new(
+            client.clone(),
+            &a.namespace,
+            &a.lease_name,
+            &identity,
+            a.lease_duration,
+        )
     });
     if let Some(el) = &elector {
         tokio::select! {
@@ -238,7 +262,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if elector.is_some() {
         // Renew in the background; losing the Lease stops the reconciler.
-        let el = LeaderElector::new(client.clone(), &a.namespace, &a.lease_name, &identity, a.lease_duration);
+        let el = LeaderElector::new(
+            client.clone(),
+            &a.namespace,
+            &a.lease_name,
+            &identity,
+            a.lease_duration,
+        );
         let lost = lost.clone();
         tokio::spawn(async move {
             el.hold().await;

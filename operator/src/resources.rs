@@ -4,11 +4,11 @@
 use crate::crd::Queue;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext, Capabilities, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -262,7 +262,11 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
                     termination_grace_period_seconds: Some(
                         t.termination_grace_period_seconds.unwrap_or(60),
                     ),
-                    affinity: Some(t.affinity.clone().unwrap_or_else(|| default_affinity(&name))),
+                    affinity: Some(
+                        t.affinity
+                            .clone()
+                            .unwrap_or_else(|| default_affinity(&name)),
+                    ),
                     tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
                     node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
                     priority_class_name: t.priority_class_name.clone(),
@@ -368,9 +372,21 @@ mod tests {
         let pod = spec.template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("sluice-broker:test"));
-        assert!(c.args.as_ref().unwrap().contains(&"/etc/sluice/broker.toml".to_string()));
+        assert!(
+            c.args
+                .as_ref()
+                .unwrap()
+                .contains(&"/etc/sluice/broker.toml".to_string())
+        );
         assert_eq!(
-            c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
             Some("/readyz")
         );
         assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());

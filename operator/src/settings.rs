@@ -90,7 +90,10 @@ pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSetti
             })
     };
     let mut t = String::new();
-    let _ = writeln!(t, "# Written by sluice-operator from Queue {name}. Do not edit.");
+    let _ = writeln!(
+        t,
+        "# Written by sluice-operator from Queue {name}. Do not edit."
+    );
     let _ = writeln!(t, "[[queue]]");
     let _ = writeln!(t, "name = {}", toml_str(name));
     let _ = writeln!(t, "partitions = {}", spec.partitions);
@@ -104,7 +107,10 @@ pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSetti
     let _ = writeln!(
         t,
         "visibility_timeout = \"{}\"",
-        d("delivery.visibilityTimeout", &spec.delivery.visibility_timeout)?
+        d(
+            "delivery.visibilityTimeout",
+            &spec.delivery.visibility_timeout
+        )?
     );
     let _ = writeln!(t, "max_deliveries = {}", spec.delivery.max_deliveries);
     let _ = writeln!(t, "dead_letter = {}", spec.delivery.dead_letter);
@@ -116,7 +122,10 @@ pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSetti
     let _ = writeln!(
         t,
         "redelivery_delay_max = \"{}\"",
-        d("delivery.redeliveryDelayMax", &spec.delivery.redelivery_delay_max)?
+        d(
+            "delivery.redeliveryDelayMax",
+            &spec.delivery.redelivery_delay_max
+        )?
     );
     let _ = writeln!(
         t,
@@ -150,7 +159,10 @@ pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSetti
 pub fn validate(spec: &QueueSpec) -> Result<(), SpecError> {
     let inv = |field: &'static str, message: String| Err(SpecError::Invalid { field, message });
     if spec.replicas < 1 {
-        return inv("replicas", format!("must be at least 1, got {}", spec.replicas));
+        return inv(
+            "replicas",
+            format!("must be at least 1, got {}", spec.replicas),
+        );
     }
     if spec.partitions < 1 {
         return inv(
@@ -169,9 +181,15 @@ pub fn validate(spec: &QueueSpec) -> Result<(), SpecError> {
     }
     let durations: [(&'static str, &str); 7] = [
         ("durability.fsyncInterval", &spec.durability.fsync_interval),
-        ("delivery.visibilityTimeout", &spec.delivery.visibility_timeout),
+        (
+            "delivery.visibilityTimeout",
+            &spec.delivery.visibility_timeout,
+        ),
         ("delivery.redeliveryDelay", &spec.delivery.redelivery_delay),
-        ("delivery.redeliveryDelayMax", &spec.delivery.redelivery_delay_max),
+        (
+            "delivery.redeliveryDelayMax",
+            &spec.delivery.redelivery_delay_max,
+        ),
         ("delivery.defaultDelay", &spec.delivery.default_delay),
         ("deduplicationWindow", &spec.deduplication_window),
         ("retention.maxAge", &spec.retention.max_age),
@@ -327,9 +345,14 @@ overflow = \"reject_new\"
     fn semantic_errors_name_the_field() {
         let e = validate(&spec("replicas: 4\npartitions: 2")).unwrap_err();
         assert!(e.to_string().starts_with("spec.partitions:"), "{e}");
-        let e = validate(&spec("delivery: {redeliveryDelay: 1h, redeliveryDelayMax: 1m}"))
-            .unwrap_err();
-        assert!(e.to_string().starts_with("spec.delivery.redeliveryDelay:"), "{e}");
+        let e = validate(&spec(
+            "delivery: {redeliveryDelay: 1h, redeliveryDelayMax: 1m}",
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("spec.delivery.redeliveryDelay:"),
+            "{e}"
+        );
         let e = validate(&spec("delivery: {visibilityTimeout: 0s}")).unwrap_err();
         assert!(e.to_string().contains("visibilityTimeout"), "{e}");
         let e = validate(&spec("retention: {maxBytes: 10}")).unwrap_err();

@@ -149,7 +149,10 @@ pub fn mutate(
             ..Default::default()
         };
     }
-    let queues = parse_queues(ann.get(QUEUES_ANNOTATION).map(|s| s.as_str()).unwrap_or(""), pod_ns);
+    let queues = parse_queues(
+        ann.get(QUEUES_ANNOTATION).map(|s| s.as_str()).unwrap_or(""),
+        pod_ns,
+    );
     let mut routes = Vec::new();
     let mut denied = Vec::new();
     let mut warnings = Vec::new();
@@ -223,7 +226,9 @@ pub fn mutate(
     let addr = json!({"name": "SLUICE_ADDR", "value": format!("127.0.0.1:{SIDECAR_GRPC_PORT}")});
     for (i, c) in containers.iter().enumerate() {
         match c.get("env").and_then(|e| e.as_array()) {
-            None => patch.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": [addr]})),
+            None => patch.push(
+                json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": [addr]}),
+            ),
             Some(env) => {
                 if !env
                     .iter()
@@ -234,7 +239,9 @@ pub fn mutate(
             }
         }
     }
-    patch.push(json!({"op": "add", "path": "/metadata/annotations/sluice.dev~1injected", "value": "true"}));
+    patch.push(
+        json!({"op": "add", "path": "/metadata/annotations/sluice.dev~1injected", "value": "true"}),
+    );
     if !denied.is_empty() {
         patch.push(json!({"op": "add", "path": "/metadata/annotations/sluice.dev~1denied-queues", "value": denied.join(",")}));
     }
@@ -276,11 +283,18 @@ async fn handle(State(h): State<Arc<Handler>>, body: axum::body::Bytes) -> axum:
         .unwrap_or("admission.k8s.io/v1")
         .to_string();
     let req = review.get("request").cloned().unwrap_or(Value::Null);
-    let uid = req.get("uid").and_then(|u| u.as_str()).unwrap_or("").to_string();
+    let uid = req
+        .get("uid")
+        .and_then(|u| u.as_str())
+        .unwrap_or("")
+        .to_string();
     let ns = req
         .get("namespace")
         .and_then(|n| n.as_str())
-        .or_else(|| req.pointer("/object/metadata/namespace").and_then(|n| n.as_str()))
+        .or_else(|| {
+            req.pointer("/object/metadata/namespace")
+                .and_then(|n| n.as_str())
+        })
         .unwrap_or("default")
         .to_string();
     let pod = req.get("object").cloned().unwrap_or(Value::Null);
@@ -294,15 +308,17 @@ async fn handle(State(h): State<Arc<Handler>>, body: axum::body::Bytes) -> axum:
     let ann = annotations(&pod);
     let mut decisions = BTreeMap::new();
     if ann.get(INJECT_ANNOTATION).map(|s| s.as_str()) == Some("true") {
-        for q in parse_queues(ann.get(QUEUES_ANNOTATION).map(|s| s.as_str()).unwrap_or(""), &ns) {
+        for q in parse_queues(
+            ann.get(QUEUES_ANNOTATION).map(|s| s.as_str()).unwrap_or(""),
+            &ns,
+        ) {
             let api: Api<Queue> = Api::namespaced(h.client.clone(), &q.namespace);
             let d = match api.get_opt(&q.queue).await {
                 Ok(Some(queue)) => {
                     let list = &queue.spec.access.service_accounts;
                     if list.is_empty()
                         || list.iter().any(|r| {
-                            r.name == sa
-                                && r.namespace.as_deref().unwrap_or(&q.namespace) == ns
+                            r.name == sa && r.namespace.as_deref().unwrap_or(&q.namespace) == ns
                         })
                     {
                         Access::Allowed
@@ -453,14 +469,25 @@ fn secret_str(s: &Secret, key: &str) -> Option<String> {
 }
 
 /// Generates a CA and a serving certificate signed by it: (ca_pem, cert_pem, key_pem).
-pub fn generate(sans: &[String], validity: Duration) -> Result<(String, String, String), WebhookError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, ExtendedKeyUsagePurpose};
+pub fn generate(
+    sans: &[String],
+    validity: Duration,
+) -> Result<(String, String, String), WebhookError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
     let now = time::OffsetDateTime::now_utc();
     let not_after = now + time::Duration::seconds(validity.as_secs() as i64);
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name.push(DnType::CommonName, "sluice-webhook-ca");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "sluice-webhook-ca");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.not_before = now - time::Duration::hours(1);
     ca.not_after = not_after + time::Duration::days(1);
     let ca_key = KeyPair::generate()?;
@@ -468,10 +495,15 @@ pub fn generate(sans: &[String], validity: Duration) -> Result<(String, String, 
     let mut leaf = CertificateParams::new(sans.to_vec())?;
     leaf.distinguished_name.push(
         DnType::CommonName,
-        sans.first().cloned().unwrap_or_else(|| "sluice-webhook".into()),
+        sans.first()
+            .cloned()
+            .unwrap_or_else(|| "sluice-webhook".into()),
     );
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     leaf.not_before = now - time::Duration::hours(1);
     leaf.not_after = not_after;
     let leaf_key = KeyPair::generate()?;
@@ -483,19 +515,28 @@ pub fn generate(sans: &[String], validity: Duration) -> Result<(String, String, 
 impl SelfManaged {
     /// Makes sure the Secret holds a valid certificate for our names, creating or
     /// rotating it when needed; returns (ca bundle, cert, key, rotated).
-    pub async fn ensure(&self, client: &Client) -> Result<(String, String, String, bool), WebhookError> {
+    pub async fn ensure(
+        &self,
+        client: &Client,
+    ) -> Result<(String, String, String, bool), WebhookError> {
         let api: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
         let sans = self.sans.join(",");
         for _ in 0..5 {
             let existing = api.get_opt(&self.secret_name).await?;
             if let Some(s) = &existing {
                 let ann = s.annotations();
-                let not_after: i64 = ann.get(NOT_AFTER_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let not_after: i64 = ann
+                    .get(NOT_AFTER_ANNOTATION)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 let fresh = not_after - self.renew_before.as_secs() as i64 > now_unix();
                 if fresh
                     && ann.get(SANS_ANNOTATION) == Some(&sans)
-                    && let (Some(ca), Some(crt), Some(key)) =
-                        (secret_str(s, "ca.crt"), secret_str(s, "tls.crt"), secret_str(s, "tls.key"))
+                    && let (Some(ca), Some(crt), Some(key)) = (
+                        secret_str(s, "ca.crt"),
+                        secret_str(s, "tls.crt"),
+                        secret_str(s, "tls.key"),
+                    )
                 {
                     return Ok((ca, crt, key, false));
                 }
@@ -533,14 +574,20 @@ impl SelfManaged {
                 },
                 type_: Some("kubernetes.io/tls".into()),
                 data: Some(BTreeMap::from([
-                    ("ca.crt".to_string(), ByteString(bundle.clone().into_bytes())),
+                    (
+                        "ca.crt".to_string(),
+                        ByteString(bundle.clone().into_bytes()),
+                    ),
                     ("tls.crt".to_string(), ByteString(crt.clone().into_bytes())),
                     ("tls.key".to_string(), ByteString(key.clone().into_bytes())),
                 ])),
                 ..Default::default()
             };
             let res = match &existing {
-                None => api.create(&PostParams::default(), &secret).await.map(|_| ()),
+                None => api
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map(|_| ()),
                 Some(old) => {
                     secret.metadata.resource_version = old.resource_version();
                     api.replace(&self.secret_name, &PostParams::default(), &secret)
@@ -558,11 +605,17 @@ impl SelfManaged {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(WebhookError::Pem("could not settle the certificate Secret".into()))
+        Err(WebhookError::Pem(
+            "could not settle the certificate Secret".into(),
+        ))
     }
 
     /// Writes the CA bundle into every webhook of the configuration.
-    pub async fn patch_ca_bundle(&self, client: &Client, bundle: &str) -> Result<bool, WebhookError> {
+    pub async fn patch_ca_bundle(
+        &self,
+        client: &Client,
+        bundle: &str,
+    ) -> Result<bool, WebhookError> {
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         let Some(cfg) = api.get_opt(&self.webhook_config_name).await? else {
             return Ok(false);
@@ -603,10 +656,14 @@ impl SelfManaged {
                     }
                     match self.patch_ca_bundle(&client, &bundle).await {
                         Ok(true) => {}
-                        Ok(false) => warn!(config = %self.webhook_config_name, "MutatingWebhookConfiguration not found; will retry"),
+                        Ok(false) => {
+                            warn!(config = %self.webhook_config_name, "MutatingWebhookConfiguration not found; will retry")
+                        }
                         Err(e) => warn!(error = %e, "patching caBundle"),
                     }
-                    metrics.ready.store(resolver.has_cert(), std::sync::atomic::Ordering::Relaxed);
+                    metrics
+                        .ready
+                        .store(resolver.has_cert(), std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => warn!(error = %e, "webhook certificate"),
             }
@@ -627,7 +684,11 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 }
 
 /// Serves certificates from files (cert-manager), reloading them when they change.
-pub async fn watch_cert_dir(dir: std::path::PathBuf, resolver: Arc<CertResolver>, metrics: Arc<Metrics>) {
+pub async fn watch_cert_dir(
+    dir: std::path::PathBuf,
+    resolver: Arc<CertResolver>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         let crt = std::fs::read_to_string(dir.join("tls.crt"));
         let key = std::fs::read_to_string(dir.join("tls.key"));
@@ -642,7 +703,9 @@ pub async fn watch_cert_dir(dir: std::path::PathBuf, resolver: Arc<CertResolver>
             },
             _ => warn!(dir = %dir.display(), "webhook certificate files not there yet"),
         }
-        metrics.ready.store(resolver.has_cert(), std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .ready
+            .store(resolver.has_cert(), std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }
@@ -691,7 +754,9 @@ mod tests {
 
     #[test]
     fn injects_sidecar_routes_and_env() {
-        let p = pod(json!({"sluice.dev/inject": "true", "sluice.dev/queues": "orders, billing/invoices,orders.dlq"}));
+        let p = pod(
+            json!({"sluice.dev/inject": "true", "sluice.dev/queues": "orders, billing/invoices,orders.dlq"}),
+        );
         let m = mutate(&p, "shop", &cfg(), &|_| Access::Allowed);
         assert!(m.skipped.is_none());
         let out = apply(&p, &m.patch);
@@ -724,16 +789,29 @@ mod tests {
     #[test]
     fn denied_queue_gets_no_route() {
         let p = pod(json!({"sluice.dev/inject": "true", "sluice.dev/queues": "orders,secret"}));
-        let m = mutate(&p, "shop", &cfg(), &|q| if q.queue == "secret" { Access::Denied } else { Access::Allowed });
+        let m = mutate(&p, "shop", &cfg(), &|q| {
+            if q.queue == "secret" {
+                Access::Denied
+            } else {
+                Access::Allowed
+            }
+        });
         let out = apply(&p, &m.patch);
-        assert_eq!(out["spec"]["containers"][2]["env"][0]["value"], "orders=sluice-orders.shop.svc.cluster.local:7171");
+        assert_eq!(
+            out["spec"]["containers"][2]["env"][0]["value"],
+            "orders=sluice-orders.shop.svc.cluster.local:7171"
+        );
         assert_eq!(out["metadata"]["annotations"][DENIED_ANNOTATION], "secret");
         assert_eq!(m.warnings.len(), 1);
     }
 
     #[test]
     fn generated_certificate_loads() {
-        let (ca, crt, key) = generate(&["sluice-webhook.sluice.svc".into(), "127.0.0.1".into()], Duration::from_secs(3600)).unwrap();
+        let (ca, crt, key) = generate(
+            &["sluice-webhook.sluice.svc".into(), "127.0.0.1".into()],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
         let r = CertResolver::default();
         assert!(r.load(&crt, &key).unwrap());

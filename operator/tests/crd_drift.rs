@@ -45,8 +45,13 @@ fn crd_has_the_agreed_shape() {
         "deletionPolicy",
         "template",
     ] {
-        let d = spec["properties"][field]["description"].as_str().unwrap_or("");
-        assert!(!d.is_empty(), "spec.{field} has no description for kubectl explain");
+        let d = spec["properties"][field]["description"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            !d.is_empty(),
+            "spec.{field} has no description for kubectl explain"
+        );
     }
     let cols: Vec<&str> = ver["additionalPrinterColumns"]
         .as_array()
