@@ -48,9 +48,15 @@ pub struct Broker {
 impl Broker {
     /// Opens every configured queue (and, with auto-create, every queue found on
     /// disk), recovering them from their logs.
-    pub fn open(options: BrokerOptions, observer: Arc<dyn LogObserver>) -> Result<Arc<Broker>, BrokerError> {
+    pub fn open(
+        options: BrokerOptions,
+        observer: Arc<dyn LogObserver>,
+    ) -> Result<Arc<Broker>, BrokerError> {
         std::fs::create_dir_all(&options.data_dir).map_err(|e| {
-            BrokerError::Unavailable(format!("creating data directory {}: {e}", options.data_dir.display()))
+            BrokerError::Unavailable(format!(
+                "creating data directory {}: {e}",
+                options.data_dir.display()
+            ))
         })?;
         let broker = Arc::new(Broker {
             budget: CacheBudget::new(options.cache_bytes),
@@ -67,8 +73,14 @@ impl Broker {
                 .map_err(|e| BrokerError::Unavailable(format!("listing data directory: {e}")))?;
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(DLQ_SUFFIX) && validate_queue_name(&name).is_ok() && broker.get(&name).is_none() {
-                    broker.add(QueueSettings { name, ..template.clone() })?;
+                if !name.ends_with(DLQ_SUFFIX)
+                    && validate_queue_name(&name).is_ok()
+                    && broker.get(&name).is_none()
+                {
+                    broker.add(QueueSettings {
+                        name,
+                        ..template.clone()
+                    })?;
                 }
             }
         }
@@ -103,7 +115,9 @@ impl Broker {
             return Ok(q);
         }
         let Some(template) = &self.options.auto_create else {
-            return Err(BrokerError::NotFound(format!("queue {name:?} does not exist on this broker")));
+            return Err(BrokerError::NotFound(format!(
+                "queue {name:?} does not exist on this broker"
+            )));
         };
         // One creator at a time, so two first requests do not open the log twice.
         static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -112,12 +126,16 @@ impl Broker {
             return Ok(q);
         }
         let base = name.strip_suffix(DLQ_SUFFIX).unwrap_or(name);
-        let settings = QueueSettings { name: base.to_string(), ..template.clone() };
+        let settings = QueueSettings {
+            name: base.to_string(),
+            ..template.clone()
+        };
         settings.validate()?;
         tracing::info!(queue = base, "creating queue on first use");
         self.add(settings)?;
-        self.get(name)
-            .ok_or_else(|| BrokerError::NotFound(format!("queue {name:?} has no dead-letter queue")))
+        self.get(name).ok_or_else(|| {
+            BrokerError::NotFound(format!("queue {name:?} has no dead-letter queue"))
+        })
     }
 
     pub fn queues(&self) -> Vec<Arc<Queue>> {

@@ -9,7 +9,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice-broker", version, about = "Sluice broker: durable queues over gRPC")]
+#[command(
+    name = "sluice-broker",
+    version,
+    about = "Sluice broker: durable queues over gRPC"
+)]
 struct Args {
     /// Settings file (TOML, `[[queue]]` tables); the operator mounts it from a ConfigMap.
     #[arg(long, env = "SLUICE_CONFIG")]
@@ -56,7 +60,9 @@ async fn main() -> anyhow::Result<()> {
         None => BrokerFile::default(),
     };
     if file.queues.is_empty() && !args.auto_create {
-        anyhow::bail!("no queues configured: pass --config with [[queue]] tables, or --auto-create");
+        anyhow::bail!(
+            "no queues configured: pass --config with [[queue]] tables, or --auto-create"
+        );
     }
     let mut options = BrokerOptions::new(&args.data_dir);
     options.ordinal = args.ordinal.unwrap_or_else(ordinal_from_env);

@@ -79,27 +79,69 @@ impl Collector for QueueCollector {
             .collect();
         type Pick = fn(&crate::partition::Snapshot) -> u64;
         let gauges: [(&str, &str, Pick); 4] = [
-            ("sluice_queue_ready", "Messages ready for delivery", |s| s.ready),
-            ("sluice_queue_in_flight", "Messages leased and not yet settled", |s| s.in_flight),
-            ("sluice_queue_delayed", "Messages waiting for their delay", |s| s.delayed),
-            ("sluice_queue_bytes", "Bytes of unsettled message bodies", |s| s.bytes),
+            ("sluice_queue_ready", "Messages ready for delivery", |s| {
+                s.ready
+            }),
+            (
+                "sluice_queue_in_flight",
+                "Messages leased and not yet settled",
+                |s| s.in_flight,
+            ),
+            (
+                "sluice_queue_delayed",
+                "Messages waiting for their delay",
+                |s| s.delayed,
+            ),
+            (
+                "sluice_queue_bytes",
+                "Bytes of unsettled message bodies",
+                |s| s.bytes,
+            ),
         ];
         for (name, help, pick) in gauges {
-            let mut m = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
             for (q, p, s) in &rows {
                 let labels = [("queue", q.as_str()), ("partition", p.as_str())];
                 ConstGauge::new(pick(s) as i64).encode(m.encode_family(&labels)?)?;
             }
         }
         let counters: [(&str, &str, Pick); 5] = [
-            ("sluice_enqueued", "Messages stored", |s| s.counters.enqueued),
-            ("sluice_acked", "Messages settled by an ack (or moved by a redrive)", |s| s.counters.acked),
-            ("sluice_redelivered", "Leases that expired or were nacked", |s| s.counters.redelivered),
-            ("sluice_dead_lettered", "Messages moved to the dead-letter queue", |s| s.counters.dead_lettered),
-            ("sluice_dropped", "Messages dropped by retention or delivery limits", |s| s.counters.dropped),
+            ("sluice_enqueued", "Messages stored", |s| {
+                s.counters.enqueued
+            }),
+            (
+                "sluice_acked",
+                "Messages settled by an ack (or moved by a redrive)",
+                |s| s.counters.acked,
+            ),
+            (
+                "sluice_redelivered",
+                "Leases that expired or were nacked",
+                |s| s.counters.redelivered,
+            ),
+            (
+                "sluice_dead_lettered",
+                "Messages moved to the dead-letter queue",
+                |s| s.counters.dead_lettered,
+            ),
+            (
+                "sluice_dropped",
+                "Messages dropped by retention or delivery limits",
+                |s| s.counters.dropped,
+            ),
         ];
         for (name, help, pick) in counters {
-            let mut m = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
             for (q, p, s) in &rows {
                 let labels = [("queue", q.as_str()), ("partition", p.as_str())];
                 ConstCounter::new(pick(s)).encode(m.encode_family(&labels)?)?;
@@ -128,7 +170,10 @@ pub async fn serve_http(
                     match prometheus_client::encoding::text::encode(&mut out, &registry) {
                         Ok(()) => (
                             StatusCode::OK,
-                            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             out,
                         ),
                         Err(_) => (
@@ -154,5 +199,7 @@ pub async fn serve_http(
                 }
             }),
         );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -31,8 +31,12 @@ pub struct Content {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Ready,
-    Delayed { until: u64 },
-    InFlight { deadline: u64 },
+    Delayed {
+        until: u64,
+    },
+    InFlight {
+        deadline: u64,
+    },
     /// Being copied to the dead-letter queue or back by a redrive.
     Moving,
 }
@@ -92,6 +96,10 @@ pub struct Reserved {
     pub body_len: u64,
     pub content: Arc<Content>,
 }
+
+/// Outcome per message, the messages to store, and records of messages dropped to
+/// make room.
+pub type Reservation = (Vec<EnqueueOutcome>, Vec<Reserved>, Vec<Record>);
 
 #[derive(Debug)]
 pub enum EnqueueOutcome {
@@ -379,7 +387,7 @@ impl PartitionState {
         now: u64,
         messages: Vec<NewMessage>,
         buf: &mut BytesMut,
-    ) -> Result<(Vec<EnqueueOutcome>, Vec<Reserved>, Vec<Record>), EnqueueRefused> {
+    ) -> Result<Reservation, EnqueueRefused> {
         self.purge_dedup(now);
         let new: Vec<bool> = messages
             .iter()
@@ -499,7 +507,16 @@ impl PartitionState {
                 offset: base.offset + r.frame_offset,
                 len: r.frame_len,
             };
-            woke |= self.insert(now, r.seq, loc, r.enqueued_at_ms, r.visible_at_ms, r.key, r.body_len, Some(r.content));
+            woke |= self.insert(
+                now,
+                r.seq,
+                loc,
+                r.enqueued_at_ms,
+                r.visible_at_ms,
+                r.key,
+                r.body_len,
+                Some(r.content),
+            );
             self.counters.enqueued += 1;
         }
         woke
@@ -588,7 +605,16 @@ impl PartitionState {
                     })
                 });
                 let key = (!e.key.is_empty()).then(|| Arc::from(e.key.as_str()));
-                self.insert(now, e.seq, loc, e.enqueued_at_ms, e.visible_at_ms, key, body_len, content);
+                self.insert(
+                    now,
+                    e.seq,
+                    loc,
+                    e.enqueued_at_ms,
+                    e.visible_at_ms,
+                    key,
+                    body_len,
+                    content,
+                );
                 self.counters.enqueued += 1;
             }
             Record::Settle { seq, .. } => self.remove(seq),
@@ -712,7 +738,7 @@ impl PartitionState {
         self.leased(now, r)?;
         let deliveries = self.entries[&r.seq].deliveries;
         if dead_letter || self.exhausted(deliveries) {
-            self.to_dead_letter(r.seq, effects);
+            self.dead_letter_or_drop(r.seq, effects);
             return Ok(());
         }
         let delay = if delay_ms > 0 {
@@ -746,7 +772,12 @@ impl PartitionState {
         Ok(())
     }
 
-    pub fn extend(&mut self, now: u64, r: &Receipt, visibility_ms: u64) -> Result<(), ReceiptError> {
+    pub fn extend(
+        &mut self,
+        now: u64,
+        r: &Receipt,
+        visibility_ms: u64,
+    ) -> Result<(), ReceiptError> {
         let deadline = self.leased(now, r)?;
         self.leases.remove(&(deadline, r.seq));
         let new = now + visibility_ms;
@@ -766,10 +797,11 @@ impl PartitionState {
         }
         let max = self.settings.redelivery_delay_max.as_millis() as u64;
         let factor = 1u64 << deliveries.saturating_sub(1).min(30);
-        base.saturating_mul(factor).min(if max == 0 { u64::MAX } else { max })
+        base.saturating_mul(factor)
+            .min(if max == 0 { u64::MAX } else { max })
     }
 
-    fn to_dead_letter(&mut self, seq: u64, effects: &mut Effects) {
+    fn dead_letter_or_drop(&mut self, seq: u64, effects: &mut Effects) {
         self.detach(seq);
         if self.settings.dead_letter {
             effects.dead_letter.push(seq);
@@ -808,7 +840,11 @@ impl PartitionState {
 
     /// The move failed: the message waits here again.
     pub fn move_failed(&mut self, seq: u64) {
-        if self.entries.get(&seq).is_some_and(|e| e.state == State::Moving) {
+        if self
+            .entries
+            .get(&seq)
+            .is_some_and(|e| e.state == State::Moving)
+        {
             self.make_ready(seq);
         }
     }
@@ -835,7 +871,8 @@ impl PartitionState {
         let c = (!self.settings.retention_max_age.is_zero())
             .then(|| {
                 self.ready.first().map(|s| {
-                    self.entries[s].enqueued_at_ms + self.settings.retention_max_age.as_millis() as u64
+                    self.entries[s].enqueued_at_ms
+                        + self.settings.retention_max_age.as_millis() as u64
                 })
             })
             .flatten();
@@ -850,7 +887,7 @@ impl PartitionState {
             }
             let deliveries = self.entries[&seq].deliveries;
             if self.exhausted(deliveries) {
-                self.to_dead_letter(seq, effects);
+                self.dead_letter_or_drop(seq, effects);
             } else {
                 self.detach(seq);
                 self.make_ready(seq);

@@ -17,8 +17,8 @@ use crate::error::BrokerError;
 use crate::log::record::{Record, SettleReason};
 use crate::log::{LogObserver, LogOptions, LogWriter, recover};
 use crate::partition::{
-    CacheBudget, Delivery, Effects, EnqueueOutcome, NewMessage, PartitionState, ReceiptError,
-    Snapshot,
+    CacheBudget, Content, Delivery, Effects, EnqueueOutcome, NewMessage, PartitionState,
+    ReceiptError, Snapshot,
 };
 
 pub fn now_ms() -> u64 {
@@ -77,7 +77,10 @@ impl Partition {
         Ok(rx.await.map_err(|_| crate::log::LogError::Stopped)??)
     }
 
-    pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<EnqueueOutcome>, BrokerError> {
+    pub async fn enqueue(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<EnqueueOutcome>, BrokerError> {
         let now = now_ms();
         let mut buf = BytesMut::new();
         let (outcomes, reserved, drops) = {
@@ -137,12 +140,16 @@ impl Partition {
     }
 
     /// Reads a delivery's content from memory or the log.
-    fn load(&self, d: &Delivery) -> Result<(Bytes, Vec<(String, String)>, String), BrokerError> {
+    fn load(&self, d: &Delivery) -> Result<Arc<Content>, BrokerError> {
         if let Some(c) = &d.content {
-            return Ok((c.body.clone(), c.attributes.clone(), c.dedup_id.clone()));
+            return Ok(c.clone());
         }
         match self.log.reader.read(d.loc)? {
-            Record::Enqueue(e) => Ok((e.body, e.attributes, e.dedup_id)),
+            Record::Enqueue(e) => Ok(Arc::new(Content {
+                body: e.body,
+                attributes: e.attributes,
+                dedup_id: e.dedup_id,
+            })),
             _ => Err(BrokerError::Internal(format!(
                 "log record at {:?} is not the message {}",
                 d.loc, d.seq
@@ -151,13 +158,13 @@ impl Partition {
     }
 
     fn to_message(&self, d: &Delivery) -> Result<v1::Message, BrokerError> {
-        let (body, attributes, dedup_id) = self.load(d)?;
+        let c = self.load(d)?;
         Ok(v1::Message {
             id: message_id(self.id, d.seq),
-            body,
-            attributes: attributes.into_iter().collect(),
+            body: c.body.clone(),
+            attributes: c.attributes.iter().cloned().collect(),
             key: d.key.as_deref().unwrap_or_default().to_string(),
-            dedup_id,
+            dedup_id: c.dedup_id.clone(),
             delivery_count: d.deliveries,
             enqueued_at_ms: d.enqueued_at_ms,
             receipt: if d.deliveries > 0 {
@@ -222,7 +229,10 @@ impl Partition {
             let mut st = self.state.lock().unwrap();
             receipts
                 .iter()
-                .map(|r| st.nack(now, r, delay_ms, dead_letter, &mut fx).map_err(Into::into))
+                .map(|r| {
+                    st.nack(now, r, delay_ms, dead_letter, &mut fx)
+                        .map_err(Into::into)
+                })
                 .collect()
         };
         self.apply(fx).await;
@@ -262,7 +272,8 @@ impl Partition {
         if !fx.dead_letter.is_empty() {
             let this = self.clone();
             tokio::spawn(async move {
-                this.move_out(fx.dead_letter, SettleReason::DeadLettered).await;
+                this.move_out(fx.dead_letter, SettleReason::DeadLettered)
+                    .await;
             });
         }
     }
@@ -283,15 +294,17 @@ impl Partition {
                 continue;
             };
             let copy = match (&target, self.load(&d)) {
-                (Some(t), Ok((body, mut attributes, _))) => {
+                (Some(t), Ok(c)) => {
+                    let mut attributes = c.attributes.clone();
                     if reason == SettleReason::DeadLettered {
                         attributes.push((ATTR_DLQ_SOURCE_ID.into(), message_id(self.id, seq)));
                         attributes.push((ATTR_DLQ_DELIVERIES.into(), d.deliveries.to_string()));
                     } else {
-                        attributes.retain(|(k, _)| k != ATTR_DLQ_SOURCE_ID && k != ATTR_DLQ_DELIVERIES);
+                        attributes
+                            .retain(|(k, _)| k != ATTR_DLQ_SOURCE_ID && k != ATTR_DLQ_DELIVERIES);
                     }
                     let m = NewMessage {
-                        body,
+                        body: c.body.clone(),
                         attributes,
                         key: d.key.as_deref().unwrap_or_default().to_string(),
                         // A dedup id would make the move look like a duplicate.
@@ -300,7 +313,9 @@ impl Partition {
                     };
                     t.enqueue(vec![m]).await.map(|_| ())
                 }
-                (None, _) => Err(BrokerError::Internal("no queue to move the message to".into())),
+                (None, _) => Err(BrokerError::Internal(
+                    "no queue to move the message to".into(),
+                )),
                 (_, Err(e)) => Err(e),
             };
             match copy {
@@ -387,7 +402,15 @@ impl Queue {
             )?),
             false => None,
         };
-        let queue = Self::open_one(dir, settings, ordinal, storage, budget, observer, dlq.clone())?;
+        let queue = Self::open_one(
+            dir,
+            settings,
+            ordinal,
+            storage,
+            budget,
+            observer,
+            dlq.clone(),
+        )?;
         if let Some(d) = &dlq {
             let _ = d.source.set(Arc::downgrade(&queue));
         }
@@ -495,7 +518,12 @@ impl Queue {
 
     /// The partition a new message goes to: by key (or dedup id) hash when it has one,
     /// else round-robin over the partitions owned here.
-    pub fn pick_partition(&self, explicit: Option<u32>, key: &str, dedup_id: &str) -> Result<u32, BrokerError> {
+    pub fn pick_partition(
+        &self,
+        explicit: Option<u32>,
+        key: &str,
+        dedup_id: &str,
+    ) -> Result<u32, BrokerError> {
         let total = self.settings.partitions;
         let p = match explicit {
             Some(p) if p >= total => {
@@ -526,7 +554,12 @@ impl Queue {
 
     /// Leases up to `max` messages, waiting up to `wait` for the first.
     /// Cancel-safe: messages are taken only in the step that returns them.
-    pub async fn dequeue(&self, max: usize, wait: Duration, visibility_ms: u64) -> Result<Vec<v1::Message>, BrokerError> {
+    pub async fn dequeue(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility_ms: u64,
+    ) -> Result<Vec<v1::Message>, BrokerError> {
         let deadline = Instant::now() + wait;
         loop {
             let notified = self.ready.notified();
@@ -588,7 +621,11 @@ impl Queue {
         for &id in &self.owned {
             let p = &self.partitions[&id];
             loop {
-                let left = if max == 0 { 1000 } else { (max - moved).min(1000) } as usize;
+                let left = if max == 0 {
+                    1000
+                } else {
+                    (max - moved).min(1000)
+                } as usize;
                 if left == 0 {
                     break;
                 }
@@ -603,7 +640,11 @@ impl Queue {
     }
 
     pub fn snapshots(&self) -> Vec<(u32, Snapshot)> {
-        let mut v: Vec<_> = self.partitions.iter().map(|(id, p)| (*id, p.snapshot())).collect();
+        let mut v: Vec<_> = self
+            .partitions
+            .iter()
+            .map(|(id, p)| (*id, p.snapshot()))
+            .collect();
         v.sort_by_key(|x| x.0);
         v
     }
@@ -623,10 +664,12 @@ impl From<ReceiptError> for BrokerError {
     fn from(e: ReceiptError) -> Self {
         match e {
             ReceiptError::NotFound => BrokerError::NotFound(
-                "no message is leased with this receipt (already settled, or never delivered)".into(),
+                "no message is leased with this receipt (already settled, or never delivered)"
+                    .into(),
             ),
             ReceiptError::Expired => BrokerError::FailedPrecondition(
-                "the lease of this receipt expired; the message is or will be delivered again".into(),
+                "the lease of this receipt expired; the message is or will be delivered again"
+                    .into(),
             ),
         }
     }

@@ -32,7 +32,9 @@ pub enum ServeError {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// The gRPC routes of a broker, for embedding next to other services.
@@ -64,9 +66,14 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http_task = http.map(|listener| {
         let mut rx = stop_rx.clone();
-        tokio::spawn(serve_http(listener, metrics.registry(), ready.clone(), async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }))
+        tokio::spawn(serve_http(
+            listener,
+            metrics.registry(),
+            ready.clone(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueuesServer<QueueService>>().await;
@@ -107,7 +114,9 @@ pub async fn shutdown_signal() {
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

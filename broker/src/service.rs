@@ -32,7 +32,10 @@ fn invalid(msg: impl Into<String>) -> BrokerError {
 }
 
 /// Checks a new message against the queue's limits.
-pub fn validate_message(m: v1::NewMessage, max_message_bytes: u64) -> Result<NewMessage, BrokerError> {
+pub fn validate_message(
+    m: v1::NewMessage,
+    max_message_bytes: u64,
+) -> Result<NewMessage, BrokerError> {
     if m.attributes.len() > MAX_ATTRIBUTES {
         return Err(invalid(format!(
             "a message may carry at most {MAX_ATTRIBUTES} attributes, got {}",
@@ -43,7 +46,10 @@ pub fn validate_message(m: v1::NewMessage, max_message_bytes: u64) -> Result<New
         return Err(invalid("attribute names must not be empty"));
     }
     if m.key.len() > MAX_KEY_BYTES {
-        return Err(invalid(format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", m.key.len())));
+        return Err(invalid(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            m.key.len()
+        )));
     }
     if m.dedup_id.len() > MAX_DEDUP_ID_BYTES {
         return Err(invalid(format!(
@@ -61,7 +67,10 @@ pub fn validate_message(m: v1::NewMessage, max_message_bytes: u64) -> Result<New
     let size = m.body.len()
         + m.key.len()
         + m.dedup_id.len()
-        + m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        + m.attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
     if size as u64 > max_message_bytes {
         return Err(invalid(format!(
             "message is {size} bytes with its key and attributes; the queue's limit (max_message_bytes) is {max_message_bytes}"
@@ -90,7 +99,9 @@ pub fn validate_visibility(ms: u64, queue: &Queue) -> Result<u64, BrokerError> {
     Ok(ms)
 }
 
-pub fn parse_receipts(receipts: &[String]) -> Result<Vec<Result<Receipt, &'static str>>, BrokerError> {
+pub fn parse_receipts(
+    receipts: &[String],
+) -> Result<Vec<Result<Receipt, &'static str>>, BrokerError> {
     if receipts.is_empty() {
         return Err(invalid("no receipts given"));
     }
@@ -119,10 +130,15 @@ enum SettleOp {
 }
 
 /// Applies an operation to receipts, grouped by partition, answering in order.
-async fn settle(queue: &Queue, receipts: &[String], op: SettleOp) -> Result<Vec<v1::ReceiptResult>, BrokerError> {
+async fn settle(
+    queue: &Queue,
+    receipts: &[String],
+    op: SettleOp,
+) -> Result<Vec<v1::ReceiptResult>, BrokerError> {
     let parsed = parse_receipts(receipts)?;
     let mut results: Vec<Option<v1::ReceiptResult>> = vec![None; receipts.len()];
-    let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Receipt)>> = Default::default();
+    let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Receipt)>> =
+        Default::default();
     for (i, p) in parsed.into_iter().enumerate() {
         match p {
             Ok(r) => by_partition.entry(r.partition).or_default().push((i, r)),
@@ -143,14 +159,20 @@ async fn settle(queue: &Queue, receipts: &[String], op: SettleOp) -> Result<Vec<
         let rs: Vec<Receipt> = items.iter().map(|x| x.1).collect();
         let outcome = match op {
             SettleOp::Ack => partition.ack(&rs).await,
-            SettleOp::Nack { delay_ms, dead_letter } => partition.nack(&rs, delay_ms, dead_letter).await,
+            SettleOp::Nack {
+                delay_ms,
+                dead_letter,
+            } => partition.nack(&rs, delay_ms, dead_letter).await,
             SettleOp::Extend { visibility_ms } => partition.extend(&rs, visibility_ms),
         };
         for ((i, _), r) in items.into_iter().zip(outcome) {
             results[i] = Some(result_of(&receipts[i], r));
         }
     }
-    Ok(results.into_iter().map(|r| r.expect("every receipt answered")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every receipt answered"))
+        .collect())
 }
 
 #[derive(Clone)]
@@ -181,11 +203,17 @@ impl QueueService {
             )));
         }
         // Validate all first: a batch with one bad message writes nothing.
-        let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NewMessage)>> = Default::default();
+        let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NewMessage)>> =
+            Default::default();
         let n = messages.len();
         for (i, m) in messages.into_iter().enumerate() {
-            let m = validate_message(m, q.settings.max_message_bytes)
-                .map_err(|e| if n > 1 { invalid(format!("message {i}: {e}")) } else { e })?;
+            let m = validate_message(m, q.settings.max_message_bytes).map_err(|e| {
+                if n > 1 {
+                    invalid(format!("message {i}: {e}"))
+                } else {
+                    e
+                }
+            })?;
             let p = q.pick_partition(partition, &m.key, &m.dedup_id)?;
             groups.entry(p).or_default().push((i, m));
         }
@@ -214,7 +242,10 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, S
 
 #[tonic::async_trait]
 impl Queues for QueueService {
-    async fn enqueue(&self, req: Request<v1::EnqueueRequest>) -> Result<Response<v1::EnqueueResponse>, Status> {
+    async fn enqueue(
+        &self,
+        req: Request<v1::EnqueueRequest>,
+    ) -> Result<Response<v1::EnqueueResponse>, Status> {
         let r = req.into_inner();
         let m = r.message.ok_or_else(|| invalid("message is required"))?;
         let mut out = self.enqueue_many(&r.queue, vec![m], r.partition).await?;
@@ -230,7 +261,10 @@ impl Queues for QueueService {
         Ok(Response::new(v1::EnqueueBatchResponse { results }))
     }
 
-    async fn dequeue(&self, req: Request<v1::DequeueRequest>) -> Result<Response<v1::DequeueResponse>, Status> {
+    async fn dequeue(
+        &self,
+        req: Request<v1::DequeueRequest>,
+    ) -> Result<Response<v1::DequeueResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         let max = r.max_messages.max(1);
@@ -243,7 +277,11 @@ impl Queues for QueueService {
         }
         let wait = Duration::from_millis(r.wait_ms);
         if wait > MAX_WAIT {
-            return Err(invalid(format!("wait_ms {} is over the 60000 ms maximum", r.wait_ms)).into());
+            return Err(invalid(format!(
+                "wait_ms {} is over the 60000 ms maximum",
+                r.wait_ms
+            ))
+            .into());
         }
         let vis = validate_visibility(r.visibility_timeout_ms, &q)?;
         let messages = q.dequeue(max as usize, wait, vis).await?;
@@ -257,11 +295,18 @@ impl Queues for QueueService {
         Ok(Response::new(v1::AckResponse { results }))
     }
 
-    async fn nack(&self, req: Request<v1::NackRequest>) -> Result<Response<v1::NackResponse>, Status> {
+    async fn nack(
+        &self,
+        req: Request<v1::NackRequest>,
+    ) -> Result<Response<v1::NackResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         if r.delay_ms > MAX_DELAY.as_millis() as u64 {
-            return Err(invalid(format!("delay_ms {} is over the 15-day maximum", r.delay_ms)).into());
+            return Err(invalid(format!(
+                "delay_ms {} is over the 15-day maximum",
+                r.delay_ms
+            ))
+            .into());
         }
         let op = SettleOp::Nack {
             delay_ms: r.delay_ms,
@@ -292,95 +337,46 @@ impl Queues for QueueService {
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         use v1::subscribe_request::Request as In;
-        use v1::subscribe_response::Response as Out;
         let mut inbound = req.into_inner();
         let start = match inbound.message().await? {
-            Some(v1::SubscribeRequest { request: Some(In::Start(s)) }) => s,
+            Some(v1::SubscribeRequest {
+                request: Some(In::Start(s)),
+            }) => s,
             _ => return Err(invalid("the first message of a subscription must be `start`").into()),
         };
         let q = self.broker.queue(&start.queue)?;
         let vis = validate_visibility(start.visibility_timeout_ms, &q)?;
         let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
-        let mut credit = u64::from(start.initial_credit).min(MAX_CREDIT);
-        tokio::spawn(async move {
-            // Receipts delivered on this stream and not yet settled: given back when
-            // the stream ends, as AMQP does with a closed channel's unacked messages.
-            let mut outstanding: HashSet<String> = HashSet::new();
-            let batch = q.settings.max_batch as u64;
-            loop {
-                tokio::select! {
-                    incoming = inbound.message() => {
-                        let reply = match incoming {
-                            Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
-                                credit = (credit + u64::from(n)).min(MAX_CREDIT);
-                                None
-                            }
-                            Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
-                                for r in &a.receipts { outstanding.remove(r); }
-                                Some(settle(&q, &a.receipts, SettleOp::Ack).await
-                                    .map(|results| Out::Ack(v1::AckResponse { results })))
-                            }
-                            Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
-                                for r in &n.receipts { outstanding.remove(r); }
-                                let op = SettleOp::Nack { delay_ms: n.delay_ms.min(MAX_DELAY.as_millis() as u64), dead_letter: n.dead_letter };
-                                Some(settle(&q, &n.receipts, op).await
-                                    .map(|results| Out::Nack(v1::NackResponse { results })))
-                            }
-                            Ok(Some(_)) => Some(Err(invalid("expected credit, ack or nack after start"))),
-                            Ok(None) | Err(_) => break,
-                        };
-                        match reply {
-                            Some(Ok(out)) => {
-                                if tx.send(Ok(v1::SubscribeResponse { response: Some(out) })).await.is_err() { break; }
-                            }
-                            Some(Err(e)) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                break;
-                            }
-                            None => {}
-                        }
-                    }
-                    got = q.dequeue(credit.min(batch) as usize, MAX_WAIT, vis), if credit > 0 => {
-                        match got {
-                            Ok(messages) => {
-                                for m in messages {
-                                    credit -= 1;
-                                    outstanding.insert(m.receipt.clone());
-                                    if tx.send(Ok(v1::SubscribeResponse { response: Some(Out::Message(m)) })).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            if !outstanding.is_empty() {
-                let receipts: Vec<String> = outstanding.into_iter().collect();
-                let _ = settle(&q, &receipts, SettleOp::Nack { delay_ms: 0, dead_letter: false }).await;
-            }
-        });
+        let credit = u64::from(start.initial_credit).min(MAX_CREDIT);
+        tokio::spawn(run_subscription(q, vis, credit, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn stats(&self, req: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        req: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         Ok(Response::new(stats_of(&q)))
     }
 
-    async fn peek(&self, req: Request<v1::PeekRequest>) -> Result<Response<v1::PeekResponse>, Status> {
+    async fn peek(
+        &self,
+        req: Request<v1::PeekRequest>,
+    ) -> Result<Response<v1::PeekResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         let max = r.max_messages.clamp(1, q.settings.max_batch) as usize;
-        Ok(Response::new(v1::PeekResponse { messages: q.peek(max)? }))
+        Ok(Response::new(v1::PeekResponse {
+            messages: q.peek(max)?,
+        }))
     }
 
-    async fn redrive(&self, req: Request<v1::RedriveRequest>) -> Result<Response<v1::RedriveResponse>, Status> {
+    async fn redrive(
+        &self,
+        req: Request<v1::RedriveRequest>,
+    ) -> Result<Response<v1::RedriveResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         let dlq = q.dlq.clone().ok_or_else(|| {
@@ -390,7 +386,10 @@ impl Queues for QueueService {
         Ok(Response::new(v1::RedriveResponse { moved }))
     }
 
-    async fn describe(&self, req: Request<v1::DescribeRequest>) -> Result<Response<v1::DescribeResponse>, Status> {
+    async fn describe(
+        &self,
+        req: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeResponse>, Status> {
         let r = req.into_inner();
         let q = self.broker.queue(&r.queue)?;
         let s = &q.settings;
@@ -407,6 +406,103 @@ impl Queues for QueueService {
             max_batch: s.max_batch,
             dedup_window_ms: s.dedup_window.as_millis() as u64,
         }))
+    }
+}
+
+/// Drives one Subscribe stream: deliveries as credit allows, acks and nacks inline.
+async fn run_subscription(
+    q: Arc<Queue>,
+    vis: u64,
+    mut credit: u64,
+    mut inbound: Streaming<v1::SubscribeRequest>,
+    tx: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
+) {
+    use v1::subscribe_request::Request as In;
+    use v1::subscribe_response::Response as Out;
+    let send = |out: Out| {
+        let tx = tx.clone();
+        async move {
+            tx.send(Ok(v1::SubscribeResponse {
+                response: Some(out),
+            }))
+            .await
+            .is_ok()
+        }
+    };
+    // Receipts delivered on this stream and not yet settled: given back when the
+    // stream ends, as AMQP does with a closed channel's unacknowledged messages.
+    let mut outstanding: HashSet<String> = HashSet::new();
+    let batch = u64::from(q.settings.max_batch);
+    'stream: loop {
+        tokio::select! {
+            incoming = inbound.message() => {
+                let reply = match incoming {
+                    Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
+                        credit = (credit + u64::from(n)).min(MAX_CREDIT);
+                        Ok(None)
+                    }
+                    Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
+                        for r in &a.receipts {
+                            outstanding.remove(r);
+                        }
+                        settle(&q, &a.receipts, SettleOp::Ack)
+                            .await
+                            .map(|results| Some(Out::Ack(v1::AckResponse { results })))
+                    }
+                    Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
+                        for r in &n.receipts {
+                            outstanding.remove(r);
+                        }
+                        let op = SettleOp::Nack {
+                            delay_ms: n.delay_ms.min(MAX_DELAY.as_millis() as u64),
+                            dead_letter: n.dead_letter,
+                        };
+                        settle(&q, &n.receipts, op)
+                            .await
+                            .map(|results| Some(Out::Nack(v1::NackResponse { results })))
+                    }
+                    Ok(Some(_)) => Err(invalid("expected credit, ack or nack after start")),
+                    Ok(None) | Err(_) => break 'stream,
+                };
+                match reply {
+                    Ok(None) => {}
+                    Ok(Some(out)) => {
+                        if !send(out).await {
+                            break 'stream;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        break 'stream;
+                    }
+                }
+            }
+            got = q.dequeue(credit.min(batch) as usize, MAX_WAIT, vis), if credit > 0 => {
+                match got {
+                    Ok(messages) => {
+                        for m in messages {
+                            credit -= 1;
+                            outstanding.insert(m.receipt.clone());
+                            if !send(Out::Message(m)).await {
+                                break 'stream;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        break 'stream;
+                    }
+                }
+            }
+        }
+    }
+    if !outstanding.is_empty() {
+        let receipts: Vec<String> = outstanding.into_iter().collect();
+        let op = SettleOp::Nack {
+            delay_ms: 0,
+            dead_letter: false,
+        };
+        let _ = settle(&q, &receipts, op).await;
     }
 }
 

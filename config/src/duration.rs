@@ -77,7 +77,7 @@ pub fn format_duration(d: Duration) -> String {
     }
     let mut out = String::new();
     let total_ms = d.as_millis();
-    if d.subsec_nanos() % 1_000_000 != 0 || total_ms == 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) || total_ms == 0 {
         return format!("{}ns", d.as_nanos());
     }
     let (h, rem) = (total_ms / 3_600_000, total_ms % 3_600_000);
@@ -141,14 +141,32 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in ["", "30", "-5s", "5 minutes", "1d", "s", "1..5s", "99999999999999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "-5s",
+            "5 minutes",
+            "1d",
+            "s",
+            "1..5s",
+            "99999999999999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn formats_round_trip() {
-        for ms in [0u64, 1, 999, 1000, 90_000, 5_400_000, 1_209_600_000, 3_723_004] {
+        for ms in [
+            0u64,
+            1,
+            999,
+            1000,
+            90_000,
+            5_400_000,
+            1_209_600_000,
+            3_723_004,
+        ] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{ms}");
         }

@@ -209,7 +209,10 @@ impl QueueSettings {
         if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
             return Err(bad(
                 "partitions",
-                format!("must be between 1 and {MAX_PARTITIONS}, got {}", self.partitions),
+                format!(
+                    "must be between 1 and {MAX_PARTITIONS}, got {}",
+                    self.partitions
+                ),
             ));
         }
         if self.replicas == 0 || self.replicas > self.partitions {
@@ -308,11 +311,27 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["orders", "a", "orders-v2", "o_1", "orders.dlq", &"x".repeat(59)] {
+        for ok in [
+            "orders",
+            "a",
+            "orders-v2",
+            "o_1",
+            "orders.dlq",
+            &"x".repeat(59),
+        ] {
             validate_queue_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for bad in [
-            "", ".dlq", "-x", "Orders", "a b", "a/b", "ä", "a.b", &"x".repeat(60), "x.dlq.dlq",
+            "",
+            ".dlq",
+            "-x",
+            "Orders",
+            "a b",
+            "a/b",
+            "ä",
+            "a.b",
+            &"x".repeat(60),
+            "x.dlq.dlq",
         ] {
             assert!(validate_queue_name(bad).is_err(), "{bad:?} accepted");
         }
@@ -344,11 +363,17 @@ mod tests {
 
     #[test]
     fn invalid_settings_name_the_field() {
-        let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\nreplicas = 9\npartitions = 4\n", "t")
-            .unwrap_err();
+        let err = BrokerFile::from_toml(
+            "[[queue]]\nname = \"q\"\nreplicas = 9\npartitions = 4\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("replicas"), "{err}");
-        let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\nvisibility_timeout = \"soon\"\n", "t")
-            .unwrap_err();
+        let err = BrokerFile::from_toml(
+            "[[queue]]\nname = \"q\"\nvisibility_timeout = \"soon\"\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("soon"), "{err}");
         let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\ncolour = 1\n", "t").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");

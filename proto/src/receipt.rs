@@ -23,7 +23,12 @@ impl std::str::FromStr for Receipt {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         const BAD: &str = "malformed receipt: pass the receipt of a delivered message unchanged";
         let mut parts = s.split('.');
-        let mut next = || parts.next().filter(|p| !p.is_empty() && p.len() <= 16).ok_or(BAD);
+        let mut next = || {
+            parts
+                .next()
+                .filter(|p| !p.is_empty() && p.len() <= 16)
+                .ok_or(BAD)
+        };
         let partition = u32::from_str_radix(next()?, 16).map_err(|_| BAD)?;
         let seq = u64::from_str_radix(next()?, 16).map_err(|_| BAD)?;
         let delivery = u32::from_str_radix(next()?, 16).map_err(|_| BAD)?;
@@ -55,7 +60,15 @@ mod tests {
             delivery: 2,
         };
         assert_eq!(r.to_string().parse::<Receipt>().unwrap(), r);
-        for bad in ["", "1.2", "1.2.3.4", "x.1.1", "1..1", "-1.2.3", "1.2.ffffffffffffffffff"] {
+        for bad in [
+            "",
+            "1.2",
+            "1.2.3.4",
+            "x.1.1",
+            "1..1",
+            "-1.2.3",
+            "1.2.ffffffffffffffffff",
+        ] {
             assert!(bad.parse::<Receipt>().is_err(), "{bad:?} accepted");
         }
         assert!(message_id(1, 2) < message_id(1, 10));

@@ -128,7 +128,8 @@ pub fn recover(
     };
     for (i, &id) in ids.iter().enumerate() {
         let path = segment_path(dir, id);
-        let data = Bytes::from(std::fs::read(&path).map_err(|e| LogError::io("reading", &path, e))?);
+        let data =
+            Bytes::from(std::fs::read(&path).map_err(|e| LogError::io("reading", &path, e))?);
         report.bytes += data.len() as u64;
         let is_last = i + 1 == ids.len();
         let mut pos = 0usize;
@@ -181,7 +182,9 @@ pub fn recover(
                     .and_then(|_| file.sync_all())
                     .map_err(|e| LogError::io("truncating", &path, e))?;
             } else {
-                report.damage.push((id, good_end as u64, "damaged end of segment"));
+                report
+                    .damage
+                    .push((id, good_end as u64, "damaged end of segment"));
             }
         }
     }
@@ -209,16 +212,16 @@ impl SegmentReader {
                 Some(f) => f.clone(),
                 None => {
                     let path = segment_path(&self.dir, loc.segment);
-                    let f = Arc::new(File::open(&path).map_err(|e| LogError::io("opening", &path, e))?);
+                    let f =
+                        Arc::new(File::open(&path).map_err(|e| LogError::io("opening", &path, e))?);
                     files.insert(loc.segment, f.clone());
                     f
                 }
             }
         };
         let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
-            LogError::io("reading", &segment_path(&self.dir, loc.segment), e)
-        })?;
+        file.read_exact_at(&mut buf, loc.offset)
+            .map_err(|e| LogError::io("reading", &segment_path(&self.dir, loc.segment), e))?;
         match read_frame(&Bytes::from(buf)) {
             Frame::Record(rec, _) => Ok(rec),
             Frame::Corrupt(why) => Err(LogError::Damaged {

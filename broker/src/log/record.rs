@@ -47,11 +47,20 @@ pub struct EnqueueRecord {
 pub enum Record {
     Enqueue(EnqueueRecord),
     /// The message is gone for good.
-    Settle { seq: u64, reason: SettleReason },
+    Settle {
+        seq: u64,
+        reason: SettleReason,
+    },
     /// The message was leased for the `delivery`th time.
-    Deliver { seq: u64, delivery: u32 },
+    Deliver {
+        seq: u64,
+        delivery: u32,
+    },
     /// The message was given back, visible again at `visible_at_ms`.
-    Requeue { seq: u64, visible_at_ms: u64 },
+    Requeue {
+        seq: u64,
+        visible_at_ms: u64,
+    },
 }
 
 const ENQUEUE: u8 = 1;
@@ -202,7 +211,7 @@ pub fn read_frame(buf: &Bytes) -> Frame {
     }
     let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
     let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap());
-    if len > MAX_PAYLOAD || len < 9 {
+    if !(9..=MAX_PAYLOAD).contains(&len) {
         return Frame::Corrupt("impossible record length");
     }
     if buf.len() < HEADER + len {
@@ -270,7 +279,10 @@ mod tests {
         sample()[0].encode(&mut buf);
         let buf = buf.freeze();
         for cut in 0..buf.len() {
-            assert!(matches!(read_frame(&buf.slice(..cut)), Frame::Incomplete | Frame::Corrupt(_)));
+            assert!(matches!(
+                read_frame(&buf.slice(..cut)),
+                Frame::Incomplete | Frame::Corrupt(_)
+            ));
         }
         for i in 0..buf.len() {
             let mut bad = buf.to_vec();

@@ -70,9 +70,16 @@ fn fifo_lease_ack() {
     let b = put(&mut p, 0, msg("b"));
     let got = take(&mut p, 10, 10);
     assert_eq!(seqs(&got), vec![a, b]);
-    assert!(take(&mut p, 10, 10).is_empty(), "leased messages are invisible");
+    assert!(
+        take(&mut p, 10, 10).is_empty(),
+        "leased messages are invisible"
+    );
     p.ack(10, &got[0].1).unwrap();
-    assert_eq!(p.ack(10, &got[0].1), Err(ReceiptError::NotFound), "double ack");
+    assert_eq!(
+        p.ack(10, &got[0].1),
+        Err(ReceiptError::NotFound),
+        "double ack"
+    );
     let s = p.snapshot();
     assert_eq!((s.ready, s.in_flight, s.counters.acked), (0, 1, 1));
 }
@@ -130,7 +137,13 @@ fn without_dead_letter_queue_exhausted_messages_are_dropped() {
     let mut fx = Effects::default();
     p.nack(0, &got[0].1, 0, false, &mut fx).unwrap();
     assert!(fx.dead_letter.is_empty());
-    assert!(matches!(fx.records[0], Record::Settle { reason: SettleReason::Dropped, .. }));
+    assert!(matches!(
+        fx.records[0],
+        Record::Settle {
+            reason: SettleReason::Dropped,
+            ..
+        }
+    ));
     assert_eq!(p.snapshot().messages, 0);
 }
 
@@ -158,7 +171,11 @@ fn per_key_ordering_holds_later_messages_while_one_is_in_flight() {
     let other = put(&mut p, 0, keyed("x", "j"));
     let free = put(&mut p, 0, msg("free"));
     let got = take(&mut p, 0, 10);
-    assert_eq!(seqs(&got), vec![k1, other, free], "only the head of each key");
+    assert_eq!(
+        seqs(&got),
+        vec![k1, other, free],
+        "only the head of each key"
+    );
     // Expiry of k1 puts it back first: order is kept.
     let mut fx = Effects::default();
     p.tick(1000, &mut fx);
@@ -217,7 +234,10 @@ fn dedup_within_window_only() {
     let mut buf = BytesMut::new();
     let (out, reserved, _) = p.reserve(999, vec![m.clone()], &mut buf).unwrap();
     assert!(matches!(out[0], EnqueueOutcome::Duplicate(s) if s == a));
-    assert!(reserved.is_empty() && buf.is_empty(), "nothing written for a duplicate");
+    assert!(
+        reserved.is_empty() && buf.is_empty(),
+        "nothing written for a duplicate"
+    );
     let b = put(&mut p, 1000, m);
     assert_ne!(a, b, "window passed");
 }
@@ -227,8 +247,16 @@ fn retention_reject_new_and_drop_oldest() {
     let mut p = state(|s| s.retention_max_messages = 2);
     put(&mut p, 0, msg("a"));
     put(&mut p, 0, msg("b"));
-    let err = p.reserve(0, vec![msg("c")], &mut BytesMut::new()).unwrap_err();
-    assert!(matches!(err, EnqueueRefused::Full { what: "messages", limit: 2 }));
+    let err = p
+        .reserve(0, vec![msg("c")], &mut BytesMut::new())
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        EnqueueRefused::Full {
+            what: "messages",
+            limit: 2
+        }
+    ));
 
     let mut p = state(|s| {
         s.retention_max_messages = 2;
@@ -238,8 +266,22 @@ fn retention_reject_new_and_drop_oldest() {
     let b = put(&mut p, 0, msg("b"));
     let mut buf = BytesMut::new();
     let (_, reserved, drops) = p.reserve(0, vec![msg("c")], &mut buf).unwrap();
-    assert_eq!(drops, vec![Record::Settle { seq: a, reason: SettleReason::Dropped }]);
-    p.commit(0, Location { segment: 0, offset: 0, len: 0 }, reserved);
+    assert_eq!(
+        drops,
+        vec![Record::Settle {
+            seq: a,
+            reason: SettleReason::Dropped
+        }]
+    );
+    p.commit(
+        0,
+        Location {
+            segment: 0,
+            offset: 0,
+            len: 0,
+        },
+        reserved,
+    );
     let got = take(&mut p, 0, 10);
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].0, b);
@@ -294,8 +336,24 @@ fn replay_rebuilds_state_and_drops_leases() {
     p.replay(10, enq(1, ""), loc(0), true);
     p.replay(10, enq(2, "k"), loc(1), true);
     p.replay(10, enq(3, "k"), loc(2), false);
-    p.replay(10, Record::Deliver { seq: 2, delivery: 3 }, loc(3), true);
-    p.replay(10, Record::Settle { seq: 1, reason: SettleReason::Acked }, loc(4), true);
+    p.replay(
+        10,
+        Record::Deliver {
+            seq: 2,
+            delivery: 3,
+        },
+        loc(3),
+        true,
+    );
+    p.replay(
+        10,
+        Record::Settle {
+            seq: 1,
+            reason: SettleReason::Acked,
+        },
+        loc(4),
+        true,
+    );
     p.finish_replay();
     let got = p.deliver(10, 10, 1000, &mut Vec::new());
     assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![2]);
@@ -303,7 +361,14 @@ fn replay_rebuilds_state_and_drops_leases() {
     assert!(got[0].content.is_some());
     // The dedup ids survive a restart.
     let (out, _, _) = p
-        .reserve(10, vec![NewMessage { dedup_id: "d3".into(), ..msg("y") }], &mut BytesMut::new())
+        .reserve(
+            10,
+            vec![NewMessage {
+                dedup_id: "d3".into(),
+                ..msg("y")
+            }],
+            &mut BytesMut::new(),
+        )
         .unwrap();
     assert!(matches!(out[0], EnqueueOutcome::Duplicate(3)));
     // New sequence numbers continue after the highest seen.
@@ -315,13 +380,33 @@ fn segments_become_deletable_only_in_order() {
     let mut p = state(|_| {});
     let mut buf = BytesMut::new();
     let (_, r1, _) = p.reserve(0, vec![msg("a")], &mut buf).unwrap();
-    p.commit(0, Location { segment: 1, offset: 0, len: 1 }, r1);
+    p.commit(
+        0,
+        Location {
+            segment: 1,
+            offset: 0,
+            len: 1,
+        },
+        r1,
+    );
     let (_, r2, _) = p.reserve(0, vec![msg("b")], &mut buf).unwrap();
-    p.commit(0, Location { segment: 2, offset: 0, len: 1 }, r2);
+    p.commit(
+        0,
+        Location {
+            segment: 2,
+            offset: 0,
+            len: 1,
+        },
+        r2,
+    );
     let got = take(&mut p, 0, 2);
     assert_eq!(p.take_delete_floor(3), Some(1));
     p.ack(0, &got[1].1).unwrap();
-    assert_eq!(p.take_delete_floor(3), None, "segment 1 still holds a message");
+    assert_eq!(
+        p.take_delete_floor(3),
+        None,
+        "segment 1 still holds a message"
+    );
     p.ack(0, &got[0].1).unwrap();
     assert_eq!(p.take_delete_floor(3), Some(3));
 }

@@ -6,5 +6,8 @@ fn generated_code_matches_proto_files() {
         .arg("--check")
         .status()
         .expect("run codegen");
-    assert!(status.success(), "proto/src/gen drifted; run `cargo run -p sluice-proto-codegen`");
+    assert!(
+        status.success(),
+        "proto/src/gen drifted; run `cargo run -p sluice-proto-codegen`"
+    );
 }
