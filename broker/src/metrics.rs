@@ -79,9 +79,7 @@ impl Collector for QueueCollector {
             .collect();
         type Pick = fn(&crate::partition::Snapshot) -> u64;
         let gauges: [(&str, &str, Pick); 4] = [
-            ("sluice_queue_ready", "Messages ready for delivery", |s| {
-                s.ready
-            }),
+            ("queue_ready", "Messages ready for delivery", |s| s.ready),
             (
                 "sluice_queue_in_flight",
                 "Messages leased and not yet settled",
@@ -111,9 +109,7 @@ impl Collector for QueueCollector {
             }
         }
         let counters: [(&str, &str, Pick); 5] = [
-            ("sluice_enqueued", "Messages stored", |s| {
-                s.counters.enqueued
-            }),
+            ("enqueued", "Messages stored", |s| s.counters.enqueued),
             (
                 "sluice_acked",
                 "Messages settled by an ack (or moved by a redrive)",

@@ -443,12 +443,15 @@ impl Queue {
             })?;
             st.finish_replay();
             let snap = st.snapshot();
-            tracing::info!(
-                queue = %settings.name, partition = id, segments = report.segments,
-                records = report.records, messages = snap.messages, damaged = report.damage.len(),
-                torn_tail_bytes = report.torn_tail, took_ms = started.elapsed().as_millis() as u64,
-                "recovered partition"
-            );
+            let level_info = report.records > 0;
+            if level_info {
+                tracing::info!(
+                    queue = %settings.name, partition = id, segments = report.segments,
+                    records = report.records, messages = snap.messages, damaged = report.damage.len(),
+                    torn_tail_bytes = report.torn_tail, took_ms = started.elapsed().as_millis() as u64,
+                    "recovered partition"
+                );
+            }
             for (segment, offset, why) in &report.damage {
                 tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
             }

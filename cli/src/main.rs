@@ -1,1 +1,380 @@
-fn main() {}
+//! `sluice`: the command line. `sluice dev` runs an embedded broker on
+//! 127.0.0.1:7070; the other commands speak the gRPC API to a sidecar or `sluice dev`.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use sluice_config::{FsyncMode, QueueSettings, parse_duration};
+use sluice_proto::v1::{self, queues_client::QueuesClient};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: a Kubernetes-native message queue"
+)]
+struct Cli {
+    /// The sidecar (or `sluice dev`) to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ADDR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run broker and API in one process on a local data directory (no Kubernetes).
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9190")]
+        metrics_listen: SocketAddr,
+        #[arg(long, default_value = "./sluice-data")]
+        data_dir: PathBuf,
+        /// always | interval | never
+        #[arg(long, default_value = "always", value_parser = parse_fsync)]
+        fsync: FsyncMode,
+        #[arg(long, default_value_t = 4)]
+        partitions: u32,
+        #[arg(long, default_value = "30s", value_parser = parse_dur)]
+        visibility_timeout: std::time::Duration,
+        #[arg(long, default_value_t = 5)]
+        max_deliveries: u32,
+    },
+    /// Enqueue a message (the body from the argument, or stdin).
+    Send {
+        queue: String,
+        body: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        dedup_id: Option<String>,
+        /// e.g. 10s
+        #[arg(long, value_parser = parse_dur)]
+        delay: Option<std::time::Duration>,
+        /// name=value, repeatable
+        #[arg(long = "attr")]
+        attributes: Vec<String>,
+    },
+    /// Lease messages and print them; with --ack, settle them too.
+    Receive {
+        queue: String,
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        #[arg(long, default_value = "5s", value_parser = parse_dur)]
+        wait: std::time::Duration,
+        #[arg(long, value_parser = parse_dur)]
+        visibility: Option<std::time::Duration>,
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Settle leased messages by receipt.
+    Ack {
+        queue: String,
+        receipts: Vec<String>,
+    },
+    /// Give leased messages back.
+    Nack {
+        queue: String,
+        receipts: Vec<String>,
+        #[arg(long, value_parser = parse_dur)]
+        delay: Option<std::time::Duration>,
+        #[arg(long)]
+        dead_letter: bool,
+    },
+    /// Show waiting messages without leasing them.
+    Peek {
+        queue: String,
+        #[arg(long, default_value_t = 10)]
+        max: u32,
+    },
+    /// Depth and counters of a queue.
+    Stats { queue: String },
+    /// Move dead letters from <queue>.dlq back to <queue>.
+    Redrive {
+        queue: String,
+        /// 0 = all
+        #[arg(long, default_value_t = 0)]
+        max: u64,
+    },
+}
+
+fn parse_dur(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_fsync(s: &str) -> Result<FsyncMode, String> {
+    match s {
+        "always" => Ok(FsyncMode::Always),
+        "interval" => Ok(FsyncMode::Interval),
+        "never" => Ok(FsyncMode::Never),
+        _ => Err("expected always, interval or never".into()),
+    }
+}
+
+async fn connect(addr: &str) -> Result<QueuesClient<Channel>> {
+    let client = QueuesClient::connect(addr.to_string())
+        .await
+        .with_context(|| {
+            format!("cannot reach Sluice at {addr} (is `sluice dev` or the sidecar running?)")
+        })?;
+    Ok(client
+        .max_decoding_message_size(sluice_broker::server::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(sluice_broker::server::MAX_REQUEST_BYTES))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+fn print_message(m: &v1::Message) {
+    println!(
+        "id={} partition={} deliveries={} receipt={}{}{}",
+        m.id,
+        m.partition,
+        m.delivery_count,
+        if m.receipt.is_empty() {
+            "-"
+        } else {
+            &m.receipt
+        },
+        if m.key.is_empty() {
+            String::new()
+        } else {
+            format!(" key={}", m.key)
+        },
+        if m.attributes.is_empty() {
+            String::new()
+        } else {
+            let mut a: Vec<_> = m
+                .attributes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            a.sort();
+            format!(" attrs={}", a.join(","))
+        }
+    );
+    println!("{}", String::from_utf8_lossy(&m.body));
+}
+
+fn report(results: &[v1::ReceiptResult]) -> Result<()> {
+    let mut failed = 0;
+    for r in results {
+        if r.code != 0 {
+            failed += 1;
+            eprintln!("{}: {}", r.receipt, r.error);
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} receipts failed", results.len());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Dev {
+            listen,
+            metrics_listen,
+            data_dir,
+            fsync,
+            partitions,
+            visibility_timeout,
+            max_deliveries,
+        } => {
+            sluice_broker::server::init_tracing(false);
+            let template = QueueSettings {
+                fsync,
+                partitions,
+                visibility_timeout,
+                max_deliveries,
+                ..QueueSettings::default()
+            };
+            let mut options = sluice_broker::BrokerOptions::new(&data_dir);
+            options.auto_create = Some(template);
+            let grpc = sluice_broker::server::bind(listen).await?;
+            let http = sluice_broker::server::bind(metrics_listen).await?;
+            eprintln!(
+                "sluice dev: API on {listen} (queues are created on first use), metrics on http://{metrics_listen}/metrics, data in {}",
+                data_dir.display()
+            );
+            sluice_broker::server::run(
+                options,
+                grpc,
+                Some(http),
+                sluice_broker::server::shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Send {
+            queue,
+            body,
+            key,
+            dedup_id,
+            delay,
+            attributes,
+        } => {
+            let body = match body {
+                Some(b) => b.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                    buf
+                }
+            };
+            let mut attrs = HashMap::new();
+            for a in attributes {
+                let (k, v) = a.split_once('=').context("--attr takes name=value")?;
+                attrs.insert(k.to_string(), v.to_string());
+            }
+            let mut c = connect(&cli.addr).await?;
+            let r = c
+                .enqueue(v1::EnqueueRequest {
+                    queue,
+                    message: Some(v1::NewMessage {
+                        body: body.into(),
+                        attributes: attrs,
+                        key: key.unwrap_or_default(),
+                        dedup_id: dedup_id.unwrap_or_default(),
+                        delay_ms: delay.map_or(0, |d| d.as_millis() as u64),
+                    }),
+                    partition: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{}{}",
+                r.id,
+                if r.duplicate {
+                    " (duplicate, not stored again)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Receive {
+            queue,
+            max,
+            wait,
+            visibility,
+            ack,
+        } => {
+            let mut c = connect(&cli.addr).await?;
+            let r = c
+                .dequeue(v1::DequeueRequest {
+                    queue: queue.clone(),
+                    max_messages: max,
+                    wait_ms: wait.as_millis() as u64,
+                    visibility_timeout_ms: visibility.map_or(0, |d| d.as_millis() as u64),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.messages.is_empty() {
+                eprintln!("no message");
+                return Ok(());
+            }
+            for m in &r.messages {
+                print_message(m);
+            }
+            if ack {
+                let receipts = r.messages.iter().map(|m| m.receipt.clone()).collect();
+                let a = c
+                    .ack(v1::AckRequest { queue, receipts })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                report(&a.results)?;
+                eprintln!("acked {}", a.results.len());
+            }
+        }
+        Command::Ack { queue, receipts } => {
+            let mut c = connect(&cli.addr).await?;
+            let a = c
+                .ack(v1::AckRequest { queue, receipts })
+                .await
+                .map_err(status)?
+                .into_inner();
+            report(&a.results)?;
+        }
+        Command::Nack {
+            queue,
+            receipts,
+            delay,
+            dead_letter,
+        } => {
+            let mut c = connect(&cli.addr).await?;
+            let a = c
+                .nack(v1::NackRequest {
+                    queue,
+                    receipts,
+                    delay_ms: delay.map_or(0, |d| d.as_millis() as u64),
+                    dead_letter,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            report(&a.results)?;
+        }
+        Command::Peek { queue, max } => {
+            let mut c = connect(&cli.addr).await?;
+            let r = c
+                .peek(v1::PeekRequest {
+                    queue,
+                    max_messages: max,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.messages.is_empty() {
+                eprintln!("no message waiting");
+            }
+            for m in &r.messages {
+                print_message(m);
+            }
+        }
+        Command::Stats { queue } => {
+            let mut c = connect(&cli.addr).await?;
+            let s = c
+                .stats(v1::StatsRequest { queue })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("queue:          {}", s.queue);
+            println!("ready:          {}", s.ready);
+            println!("in flight:      {}", s.in_flight);
+            println!("delayed:        {}", s.delayed);
+            println!("dead-lettered:  {}", s.dead_lettered);
+            println!("bytes:          {}", s.bytes);
+            println!("enqueued total: {}", s.enqueued_total);
+            println!("acked total:    {}", s.acked_total);
+            println!("redelivered:    {}", s.redelivered_total);
+            println!("dead-lettered total: {}", s.dead_lettered_total);
+        }
+        Command::Redrive { queue, max } => {
+            let mut c = connect(&cli.addr).await?;
+            let r = c
+                .redrive(v1::RedriveRequest {
+                    queue,
+                    max_messages: max,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("moved {} messages back", r.moved);
+        }
+    }
+    Ok(())
+}
