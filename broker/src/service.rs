@@ -238,7 +238,8 @@ impl QueueService {
     }
 }
 
-type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send>>;
+pub type SubscribeStream =
+    Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Queues for QueueService {
@@ -336,20 +337,11 @@ impl Queues for QueueService {
         &self,
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        use v1::subscribe_request::Request as In;
         let mut inbound = req.into_inner();
-        let start = match inbound.message().await? {
-            Some(v1::SubscribeRequest {
-                request: Some(In::Start(s)),
-            }) => s,
-            _ => return Err(invalid("the first message of a subscription must be `start`").into()),
-        };
+        let start = subscription_start(&mut inbound).await?;
         let q = self.broker.queue(&start.queue)?;
         let vis = validate_visibility(start.visibility_timeout_ms, &q)?;
-        let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
-        let credit = u64::from(start.initial_credit).min(MAX_CREDIT);
-        tokio::spawn(run_subscription(q, vis, credit, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(spawn_subscription(q, &start, vis, inbound)))
     }
 
     async fn stats(
@@ -409,101 +401,165 @@ impl Queues for QueueService {
     }
 }
 
+/// What a Subscribe stream needs from whatever serves it: the broker's own queue,
+/// or the sidecar's route to the brokers. One subscription loop serves both.
+#[tonic::async_trait]
+pub trait SubscriptionBackend: Send + Sync + 'static {
+    /// Leases up to `max` messages, waiting a while for the first.
+    async fn fetch(&self, max: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status>;
+    async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status>;
+    async fn nack(
+        &self,
+        receipts: Vec<String>,
+        delay_ms: u64,
+        dead_letter: bool,
+    ) -> Result<Vec<v1::ReceiptResult>, Status>;
+    /// Most messages one fetch may ask for.
+    fn max_batch(&self) -> u64;
+}
+
+#[tonic::async_trait]
+impl SubscriptionBackend for Arc<Queue> {
+    async fn fetch(&self, max: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status> {
+        Ok(self.dequeue(max, MAX_WAIT, visibility_ms).await?)
+    }
+    async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status> {
+        Ok(settle(self, &receipts, SettleOp::Ack).await?)
+    }
+    async fn nack(
+        &self,
+        receipts: Vec<String>,
+        delay_ms: u64,
+        dead_letter: bool,
+    ) -> Result<Vec<v1::ReceiptResult>, Status> {
+        let op = SettleOp::Nack {
+            delay_ms,
+            dead_letter,
+        };
+        Ok(settle(self, &receipts, op).await?)
+    }
+    fn max_batch(&self) -> u64 {
+        u64::from(self.settings.max_batch)
+    }
+}
+
+type Fetch = Pin<Box<dyn std::future::Future<Output = Result<Vec<v1::Message>, Status>> + Send>>;
+
+/// Reads the `start` message of a Subscribe stream.
+pub async fn subscription_start(
+    inbound: &mut Streaming<v1::SubscribeRequest>,
+) -> Result<v1::SubscribeStart, Status> {
+    match inbound.message().await? {
+        Some(v1::SubscribeRequest {
+            request: Some(v1::subscribe_request::Request::Start(s)),
+        }) => Ok(s),
+        _ => Err(invalid("the first message of a subscription must be `start`").into()),
+    }
+}
+
 /// Drives one Subscribe stream: deliveries as credit allows, acks and nacks inline.
-async fn run_subscription(
-    q: Arc<Queue>,
-    vis: u64,
-    mut credit: u64,
+/// A fetch in progress is never cancelled (a cancelled remote fetch could strand
+/// leased messages), and messages delivered but unsettled when the stream ends are
+/// given back at once, as AMQP does with a closed channel's unacknowledged messages.
+pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
+    backend: B,
+    start: &v1::SubscribeStart,
+    visibility_ms: u64,
     mut inbound: Streaming<v1::SubscribeRequest>,
-    tx: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
-) {
+) -> SubscribeStream {
     use v1::subscribe_request::Request as In;
     use v1::subscribe_response::Response as Out;
-    let send = |out: Out| {
-        let tx = tx.clone();
-        async move {
-            tx.send(Ok(v1::SubscribeResponse {
-                response: Some(out),
-            }))
-            .await
-            .is_ok()
-        }
-    };
-    // Receipts delivered on this stream and not yet settled: given back when the
-    // stream ends, as AMQP does with a closed channel's unacknowledged messages.
-    let mut outstanding: HashSet<String> = HashSet::new();
-    let batch = u64::from(q.settings.max_batch);
-    'stream: loop {
-        tokio::select! {
-            incoming = inbound.message() => {
-                let reply = match incoming {
-                    Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
-                        credit = (credit + u64::from(n)).min(MAX_CREDIT);
-                        Ok(None)
-                    }
-                    Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
-                        for r in &a.receipts {
-                            outstanding.remove(r);
-                        }
-                        settle(&q, &a.receipts, SettleOp::Ack)
-                            .await
-                            .map(|results| Some(Out::Ack(v1::AckResponse { results })))
-                    }
-                    Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
-                        for r in &n.receipts {
-                            outstanding.remove(r);
-                        }
-                        let op = SettleOp::Nack {
-                            delay_ms: n.delay_ms.min(MAX_DELAY.as_millis() as u64),
-                            dead_letter: n.dead_letter,
-                        };
-                        settle(&q, &n.receipts, op)
-                            .await
-                            .map(|results| Some(Out::Nack(v1::NackResponse { results })))
-                    }
-                    Ok(Some(_)) => Err(invalid("expected credit, ack or nack after start")),
-                    Ok(None) | Err(_) => break 'stream,
-                };
-                match reply {
-                    Ok(None) => {}
-                    Ok(Some(out)) => {
-                        if !send(out).await {
-                            break 'stream;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break 'stream;
-                    }
-                }
+    let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
+    let mut credit = u64::from(start.initial_credit).min(MAX_CREDIT);
+    tokio::spawn(async move {
+        let send = |out: Out| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(v1::SubscribeResponse {
+                    response: Some(out),
+                }))
+                .await
+                .is_ok()
             }
-            got = q.dequeue(credit.min(batch) as usize, MAX_WAIT, vis), if credit > 0 => {
-                match got {
-                    Ok(messages) => {
-                        for m in messages {
-                            credit -= 1;
-                            outstanding.insert(m.receipt.clone());
-                            if !send(Out::Message(m)).await {
+        };
+        let mut outstanding: HashSet<String> = HashSet::new();
+        let mut fetch: Option<Fetch> = None;
+        'stream: loop {
+            if fetch.is_none() && credit > 0 {
+                let (b, max) = (backend.clone(), credit.min(backend.max_batch()) as usize);
+                fetch = Some(Box::pin(async move { b.fetch(max, visibility_ms).await }));
+            }
+            tokio::select! {
+                incoming = inbound.message() => {
+                    let reply = match incoming {
+                        Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
+                            credit = (credit + u64::from(n)).min(MAX_CREDIT);
+                            Ok(None)
+                        }
+                        Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
+                            for r in &a.receipts {
+                                outstanding.remove(r);
+                            }
+                            backend.ack(a.receipts).await
+                                .map(|results| Some(Out::Ack(v1::AckResponse { results })))
+                        }
+                        Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
+                            for r in &n.receipts {
+                                outstanding.remove(r);
+                            }
+                            let delay = n.delay_ms.min(MAX_DELAY.as_millis() as u64);
+                            backend.nack(n.receipts, delay, n.dead_letter).await
+                                .map(|results| Some(Out::Nack(v1::NackResponse { results })))
+                        }
+                        Ok(Some(_)) => Err(invalid("expected credit, ack or nack after start").into()),
+                        Ok(None) | Err(_) => break 'stream,
+                    };
+                    match reply {
+                        Ok(None) => {}
+                        Ok(Some(out)) => {
+                            if !send(out).await {
                                 break 'stream;
                             }
                         }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            break 'stream;
+                        }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        break 'stream;
+                }
+                got = async { fetch.as_mut().expect("guarded by the condition").await }, if fetch.is_some() => {
+                    fetch = None;
+                    match got {
+                        Ok(messages) => {
+                            for m in messages {
+                                credit = credit.saturating_sub(1);
+                                outstanding.insert(m.receipt.clone());
+                                if !send(Out::Message(m)).await {
+                                    break 'stream;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            break 'stream;
+                        }
                     }
                 }
             }
         }
-    }
-    if !outstanding.is_empty() {
-        let receipts: Vec<String> = outstanding.into_iter().collect();
-        let op = SettleOp::Nack {
-            delay_ms: 0,
-            dead_letter: false,
-        };
-        let _ = settle(&q, &receipts, op).await;
-    }
+        // A fetch still running may yet lease messages: give those back too.
+        if let Some(f) = fetch
+            && let Ok(messages) = f.await
+        {
+            outstanding.extend(messages.into_iter().map(|m| m.receipt));
+        }
+        if !outstanding.is_empty() {
+            let _ = backend
+                .nack(outstanding.into_iter().collect(), 0, false)
+                .await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 pub fn stats_of(q: &Queue) -> v1::StatsResponse {

@@ -17,7 +17,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Generous: a slow CI machine must not fail a correct operator.
@@ -219,7 +222,9 @@ impl Drop for Operator {
 /// Minimal HTTP/1.0 GET on 127.0.0.1 (no client dependency needed).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .ok()?;
@@ -227,7 +232,10 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -249,7 +257,9 @@ pub fn kubectl() -> PathBuf {
 fn tool(name: &str) -> PathBuf {
     let dir = std::env::var("SLUICE_TOOLS_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice/tools/bin"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice/tools/bin")
+        });
     let p = dir.join(name);
     if !p.exists() {
         let st = Command::new(repo_root().join("scripts/k8s/install-tools.sh"))

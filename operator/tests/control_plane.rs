@@ -1,0 +1,1081 @@
+//! The operator, as a real process, against a real kube-apiserver,
+//! controller-manager and scheduler (Kubernetes 1.20, see scripts/k8s/cluster.sh).
+//! No kubelet runs: broker pods stay Pending, and the status must say so.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use sluice_operator::crd::Queue;
+use std::process::Command;
+
+async fn apply_queue(client: &Client, ns: &str, mut q: Value) -> Queue {
+    q["metadata"]["namespace"] = json!(ns);
+    let name = q["metadata"]["name"].as_str().unwrap().to_string();
+    let api: Api<Queue> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(&q),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply Queue {name}: {e}"))
+}
+
+fn condition<'a>(
+    q: &'a Queue,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    q.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits for a Queue whose status satisfies `pred`.
+async fn wait_queue(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Queue) -> bool,
+) -> Queue {
+    let api: Api<Queue> = Api::namespaced(client.clone(), ns);
+    eventually(what, || async {
+        let q = api.get_opt(name).await.ok().flatten()?;
+        pred(&q).then_some(q)
+    })
+    .await
+}
+
+/// Events (events.k8s.io/v1, as the operator writes them) about a Queue.
+async fn queue_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("events.k8s.io", "v1", "Event"),
+        "events",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let list = api.list(&ListParams::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| e.data["regarding"]["name"] == name && e.data["regarding"]["kind"] == "Queue")
+        .map(|e| {
+            (
+                e.data["type"].as_str().unwrap_or("").to_string(),
+                e.data["reason"].as_str().unwrap_or("").to_string(),
+                e.data["note"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> (String, String, String) {
+    eventually(&format!("Event {reason} on Queue {name}"), || async {
+        queue_events(client, ns, name)
+            .await
+            .into_iter()
+            .find(|e| e.1 == reason)
+    })
+    .await
+}
+
+fn op_args(ns: &str) -> Vec<String> {
+    vec![
+        format!("--watch-namespace={ns}"),
+        format!("--namespace={ns}"),
+        format!("--lease-name=op-{ns}"),
+        "--disable-webhook".into(),
+        "--broker-image=sluice-broker:test".into(),
+    ]
+}
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = "it-lifecycle";
+    namespace(&client, ns, json!({})).await;
+    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+
+    let orders = example("orders.yaml").remove(0);
+    let q = apply_queue(&client, ns, orders).await;
+    let uid = q.uid().unwrap();
+
+    // Owned objects with the right content.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let sts = eventually("StatefulSet sluice-orders", || async {
+        sts_api.get_opt("sluice-orders").await.ok().flatten()
+    })
+    .await;
+    let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("Queue", uid.as_str(), Some(true))
+    );
+    let spec = sts.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.service_name.as_deref(), Some("sluice-orders"));
+    let pod = spec.template.spec.clone().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("sluice-broker:test"));
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    let vct = &spec.volume_claim_templates.unwrap()[0];
+    assert_eq!(
+        vct.spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "2Gi"
+    );
+    let hash1 =
+        spec.template.metadata.unwrap().annotations.unwrap()["sluice.dev/config-hash"].clone();
+
+    let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    let toml = cm.data.unwrap()["broker.toml"].clone();
+    for line in [
+        "name = \"orders\"",
+        "partitions = 6",
+        "replicas = 3",
+        "fsync = \"always\"",
+        "visibility_timeout = \"30s\"",
+        "redelivery_delay = \"1s\"",
+        "redelivery_delay_max = \"5m\"",
+        "retention_max_age = \"336h\"",
+        "overflow = \"reject_new\"",
+    ] {
+        assert!(
+            toml.lines().any(|l| l == line),
+            "broker.toml lacks {line:?}:\n{toml}"
+        );
+    }
+    let svc: Service = Api::namespaced(client.clone(), ns)
+        .get("sluice-orders")
+        .await
+        .unwrap();
+    assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    // Kubernetes 1.20 serves policy/v1beta1 only: the operator must have found it.
+    let pdb_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"),
+        "poddisruptionbudgets",
+    );
+    let pdb = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &pdb_ar)
+        .get("sluice-orders")
+        .await
+        .unwrap();
+    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb.metadata.owner_references.unwrap()[0].uid, uid);
+
+    // Status: honest about pods that no node runs.
+    let q = wait_queue(
+        &client,
+        ns,
+        "orders",
+        "status Ready=False BrokersNotReady mentioning Pending",
+        |q| {
+            condition(q, "Ready").is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "BrokersNotReady"
+                    && c.message.contains("Pending")
+            }) && q.status.as_ref().unwrap().observed_generation == q.metadata.generation
+        },
+    )
+    .await;
+    let st = q.status.clone().unwrap();
+    assert_eq!(
+        st.address.as_deref(),
+        Some("sluice-orders.it-lifecycle.svc.cluster.local:7171")
+    );
+    assert_eq!(st.replicas, Some(3));
+    assert_eq!(st.ready_replicas, Some(0));
+    assert_eq!(st.endpoints.len(), 3);
+    assert_eq!(condition(&q, "Degraded").unwrap().status, "False");
+    assert!(condition(&q, "Progressing").is_some());
+    wait_event(&client, ns, "orders", "Created").await;
+    // The controller-manager made pods and claims from the StatefulSet.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("3 broker pods", || async {
+        let l = pods
+            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+            .await
+            .ok()?;
+        (l.items.len() == 3).then_some(())
+    })
+    .await;
+
+    // Update: a settings change rolls the brokers (new hash on the pod template).
+    let mut changed = example("orders.yaml").remove(0);
+    changed["spec"]["delivery"]["visibilityTimeout"] = json!("1m");
+    apply_queue(&client, ns, changed.clone()).await;
+    let hash2 = eventually("config hash changes", || async {
+        let s = sts_api.get("sluice-orders").await.ok()?;
+        let h = s
+            .spec?
+            .template
+            .metadata?
+            .annotations?
+            .get("sluice.dev/config-hash")?
+            .clone();
+        (h != hash1).then_some(h)
+    })
+    .await;
+    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    assert!(cm.data.unwrap()["broker.toml"].contains("visibility_timeout = \"1m\""));
+    wait_event(&client, ns, "orders", "RollingUpdate").await;
+    wait_queue(&client, ns, "orders", "status.configHash follows", |q| {
+        q.status.as_ref().and_then(|s| s.config_hash.clone()) == Some(hash2.clone())
+    })
+    .await;
+
+    // Scale down below the brokers owning partitions: refused, with a condition.
+    let mut smaller = changed.clone();
+    smaller["spec"]["replicas"] = json!(2);
+    apply_queue(&client, ns, smaller).await;
+    wait_queue(
+        &client,
+        ns,
+        "orders",
+        "Degraded=True ScaleDownBlocked",
+        |q| {
+            condition(q, "Degraded")
+                .is_some_and(|c| c.status == "True" && c.reason == "ScaleDownBlocked")
+        },
+    )
+    .await;
+    assert_eq!(
+        sts_api
+            .get("sluice-orders")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(3)
+    );
+    wait_event(&client, ns, "orders", "ScaleDownBlocked").await;
+    // Scale up is carried out.
+    let mut bigger = changed.clone();
+    bigger["spec"]["replicas"] = json!(4);
+    apply_queue(&client, ns, bigger).await;
+    eventually("StatefulSet scaled to 4", || async {
+        (sts_api.get("sluice-orders").await.ok()?.spec?.replicas == Some(4)).then_some(())
+    })
+    .await;
+    wait_queue(&client, ns, "orders", "Degraded back to False", |q| {
+        condition(q, "Degraded").is_some_and(|c| c.status == "False")
+    })
+    .await;
+
+    // Drift: a deleted StatefulSet comes back; an edited ConfigMap is restored.
+    let old_uid = sts_api.get("sluice-orders").await.unwrap().uid().unwrap();
+    sts_api
+        .delete("sluice-orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("StatefulSet recreated", || async {
+        let s = sts_api.get_opt("sluice-orders").await.ok().flatten()?;
+        (s.uid().unwrap() != old_uid && s.metadata.deletion_timestamp.is_none()).then_some(())
+    })
+    .await;
+    cm_api
+        .patch(
+            "sluice-orders-config",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"broker.toml": "# vandalised"}})),
+        )
+        .await
+        .unwrap();
+    eventually("ConfigMap restored", || async {
+        let cm = cm_api.get("sluice-orders-config").await.ok()?;
+        cm.data?
+            .get("broker.toml")?
+            .contains("visibility_timeout = \"1m\"")
+            .then_some(())
+    })
+    .await;
+    let sts_name_edit = json!({"spec": {"template": {"metadata": {"annotations": {"sluice.dev/config-hash": "tampered"}}}}});
+    sts_api
+        .patch(
+            "sluice-orders",
+            &PatchParams::default(),
+            &Patch::Merge(sts_name_edit),
+        )
+        .await
+        .unwrap();
+    eventually("StatefulSet hash restored", || async {
+        let s = sts_api.get("sluice-orders").await.ok()?;
+        let h = s
+            .spec?
+            .template
+            .metadata?
+            .annotations?
+            .get("sluice.dev/config-hash")?
+            .clone();
+        (h == hash2).then_some(())
+    })
+    .await;
+
+    // Deletion cascades through the garbage collector; deletionPolicy Retain keeps the claims.
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    assert!(
+        queues.get("orders").await.unwrap().finalizers().is_empty(),
+        "Retain needs no finalizer"
+    );
+    queues
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("owned objects garbage-collected", || async {
+        let sts = sts_api.get_opt("sluice-orders").await.ok()?;
+        let cm = cm_api.get_opt("sluice-orders-config").await.ok()?;
+        let svc = Api::<Service>::namespaced(client.clone(), ns)
+            .get_opt("sluice-orders")
+            .await
+            .ok()?;
+        let pdb = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &pdb_ar)
+            .get_opt("sluice-orders")
+            .await
+            .ok()?;
+        (sts.is_none() && cm.is_none() && svc.is_none() && pdb.is_none()).then_some(())
+    })
+    .await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let kept = pvcs
+        .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+        .await
+        .unwrap();
+    assert!(
+        kept.items.len() >= 3,
+        "deletionPolicy Retain keeps the data claims"
+    );
+    assert!(
+        kept.items
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_none())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_queues_are_refused_by_schema_or_reported() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = "it-invalid";
+    namespace(&client, ns, json!({})).await;
+    let api: Api<Queue> = Api::namespaced(client.clone(), ns);
+
+    // What the schema can check, the API server refuses, naming the field.
+    for (spec, field) in [
+        (json!({"replicas": 0}), "spec.replicas"),
+        (
+            json!({"durability": {"fsync": "sometimes"}}),
+            "spec.durability.fsync",
+        ),
+        (
+            json!({"delivery": {"visibilityTimeout": "30 seconds"}}),
+            "spec.delivery.visibilityTimeout",
+        ),
+        (
+            json!({"retention": {"overflow": "explode"}}),
+            "spec.retention.overflow",
+        ),
+        (json!({"storage": {"size": "lots"}}), "spec.storage.size"),
+        (json!({"deletionPolicy": "Shred"}), "spec.deletionPolicy"),
+    ] {
+        let q = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "bad"}, "spec": spec});
+        let obj: DynamicObject = serde_json::from_value(q).unwrap();
+        let dynapi: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<Queue>(&()));
+        match dynapi.create(&PostParams::default(), &obj).await {
+            Ok(_) => panic!("schema accepted an invalid {field}"),
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{e:?}");
+                assert!(
+                    e.message.contains(field),
+                    "message does not name {field}: {}",
+                    e.message
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    // What it cannot (replicas > partitions): Ready=False InvalidSpec + a Warning Event,
+    // and nothing is created.
+    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let lopsided = example("invalid-replicas-exceed-partitions.yaml").remove(0);
+    apply_queue(&client, ns, lopsided.clone()).await;
+    let q = wait_queue(&client, ns, "lopsided", "Ready=False InvalidSpec", |q| {
+        condition(q, "Ready").is_some_and(|c| c.status == "False" && c.reason == "InvalidSpec")
+    })
+    .await;
+    assert!(
+        condition(&q, "Ready")
+            .unwrap()
+            .message
+            .contains("spec.partitions")
+    );
+    assert_eq!(condition(&q, "Degraded").unwrap().status, "True");
+    let ev = wait_event(&client, ns, "lopsided", "InvalidSpec").await;
+    assert_eq!(ev.0, "Warning");
+    assert!(ev.2.contains("spec.partitions"));
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    assert!(sts_api.get_opt("sluice-lopsided").await.unwrap().is_none());
+
+    // Fixing the spec brings the queue up.
+    let mut fixed = lopsided;
+    fixed["spec"]["partitions"] = json!(8);
+    apply_queue(&client, ns, fixed).await;
+    eventually("StatefulSet after the fix", || async {
+        sts_api.get_opt("sluice-lopsided").await.ok().flatten()
+    })
+    .await;
+    wait_queue(
+        &client,
+        ns,
+        "lopsided",
+        "Ready reason leaves InvalidSpec",
+        |q| {
+            condition(q, "Ready").is_some_and(|c| c.reason == "BrokersNotReady")
+                && condition(q, "Degraded").is_some_and(|c| c.status == "False")
+        },
+    )
+    .await;
+    let _ = api;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = "it-delete";
+    namespace(&client, ns, json!({})).await;
+    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let emails = example("emails.yaml").remove(0);
+    apply_queue(&client, ns, emails).await;
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    eventually("finalizer added for deletionPolicy Delete", || async {
+        queues
+            .get("emails")
+            .await
+            .ok()?
+            .finalizers()
+            .iter()
+            .any(|f| f == "sluice.dev/delete-volumes")
+            .then_some(())
+    })
+    .await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    eventually("data claim created by the StatefulSet", || async {
+        let l = pvcs
+            .list(&ListParams::default().labels("sluice.dev/queue=emails"))
+            .await
+            .ok()?;
+        (!l.items.is_empty()).then_some(())
+    })
+    .await;
+    queues
+        .delete("emails", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Queue gone after the finalizer ran", || async {
+        queues.get_opt("emails").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    eventually("data claims deleted", || async {
+        let l = pvcs
+            .list(&ListParams::default().labels("sluice.dev/queue=emails"))
+            .await
+            .ok()?;
+        l.items
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+
+    // Switching Delete -> Retain removes the finalizer again.
+    let mut q = example("emails.yaml").remove(0);
+    q["metadata"]["name"] = json!("emails2");
+    apply_queue(&client, ns, q.clone()).await;
+    eventually("finalizer on emails2", || async {
+        (!queues.get("emails2").await.ok()?.finalizers().is_empty()).then_some(())
+    })
+    .await;
+    q["spec"]["deletionPolicy"] = json!("Retain");
+    apply_queue(&client, ns, q).await;
+    eventually("finalizer removed for Retain", || async {
+        queues
+            .get("emails2")
+            .await
+            .ok()?
+            .finalizers()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+fn helm_template(ns: &str, release: &str, extra: &[&str]) -> String {
+    let (ok, out, err) = run(Command::new(helm())
+        .args(["template", release])
+        .arg(repo_root().join("charts/sluice"))
+        .args(["--namespace", ns])
+        .args(extra));
+    assert!(ok, "helm template failed: {err}");
+    out
+}
+
+fn kubectl_apply(stdin: &str, extra: &[&str]) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(kubectl())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .args(["apply", "-f", "-"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Writes a kubeconfig that authenticates with a ServiceAccount token.
+fn token_kubeconfig(token: &str, path: &std::path::Path) {
+    let admin = std::fs::read_to_string(&cluster().kubeconfig).unwrap();
+    let mut v: serde_yaml::Value = serde_yaml::from_str(&admin).unwrap();
+    v["users"][0]["user"]["token"] = serde_yaml::Value::String(token.to_string());
+    std::fs::write(path, serde_yaml::to_string(&v).unwrap()).unwrap();
+}
+
+async fn service_account_token(client: &Client, ns: &str, sa: &str) -> String {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("token Secret of ServiceAccount {sa}"), || async {
+        let l = secrets
+            .list(&ListParams::default().fields("type=kubernetes.io/service-account-token"))
+            .await
+            .ok()?;
+        l.items.into_iter().find_map(|s| {
+            if s.annotations()
+                .get("kubernetes.io/service-account.name")
+                .map(|n| n.as_str())
+                != Some(sa)
+            {
+                return None;
+            }
+            let t = s.data?.get("token")?.0.clone();
+            String::from_utf8(t).ok()
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let rel_ns = "it-rbac-system";
+    let ns = "it-rbac-apps";
+    namespace(&client, rel_ns, json!({})).await;
+    // The app namespace opts out of injection: nothing serves the chart's webhook
+    // in this test, and (failurePolicy Ignore) it must not block pods anyway.
+    namespace(&client, ns, json!({})).await;
+
+    // `helm template` output is accepted by the API server (server-side dry run first,
+    // then for real).
+    let manifest = helm_template(rel_ns, "rbac", &["--set", "operator.replicas=2"]);
+    let (ok, _, err) = kubectl_apply(&manifest, &["--dry-run=server"]);
+    assert!(
+        ok,
+        "API server refused helm template output (dry run): {err}"
+    );
+    let (ok, _, err) = kubectl_apply(&manifest, &[]);
+    assert!(ok, "API server refused helm template output: {err}");
+    assert!(!manifest.contains("\"*\""), "no wildcard in RBAC");
+
+    // The operator with the chart ServiceAccount's token, not as admin.
+    let token = service_account_token(&client, rel_ns, "rbac-sluice").await;
+    let kc = log_dir().join("rbac-kubeconfig");
+    token_kubeconfig(&token, &kc);
+    let webhook_port = free_port();
+    let mut op = Operator::start(
+        "rbac",
+        &kc,
+        &[
+            &format!("--namespace={rel_ns}"),
+            &format!("--watch-namespace={ns}"),
+            "--lease-name=rbac-sluice-leader",
+            "--webhook-secret=rbac-sluice-webhook-tls",
+            "--webhook-config-name=rbac-sluice-sidecar-injector",
+            "--webhook-service=rbac-sluice-webhook",
+            &format!("--webhook-listen=127.0.0.1:{webhook_port}"),
+        ],
+    );
+    let mut orders = example("orders.yaml").remove(0);
+    orders["spec"]["deletionPolicy"] = json!("Delete");
+    apply_queue(&client, ns, orders).await;
+    let q = wait_queue(
+        &client,
+        ns,
+        "orders",
+        "status written with the chart's RBAC",
+        |q| {
+            condition(q, "Ready").is_some_and(|c| c.reason == "BrokersNotReady")
+                && condition(q, "Degraded").is_some_and(|c| c.status == "False")
+        },
+    )
+    .await;
+    assert!(
+        q.finalizers()
+            .iter()
+            .any(|f| f == "sluice.dev/delete-volumes")
+    );
+    let pdb_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"),
+        "poddisruptionbudgets",
+    );
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &pdb_ar)
+        .get("sluice-orders")
+        .await
+        .unwrap();
+    wait_event(&client, ns, "orders", "Created").await;
+    // Lease, webhook Secret and caBundle with the namespaced Role / named rules.
+    let lease: Lease = eventually("leader Lease", || async {
+        Api::<Lease>::namespaced(client.clone(), rel_ns)
+            .get_opt("rbac-sluice-leader")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert!(lease.spec.unwrap().holder_identity.is_some());
+    eventually("webhook Secret", || async {
+        Api::<Secret>::namespaced(client.clone(), rel_ns)
+            .get_opt("rbac-sluice-webhook-tls")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    eventually("caBundle patched", || async {
+        let c = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .get("rbac-sluice-sidecar-injector")
+            .await
+            .ok()?;
+        c.webhooks?[0]
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .filter(|b| !b.0.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    // Deletion with the finalizer (PVC delete) also works with these rights.
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    queues
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Queue deleted with the chart's RBAC", || async {
+        queues.get_opt("orders").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // A pod in a namespace the (unreachable) chart webhook selects is not blocked.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    op.stop();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "unrelated"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("an unreachable webhook must not block pods");
+    let log = op.log_text();
+    assert!(
+        !log.contains("forbidden"),
+        "operator hit RBAC denials:\n{log}"
+    );
+    // Clean up the cluster-wide webhook so that it does not slow other tests.
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete("rbac-sluice-sidecar-injector", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = "it-webhook";
+    let off = "it-webhook-off";
+    namespace(&client, ns, json!({"sluice-test": "webhook"})).await;
+    namespace(
+        &client,
+        off,
+        json!({"sluice-test": "webhook", "sluice.dev/injection": "disabled"}),
+    )
+    .await;
+    let port = free_port();
+    let cfg_name = "it-webhook-injector";
+    // As the chart does, but reached by URL (no kube-proxy here) and limited to
+    // this test's namespaces; failurePolicy Fail so a TLS failure fails the test.
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": cfg_name},
+        "webhooks": [{
+            "name": "inject.sluice.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "namespaceSelector": {
+                "matchLabels": {"sluice-test": "webhook"},
+                "matchExpressions": [{"key": "sluice.dev/injection", "operator": "NotIn", "values": ["disabled"]}]
+            }
+        }]
+    }))
+    .unwrap();
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = mwcs.delete(cfg_name, &DeleteParams::default()).await;
+    mwcs.create(&PostParams::default(), &mwc).await.unwrap();
+
+    let op = Operator::start(
+        "webhook",
+        &cluster().kubeconfig,
+        &[
+            &format!("--namespace={ns}"),
+            &format!("--watch-namespace={ns}"),
+            "--lease-name=op-webhook",
+            &format!("--webhook-listen=127.0.0.1:{port}"),
+            "--webhook-extra-san=127.0.0.1",
+            &format!("--webhook-config-name={cfg_name}"),
+            "--sidecar-image=sluice-sidecar:test",
+        ],
+    );
+    eventually("caBundle patched by the operator", || async {
+        let c = mwcs.get(cfg_name).await.ok()?;
+        c.webhooks?[0]
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .filter(|b| !b.0.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    eventually("operator /readyz", || async {
+        (op.http_get("/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+
+    // A queue that only the ServiceAccount "mailer" may use.
+    apply_queue(&client, ns, json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "emails"},
+        "spec": {"replicas": 1, "partitions": 1, "access": {"serviceAccounts": [{"name": "mailer"}]}}
+    }))
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let annotated = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "orders,emails"}},
+            "spec": {"containers": [{"name": "app", "image": "example/app"}]}
+        }))
+        .unwrap()
+    };
+    // The API server may need a moment to pick up the new caBundle: retry creation.
+    let created = eventually("annotated pod created through the webhook", || async {
+        match pods.create(&PostParams::default(), &annotated("app")).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("create pod: {e}");
+                None
+            }
+        }
+    })
+    .await;
+    let spec = created.spec.clone().unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", "sluice-sidecar"]);
+    let side = &spec.containers[1];
+    assert_eq!(side.image.as_deref(), Some("sluice-sidecar:test"));
+    let env = side.env.clone().unwrap();
+    let routes = env
+        .iter()
+        .find(|e| e.name == "SLUICE_ROUTES")
+        .unwrap()
+        .value
+        .clone()
+        .unwrap();
+    assert_eq!(
+        routes, "orders=sluice-orders.it-webhook.svc.cluster.local:7171",
+        "emails denied to SA default"
+    );
+    assert_eq!(
+        side.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    let app_env = spec.containers[0].env.clone().unwrap();
+    assert!(
+        app_env
+            .iter()
+            .any(|e| e.name == "SLUICE_ADDR" && e.value.as_deref() == Some("127.0.0.1:7070"))
+    );
+    let ann = created.annotations();
+    assert_eq!(
+        ann.get("sluice.dev/injected").map(|s| s.as_str()),
+        Some("true")
+    );
+    assert_eq!(
+        ann.get("sluice.dev/denied-queues").map(|s| s.as_str()),
+        Some("emails")
+    );
+
+    // Injecting twice is a no-op: a pod that already has the sidecar keeps one.
+    let mut again = annotated("app2");
+    again.spec.as_mut().unwrap().containers = spec.containers.clone();
+    let p2 = pods.create(&PostParams::default(), &again).await.unwrap();
+    assert_eq!(
+        p2.spec
+            .unwrap()
+            .containers
+            .iter()
+            .filter(|c| c.name == "sluice-sidecar")
+            .count(),
+        1
+    );
+
+    // Unannotated pods and opted-out namespaces are left alone.
+    let plain: Pod = serde_json::from_value(json!({"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "app", "image": "x"}]}})).unwrap();
+    let p = pods.create(&PostParams::default(), &plain).await.unwrap();
+    assert_eq!(p.spec.unwrap().containers.len(), 1);
+    let p = Api::<Pod>::namespaced(client.clone(), off)
+        .create(&PostParams::default(), &annotated("app"))
+        .await
+        .unwrap();
+    assert_eq!(p.spec.unwrap().containers.len(), 1, "opted-out namespace");
+
+    let (code, metrics) = op.http_get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("sluice_operator_webhook_requests_total{result=\"injected\"}"),
+        "{metrics}"
+    );
+    mwcs.delete(cfg_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_and_fail_over() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = "it-leader";
+    namespace(&client, ns, json!({})).await;
+    let args = [
+        format!("--watch-namespace={ns}"),
+        format!("--namespace={ns}"),
+        "--lease-name=it-leader".to_string(),
+        "--lease-duration=6s".to_string(),
+        "--disable-webhook".to_string(),
+        "--log-format=json".to_string(),
+    ];
+    let mut a = Operator::start(
+        "leader-a",
+        &cluster().kubeconfig,
+        &[as_refs(&args), vec!["--identity=replica-a"]].concat(),
+    );
+    let mut b = Operator::start(
+        "leader-b",
+        &cluster().kubeconfig,
+        &[as_refs(&args), vec!["--identity=replica-b"]].concat(),
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let holder = eventually("a leader", || async {
+        leases
+            .get_opt("it-leader")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+            .filter(|h| !h.is_empty())
+    })
+    .await;
+    let leader_gauge = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("sluice_operator_leader "))
+            .map(|l| l.ends_with(" 1"))
+    };
+    let (leader, follower) = if holder == "replica-a" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    eventually(
+        "leader gauge 1 on the leader, 0 on the follower",
+        || async {
+            let l = leader_gauge(&leader.http_get("/metrics").await?.1)?;
+            let f = leader_gauge(&follower.http_get("/metrics").await?.1)?;
+            (l && !f).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(follower.http_get("/healthz").await.unwrap().0, 200);
+    assert_eq!(follower.http_get("/readyz").await.unwrap().0, 200);
+    // The leader reconciles.
+    apply_queue(&client, ns, json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "one"}, "spec": {"replicas": 1, "partitions": 1}})).await;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    eventually("StatefulSet from the leader", || async {
+        sts_api.get_opt("sluice-one").await.ok().flatten()
+    })
+    .await;
+    // JSON logs when asked.
+    let first = leader.log_text().lines().next().unwrap_or("").to_string();
+    serde_json::from_str::<Value>(&first)
+        .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {first}"));
+
+    // The leader goes away: the follower takes the Lease and reconciles.
+    let new_holder = if holder == "replica-a" {
+        "replica-b"
+    } else {
+        "replica-a"
+    };
+    leader.stop();
+    eventually("follower takes over the Lease", || async {
+        let h = leases
+            .get_opt("it-leader")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity?;
+        (h == new_holder).then_some(())
+    })
+    .await;
+    apply_queue(&client, ns, json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "two"}, "spec": {"replicas": 1, "partitions": 1}})).await;
+    eventually("StatefulSet from the new leader", || async {
+        sts_api.get_opt("sluice-two").await.ok().flatten()
+    })
+    .await;
+    let m = follower.http_get("/metrics").await.unwrap().1;
+    assert_eq!(leader_gauge(&m), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_lint_and_install_succeed() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let chart = repo_root().join("charts/sluice");
+    let (ok, out, err) = run(Command::new(helm()).arg("lint").arg("--strict").arg(&chart));
+    assert!(ok, "helm lint: {out}{err}");
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    // cert-manager mode renders too (not applied: no cert-manager CRDs here).
+    let cm = helm_template(
+        "x",
+        "cm",
+        &["--set", "webhook.certificates.mode=certManager"],
+    );
+    assert!(cm.contains("kind: Certificate") && cm.contains("cert-manager.io/inject-ca-from"));
+    let (ok, out, err) = run(Command::new(helm())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .args(["install", "it-helm"])
+        .arg(&chart)
+        .args([
+            "--namespace",
+            "it-helm-system",
+            "--create-namespace",
+            "--set",
+            "operator.replicas=2",
+            "--wait=false",
+        ]));
+    assert!(ok, "helm install: {out}{err}");
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    assert!(
+        out.contains("kubectl apply"),
+        "NOTES.txt tells what to do next: {out}"
+    );
+    let (ok, out, err) = run(Command::new(helm())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .args(["status", "it-helm", "--namespace", "it-helm-system"]));
+    assert!(ok && out.contains("deployed"), "{out}{err}");
+    let deploy: k8s_openapi::api::apps::v1::Deployment =
+        Api::namespaced(client.clone(), "it-helm-system")
+            .get("it-helm-sluice")
+            .await
+            .unwrap();
+    assert_eq!(deploy.spec.unwrap().replicas, Some(2));
+    // Remove the cluster-wide webhook so it does not slow other tests' pods.
+    let (ok, _, err) = run(Command::new(helm())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .args(["uninstall", "it-helm", "--namespace", "it-helm-system"]));
+    assert!(ok, "helm uninstall: {err}");
+}

@@ -1,0 +1,67 @@
+//! `sluice-sidecar`: the app's localhost gRPC endpoint.
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_broker::server::{bind, init_tracing, shutdown_signal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-sidecar",
+    version,
+    about = "Sluice sidecar: queues on localhost"
+)]
+struct Args {
+    /// Where the app connects. Loopback by default: only the pod's own containers.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// HTTP address of /readyz, /healthz and /metrics.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "127.0.0.1:9191")]
+    metrics_listen: SocketAddr,
+    /// QUEUE=HOST:PORT[,HOST:PORT...]; repeatable.
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Routes as `q1=a:1,b:2;q2=c:3` (what the injection webhook sets).
+    #[arg(long, env = "SLUICE_ROUTES", default_value = "")]
+    routes_env: String,
+    /// Run the broker in this process (no Kubernetes), on a local data directory.
+    #[arg(long)]
+    embedded: bool,
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    data_dir: PathBuf,
+    #[arg(long, env = "SLUICE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let grpc = bind(args.listen).await?;
+    let http = bind(args.metrics_listen).await?;
+    if args.embedded {
+        // One in-process broker serves the API directly: with a single local
+        // broker there is nothing to route, so no hop is added.
+        let mut options = sluice_broker::BrokerOptions::new(&args.data_dir);
+        options.auto_create = Some(sluice_config::QueueSettings::default());
+        return sluice_broker::server::run(options, grpc, Some(http), shutdown_signal())
+            .await
+            .context("embedded broker failed");
+    }
+    let routes = sluice_sidecar::routes::parse_routes(
+        args.routes
+            .iter()
+            .map(String::as_str)
+            .chain([args.routes_env.as_str()]),
+    )?;
+    if routes.is_empty() {
+        anyhow::bail!(
+            "no routes: pass --route QUEUE=HOST:PORT or set SLUICE_ROUTES (or use --embedded)"
+        );
+    }
+    let router = sluice_sidecar::Router::new(routes);
+    sluice_sidecar::run(router, grpc, Some(http), shutdown_signal())
+        .await
+        .context("sidecar failed")
+}

@@ -1,0 +1,384 @@
+//! The brokers behind each queue, found by resolving the route's addresses (a
+//! headless Service resolves to every broker pod) and asking each broker which
+//! partitions it owns. Long-lived HTTP/2 channels, one per broker.
+
+use sluice_proto::v1::{self, queues_client::QueuesClient};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How often brokers are re-resolved and re-described.
+pub const REFRESH: Duration = Duration::from_secs(2);
+/// No unary call to a broker waits longer than this (a long poll adds its wait).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct BrokerConn {
+    pub addr: SocketAddr,
+    pub client: QueuesClient<Channel>,
+    healthy: AtomicBool,
+}
+
+impl BrokerConn {
+    fn new(addr: SocketAddr) -> Arc<Self> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI")
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .http2_adaptive_window(true)
+            .connect_lazy();
+        let max = sluice_broker::server::MAX_REQUEST_BYTES;
+        Arc::new(BrokerConn {
+            addr,
+            client: QueuesClient::new(channel)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            healthy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn client(&self) -> QueuesClient<Channel> {
+        self.client.clone()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Marks the broker down after a transport failure; the next refresh looks again.
+    pub fn failed(&self, status: &Status) {
+        if is_transport_failure(status) {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A failure of the broker or the way to it, rather than an answer about the request.
+pub fn is_transport_failure(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+    )
+}
+
+#[derive(Default)]
+struct Layout {
+    brokers: Vec<Arc<BrokerConn>>,
+    partitions: u32,
+    owner: HashMap<u32, Arc<BrokerConn>>,
+    settings: Option<v1::DescribeResponse>,
+}
+
+/// A message waiting to be sent in the next batch of its partition.
+pub struct PendingEnqueue {
+    pub message: v1::NewMessage,
+    pub reply: oneshot::Sender<Result<v1::EnqueueResponse, Status>>,
+}
+
+/// One queue's brokers and partition layout.
+pub struct QueueRoute {
+    pub queue: String,
+    addrs: Vec<String>,
+    layout: RwLock<Layout>,
+    next: AtomicUsize,
+    batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
+    changed: Notify,
+}
+
+impl QueueRoute {
+    pub fn new(queue: String, addrs: Vec<String>) -> Arc<Self> {
+        Arc::new(QueueRoute {
+            queue,
+            addrs,
+            layout: RwLock::new(Layout::default()),
+            next: AtomicUsize::new(0),
+            batchers: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Resolves the addresses and asks every broker for its partitions.
+    pub async fn refresh(&self) {
+        let mut addrs = Vec::new();
+        for a in &self.addrs {
+            match tokio::net::lookup_host(a).await {
+                Ok(found) => addrs.extend(found),
+                Err(e) => {
+                    tracing::debug!(queue = %self.queue, addr = %a, error = %e, "cannot resolve broker address")
+                }
+            }
+        }
+        addrs.sort();
+        addrs.dedup();
+        let known: HashMap<SocketAddr, Arc<BrokerConn>> = self
+            .layout
+            .read()
+            .unwrap()
+            .brokers
+            .iter()
+            .map(|b| (b.addr, b.clone()))
+            .collect();
+        let brokers: Vec<Arc<BrokerConn>> = addrs
+            .iter()
+            .map(|a| known.get(a).cloned().unwrap_or_else(|| BrokerConn::new(*a)))
+            .collect();
+        let described = futures::future::join_all(brokers.iter().map(|b| {
+            let mut c = b.client();
+            let queue = self.queue.clone();
+            async move {
+                let mut req = tonic::Request::new(v1::DescribeRequest { queue });
+                req.set_timeout(Duration::from_secs(2));
+                c.describe(req).await.map(|r| r.into_inner())
+            }
+        }))
+        .await;
+        let mut layout = Layout {
+            brokers: brokers.clone(),
+            ..Default::default()
+        };
+        for (b, d) in brokers.iter().zip(described) {
+            match d {
+                Ok(d) => {
+                    b.healthy.store(true, Ordering::Relaxed);
+                    layout.partitions = d.partitions;
+                    for p in &d.owned_partitions {
+                        layout.owner.insert(*p, b.clone());
+                    }
+                    layout.settings = Some(d);
+                }
+                Err(e) => {
+                    if b.is_healthy() {
+                        tracing::warn!(queue = %self.queue, broker = %b.addr, error = %e, "broker unreachable");
+                    }
+                    b.healthy.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        if layout.settings.is_none() {
+            // Keep the last known layout's size so keyed routing stays stable.
+            layout.partitions = self.layout.read().unwrap().partitions;
+        }
+        *self.layout.write().unwrap() = layout;
+        self.changed.notify_waiters();
+    }
+
+    /// Keeps the layout fresh for as long as the route lives.
+    pub fn spawn_refresher(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(route) = weak.upgrade() {
+                route.refresh().await;
+                drop(route);
+                tokio::time::sleep(REFRESH).await;
+            }
+        });
+    }
+
+    /// Whether some broker answers.
+    pub fn is_ready(&self) -> bool {
+        self.layout
+            .read()
+            .unwrap()
+            .brokers
+            .iter()
+            .any(|b| b.is_healthy())
+    }
+
+    /// The queue's settings as its brokers describe them.
+    pub fn settings(&self) -> Result<v1::DescribeResponse, Status> {
+        self.layout
+            .read()
+            .unwrap()
+            .settings
+            .clone()
+            .ok_or_else(|| self.unavailable())
+    }
+
+    fn unavailable(&self) -> Status {
+        Status::unavailable(format!(
+            "no broker of queue {} is reachable (tried {})",
+            self.queue,
+            self.addrs.join(", ")
+        ))
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.layout.read().unwrap().partitions
+    }
+
+    /// The healthy broker owning a partition.
+    pub fn owner(&self, partition: u32) -> Result<Arc<BrokerConn>, Status> {
+        let layout = self.layout.read().unwrap();
+        match layout.owner.get(&partition) {
+            Some(b) if b.is_healthy() => Ok(b.clone()),
+            _ => Err(Status::unavailable(format!(
+                "the broker owning partition {partition} of queue {} is unreachable",
+                self.queue
+            ))),
+        }
+    }
+
+    /// A partition for a keyless message, round-robin over healthy owners, avoiding
+    /// `except` (a broker that just failed).
+    pub fn any_partition(&self, except: Option<SocketAddr>) -> Result<u32, Status> {
+        let layout = self.layout.read().unwrap();
+        let mut candidates: Vec<u32> = layout
+            .owner
+            .iter()
+            .filter(|(_, b)| b.is_healthy() && Some(b.addr) != except)
+            .map(|(p, _)| *p)
+            .collect();
+        if candidates.is_empty() {
+            return Err(self.unavailable());
+        }
+        candidates.sort_unstable();
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        Ok(candidates[i % candidates.len()])
+    }
+
+    /// Healthy brokers, starting from a rotating one.
+    pub fn healthy_brokers(&self) -> Vec<Arc<BrokerConn>> {
+        let layout = self.layout.read().unwrap();
+        let mut v: Vec<_> = layout
+            .brokers
+            .iter()
+            .filter(|b| b.is_healthy())
+            .cloned()
+            .collect();
+        if !v.is_empty() {
+            let n = v.len();
+            v.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
+        }
+        v
+    }
+
+    /// The batcher of a partition: concurrent single enqueues to one partition are
+    /// sent together as one EnqueueBatch while the previous batch is in flight.
+    pub fn batcher(self: &Arc<Self>, partition: u32) -> mpsc::Sender<PendingEnqueue> {
+        let mut map = self.batchers.lock().unwrap();
+        if let Some(tx) = map.get(&partition) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(run_batcher(Arc::downgrade(self), partition, rx));
+        map.insert(partition, tx.clone());
+        tx
+    }
+
+    /// Sends a batch to the owner of its partition.
+    pub async fn enqueue_batch(
+        &self,
+        queue: &str,
+        partition: u32,
+        messages: Vec<v1::NewMessage>,
+    ) -> Result<Vec<v1::EnqueueResponse>, Status> {
+        let broker = self.owner(partition)?;
+        let mut req = tonic::Request::new(v1::EnqueueBatchRequest {
+            queue: queue.to_string(),
+            messages,
+            partition: Some(partition),
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        match broker.client().enqueue_batch(req).await {
+            Ok(r) => Ok(r.into_inner().results),
+            Err(e) => {
+                broker.failed(&e);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Most bytes one coalesced batch carries.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+async fn run_batcher(
+    route: std::sync::Weak<QueueRoute>,
+    partition: u32,
+    mut rx: mpsc::Receiver<PendingEnqueue>,
+) {
+    while let Some(first) = rx.recv().await {
+        let Some(route) = route.upgrade() else {
+            return;
+        };
+        let max = route
+            .settings()
+            .map(|s| s.max_batch as usize)
+            .unwrap_or(100)
+            .max(1);
+        let mut size = first.message.body.len();
+        let mut batch = vec![first];
+        while batch.len() < max && size < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    size += p.message.body.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (messages, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.message, p.reply)).unzip();
+        match route.enqueue_batch(&route.queue, partition, messages).await {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Every queue the sidecar may reach.
+pub struct Router {
+    routes: BTreeMap<String, Arc<QueueRoute>>,
+}
+
+impl Router {
+    pub fn new(routes: BTreeMap<String, Vec<String>>) -> Arc<Self> {
+        Arc::new(Router {
+            routes: routes
+                .into_iter()
+                .map(|(q, addrs)| (q.clone(), QueueRoute::new(q, addrs)))
+                .collect(),
+        })
+    }
+
+    /// Describes every broker once, then keeps refreshing in the background.
+    pub async fn start(&self) {
+        futures::future::join_all(self.routes.values().map(|r| r.refresh())).await;
+        for r in self.routes.values() {
+            r.spawn_refresher();
+        }
+    }
+
+    /// The route of a queue; a dead-letter queue goes where its queue goes.
+    pub fn route(&self, queue: &str) -> Result<Arc<QueueRoute>, Status> {
+        sluice_config::validate_queue_name(queue)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let base = queue
+            .strip_suffix(sluice_config::DLQ_SUFFIX)
+            .unwrap_or(queue);
+        self.routes.get(base).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "this sidecar has no route to queue {base:?}; add it to the pod's sluice.dev/queues annotation (routes: {})",
+                self.routes.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.routes.is_empty() && self.routes.values().all(|r| r.is_ready())
+    }
+}
