@@ -17,6 +17,9 @@ use crate::service::QueueService;
 /// limits are checked after decoding.
 pub const MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
 
+/// How long in-flight calls may run on after SIGTERM before the logs are closed.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("binding {addr}: {source}")]
@@ -80,16 +83,35 @@ pub async fn run(
     let addr = grpc.local_addr().ok();
     tracing::info!(?addr, queues = broker.queues().len(), "broker serving");
     ready.store(true, Ordering::Relaxed);
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
-        .add_routes(routes(broker.clone()))
-        .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-            shutdown.await;
+    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_adaptive_window(Some(true))
+            .add_routes(routes(broker.clone()))
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                let _ = grpc_stopped.await;
+            }),
+    );
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
             tracing::info!("shutting down: finishing in-flight calls");
-        })
-        .await;
+            let _ = grpc_stop.send(());
+            // Long polls and subscriptions never end by themselves: give calls a
+            // grace period, then close the logs under whatever is left.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!("grace period over: closing remaining streams");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    let result = result.unwrap_or(Ok(()));
     ready.store(false, Ordering::Relaxed);
     broker.close().await;
     let _ = stop_tx.send(true);
