@@ -112,7 +112,7 @@ fn as_refs(v: &[String]) -> Vec<&str> {
 async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let client = admin().await;
     install_crd(&client).await;
-    let ns = "it-lifecycle";
+    let ns = &unique("it-lifecycle");
     namespace(&client, ns, json!({})).await;
     let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
 
@@ -232,7 +232,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let st = q.status.clone().unwrap();
     assert_eq!(
         st.address.as_deref(),
-        Some("sluice-orders.it-lifecycle.svc.cluster.local:7171")
+        Some(format!("sluice-orders.{ns}.svc.cluster.local:7171").as_str())
     );
     assert_eq!(st.replicas, Some(3));
     assert_eq!(st.ready_replicas, Some(0));
@@ -341,6 +341,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .then_some(())
     })
     .await;
+    let hash_now = sts_api.get("sluice-orders").await.unwrap().spec.unwrap().template.metadata.unwrap().annotations.unwrap()["sluice.dev/config-hash"].clone();
     let sts_name_edit = json!({"spec": {"template": {"metadata": {"annotations": {"sluice.dev/config-hash": "tampered"}}}}});
     sts_api
         .patch(
@@ -359,7 +360,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .annotations?
             .get("sluice.dev/config-hash")?
             .clone();
-        (h == hash2).then_some(())
+        (h == hash_now).then_some(())
     })
     .await;
 
@@ -407,7 +408,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
 async fn invalid_queues_are_refused_by_schema_or_reported() {
     let client = admin().await;
     install_crd(&client).await;
-    let ns = "it-invalid";
+    let ns = &unique("it-invalid");
     namespace(&client, ns, json!({})).await;
     let api: Api<Queue> = Api::namespaced(client.clone(), ns);
 
@@ -495,7 +496,7 @@ async fn invalid_queues_are_refused_by_schema_or_reported() {
 async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
     let client = admin().await;
     install_crd(&client).await;
-    let ns = "it-delete";
+    let ns = &unique("it-delete");
     namespace(&client, ns, json!({})).await;
     let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
     let emails = example("emails.yaml").remove(0);
@@ -632,16 +633,27 @@ async fn service_account_token(client: &Client, ns: &str, sa: &str) -> String {
 async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     let client = admin().await;
     install_crd(&client).await;
-    let rel_ns = "it-rbac-system";
-    let ns = "it-rbac-apps";
+    let rel = &unique("rbac");
+    let full = format!("{rel}-sluice");
+    let rel_ns = &unique("it-rbac-system");
+    let ns = &unique("it-rbac-apps");
     namespace(&client, rel_ns, json!({})).await;
     // The app namespace opts out of injection: nothing serves the chart's webhook
     // in this test, and (failurePolicy Ignore) it must not block pods anyway.
-    namespace(&client, ns, json!({})).await;
+    namespace(&client, ns, json!({"sluice-test": rel})).await;
 
     // `helm template` output is accepted by the API server (server-side dry run first,
     // then for real).
-    let manifest = helm_template(rel_ns, "rbac", &["--set", "operator.replicas=2"]);
+    let manifest = helm_template(
+        rel_ns,
+        rel,
+        &[
+            "--set",
+            "operator.replicas=2",
+            "--set",
+            &format!("webhook.namespaceSelector.matchLabels.sluice-test={rel}"),
+        ],
+    );
     let (ok, _, err) = kubectl_apply(&manifest, &["--dry-run=server"]);
     assert!(
         ok,
@@ -652,7 +664,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     assert!(!manifest.contains("\"*\""), "no wildcard in RBAC");
 
     // The operator with the chart ServiceAccount's token, not as admin.
-    let token = service_account_token(&client, rel_ns, "rbac-sluice").await;
+    let token = service_account_token(&client, rel_ns, &full).await;
     let kc = log_dir().join("rbac-kubeconfig");
     token_kubeconfig(&token, &kc);
     let webhook_port = free_port();
@@ -662,10 +674,10 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
         &[
             &format!("--namespace={rel_ns}"),
             &format!("--watch-namespace={ns}"),
-            "--lease-name=rbac-sluice-leader",
-            "--webhook-secret=rbac-sluice-webhook-tls",
-            "--webhook-config-name=rbac-sluice-sidecar-injector",
-            "--webhook-service=rbac-sluice-webhook",
+            &format!("--lease-name={full}-leader"),
+            &format!("--webhook-secret={full}-webhook-tls"),
+            &format!("--webhook-config-name={full}-sidecar-injector"),
+            &format!("--webhook-service={full}-webhook"),
             &format!("--webhook-listen=127.0.0.1:{webhook_port}"),
         ],
     );
@@ -700,7 +712,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     // Lease, webhook Secret and caBundle with the namespaced Role / named rules.
     let lease: Lease = eventually("leader Lease", || async {
         Api::<Lease>::namespaced(client.clone(), rel_ns)
-            .get_opt("rbac-sluice-leader")
+            .get_opt(&format!("{full}-leader"))
             .await
             .ok()
             .flatten()
@@ -709,7 +721,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     assert!(lease.spec.unwrap().holder_identity.is_some());
     eventually("webhook Secret", || async {
         Api::<Secret>::namespaced(client.clone(), rel_ns)
-            .get_opt("rbac-sluice-webhook-tls")
+            .get_opt(&format!("{full}-webhook-tls"))
             .await
             .ok()
             .flatten()
@@ -717,7 +729,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     .await;
     eventually("caBundle patched", || async {
         let c = Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .get("rbac-sluice-sidecar-injector")
+            .get(&format!("{full}-sidecar-injector"))
             .await
             .ok()?;
         c.webhooks?[0]
@@ -757,7 +769,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     );
     // Clean up the cluster-wide webhook so that it does not slow other tests.
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .delete("rbac-sluice-sidecar-injector", &DeleteParams::default())
+        .delete(&format!("{full}-sidecar-injector"), &DeleteParams::default())
         .await
         .unwrap();
 }
@@ -766,17 +778,17 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
 async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
     let client = admin().await;
     install_crd(&client).await;
-    let ns = "it-webhook";
-    let off = "it-webhook-off";
-    namespace(&client, ns, json!({"sluice-test": "webhook"})).await;
+    let cfg_name = &unique("it-webhook-injector");
+    let ns = &unique("it-webhook");
+    let off = &unique("it-webhook-off");
+    namespace(&client, ns, json!({"sluice-test": cfg_name})).await;
     namespace(
         &client,
         off,
-        json!({"sluice-test": "webhook", "sluice.dev/injection": "disabled"}),
+        json!({"sluice-test": cfg_name, "sluice.dev/injection": "disabled"}),
     )
     .await;
     let port = free_port();
-    let cfg_name = "it-webhook-injector";
     // As the chart does, but reached by URL (no kube-proxy here) and limited to
     // this test's namespaces; failurePolicy Fail so a TLS failure fails the test.
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
@@ -790,7 +802,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
             "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
             "namespaceSelector": {
-                "matchLabels": {"sluice-test": "webhook"},
+                "matchLabels": {"sluice-test": cfg_name},
                 "matchExpressions": [{"key": "sluice.dev/injection", "operator": "NotIn", "values": ["disabled"]}]
             }
         }]
@@ -869,7 +881,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
         .clone()
         .unwrap();
     assert_eq!(
-        routes, "orders=sluice-orders.it-webhook.svc.cluster.local:7171",
+        routes, format!("orders=sluice-orders.{ns}.svc.cluster.local:7171"),
         "emails denied to SA default"
     );
     assert_eq!(
@@ -901,7 +913,11 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
 
     // Injecting twice is a no-op: a pod that already has the sidecar keeps one.
     let mut again = annotated("app2");
-    again.spec.as_mut().unwrap().containers = spec.containers.clone();
+    let mut copied = spec.containers.clone();
+    for c in &mut copied {
+        c.volume_mounts = None; // the token volume belongs to the first pod
+    }
+    again.spec.as_mut().unwrap().containers = copied;
     let p2 = pods.create(&PostParams::default(), &again).await.unwrap();
     assert_eq!(
         p2.spec
@@ -938,7 +954,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
 async fn two_replicas_elect_one_leader_and_fail_over() {
     let client = admin().await;
     install_crd(&client).await;
-    let ns = "it-leader";
+    let ns = &unique("it-leader");
     namespace(&client, ns, json!({})).await;
     let args = [
         format!("--watch-namespace={ns}"),
@@ -1035,6 +1051,8 @@ async fn helm_lint_and_install_succeed() {
     let client = admin().await;
     install_crd(&client).await;
     let chart = repo_root().join("charts/sluice");
+    let rel = &unique("it-helm");
+    let hns = &unique("it-helm-system");
     let (ok, out, err) = run(Command::new(helm()).arg("lint").arg("--strict").arg(&chart));
     assert!(ok, "helm lint: {out}{err}");
     assert!(out.contains("0 chart(s) failed"), "{out}");
@@ -1047,15 +1065,17 @@ async fn helm_lint_and_install_succeed() {
     assert!(cm.contains("kind: Certificate") && cm.contains("cert-manager.io/inject-ca-from"));
     let (ok, out, err) = run(Command::new(helm())
         .env("KUBECONFIG", &cluster().kubeconfig)
-        .args(["install", "it-helm"])
+        .args(["install", rel.as_str()])
         .arg(&chart)
         .args([
             "--namespace",
-            "it-helm-system",
+            hns.as_str(),
             "--create-namespace",
             "--set",
             "operator.replicas=2",
-            "--wait=false",
+            "--set",
+            "webhook.namespaceSelector.matchLabels.sluice-test=helm-install",
+            "--wait=hookOnly",
         ]));
     assert!(ok, "helm install: {out}{err}");
     assert!(out.contains("STATUS: deployed"), "{out}");
@@ -1065,17 +1085,17 @@ async fn helm_lint_and_install_succeed() {
     );
     let (ok, out, err) = run(Command::new(helm())
         .env("KUBECONFIG", &cluster().kubeconfig)
-        .args(["status", "it-helm", "--namespace", "it-helm-system"]));
+        .args(["status", rel.as_str(), "--namespace", hns.as_str()]));
     assert!(ok && out.contains("deployed"), "{out}{err}");
     let deploy: k8s_openapi::api::apps::v1::Deployment =
-        Api::namespaced(client.clone(), "it-helm-system")
-            .get("it-helm-sluice")
+        Api::namespaced(client.clone(), hns.as_str())
+            .get(&format!("{rel}-sluice"))
             .await
             .unwrap();
     assert_eq!(deploy.spec.unwrap().replicas, Some(2));
     // Remove the cluster-wide webhook so it does not slow other tests' pods.
     let (ok, _, err) = run(Command::new(helm())
         .env("KUBECONFIG", &cluster().kubeconfig)
-        .args(["uninstall", "it-helm", "--namespace", "it-helm-system"]));
+        .args(["uninstall", rel.as_str(), "--namespace", hns.as_str()]));
     assert!(ok, "helm uninstall: {err}");
 }

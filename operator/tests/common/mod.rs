@@ -280,3 +280,17 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// A name unique to this test process, so that tests can rerun against a
+/// long-lived control plane (SLUICE_TEST_KUBECONFIG).
+pub fn unique(base: &str) -> String {
+    static SUFFIX: OnceLock<String> = OnceLock::new();
+    let s = SUFFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!("{:x}", (std::process::id() as u64 * 1_000_003 + nanos as u64) % 0xfffff)
+    });
+    format!("{base}-{s}")
+}
