@@ -17,6 +17,13 @@ use crate::service::QueueService;
 /// limits are checked after decoding.
 pub const MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows of client connections.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Concurrent calls per client connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
+
 /// How long in-flight calls may run on after SIGTERM before the logs are closed.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -87,7 +94,15 @@ pub async fn run(
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .http2_adaptive_window(Some(true))
+            // Large windows: h2 budgets the overhead of small DATA frames against
+            // half the connection window, and gRPC messages of a queue are often tiny;
+            // with the 64 KiB default, a burst of ~150 concurrent small calls on one
+            // connection ends in GOAWAY(ENHANCE_YOUR_CALM).
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            // hyper's default of 200 makes a burst of new streams on a fresh
+            // connection fail before the client has seen the server's settings.
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .add_routes(routes(broker.clone()))
             .add_service(health_service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
@@ -138,6 +153,7 @@ pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

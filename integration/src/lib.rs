@@ -26,13 +26,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+/// An address nobody listens on: a loopback IP of its own (127.x.y.z) per call, so
+/// that tests running in parallel, and the ephemeral ports of their client
+/// connections on 127.0.0.1, can never take each other's ports.
+pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos();
+    let n = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos)
+        .wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        10 + (n % 200) as u8,
+        (n >> 8) as u8,
+        1 + ((n >> 16) % 250) as u8,
+    );
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
 /// Polls `f` until it returns Some, or panics after `limit` with `what`.
@@ -64,7 +76,10 @@ impl Proc {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE")
             .spawn()
             .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
@@ -139,8 +154,8 @@ impl Broker {
                 child: None,
                 log: PathBuf::new(),
             },
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            addr: free_addr(),
+            metrics: free_addr(),
             data_dir: dir.join(format!("data-{ordinal}")),
             config,
             ordinal,
@@ -192,8 +207,8 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(dir: &Path, routes: &str) -> Sidecar {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let addr = free_addr();
+        let metrics = free_addr();
         let mut cmd = Command::new(bin("sluice-sidecar"));
         cmd.arg("--listen")
             .arg(addr.to_string())

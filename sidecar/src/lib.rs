@@ -10,6 +10,7 @@ pub mod routes;
 pub mod service;
 
 use prometheus_client::registry::Registry;
+use sluice_broker::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
 use sluice_proto::v1::queues_server::QueuesServer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,7 +68,15 @@ pub async fn run(
     tracing::info!(addr = ?grpc.local_addr().ok(), ready = router.is_ready(), "sidecar serving");
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        // Large windows: h2 budgets the overhead of small DATA frames against
+        // half the connection window, and gRPC messages of a queue are often tiny;
+        // with the 64 KiB default, a burst of ~150 concurrent small calls on one
+        // connection ends in GOAWAY(ENHANCE_YOUR_CALM).
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        // hyper's default of 200 makes a burst of new streams on a fresh
+        // connection fail before the client has seen the server's settings.
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .add_service(
             QueuesServer::new(SidecarService::new(router))
                 .max_decoding_message_size(max)

@@ -31,7 +31,8 @@ impl BrokerConn {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .http2_adaptive_window(true)
+            .initial_connection_window_size(sluice_broker::server::CONNECTION_WINDOW)
+            .initial_stream_window_size(sluice_broker::server::STREAM_WINDOW)
             .connect_lazy();
         let max = sluice_broker::server::MAX_REQUEST_BYTES;
         Arc::new(BrokerConn {

@@ -1,0 +1,240 @@
+//! The sidecar in front of two real brokers: routing, batching, failover, readiness.
+
+use sluice_integration::*;
+use sluice_proto::v1;
+use std::collections::HashSet;
+use std::time::Duration;
+use tonic::Code;
+
+const TWO_BROKERS: &str = r#"
+[[queue]]
+name = "orders"
+partitions = 4
+replicas = 2
+visibility_timeout = "5s"
+"#;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    brokers: Vec<Broker>,
+    sidecar: Sidecar,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let b0 = Broker::start(dir.path(), TWO_BROKERS, 0).await;
+    let b1 = Broker::start(dir.path(), TWO_BROKERS, 1).await;
+    let routes = format!("orders={},{}", b0.addr, b1.addr);
+    let sidecar = Sidecar::start(dir.path(), &routes).await;
+    eventually(Duration::from_secs(10), "sidecar readiness", || async {
+        (http_get(sidecar.metrics, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+    Cluster {
+        _dir: dir,
+        brokers: vec![b0, b1],
+        sidecar,
+    }
+}
+
+#[tokio::test]
+async fn routes_over_both_brokers_and_settles_through_the_sidecar() {
+    let cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    // Concurrent single enqueues: coalesced into batches per partition.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = app.clone();
+        tasks.push(tokio::spawn(async move {
+            enqueue(&mut c, "orders", msg(&format!("m{i}")))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut partitions = HashSet::new();
+    for t in tasks {
+        partitions.insert(t.await.unwrap().partition);
+    }
+    assert_eq!(
+        partitions.len(),
+        4,
+        "keyless messages spread over all partitions"
+    );
+    // Each broker holds some of them.
+    for b in &cl.brokers {
+        let mut direct = b.client().await;
+        let s = stats(&mut direct, "orders").await;
+        assert!(s.ready > 0, "broker {} got nothing", b.addr);
+    }
+    // A key always lands on the same partition.
+    let mut keyed = HashSet::new();
+    for i in 0..5 {
+        let mut m = msg(&format!("k{i}"));
+        m.key = "customer-7".into();
+        keyed.insert(enqueue(&mut app, "orders", m).await.unwrap().partition);
+    }
+    assert_eq!(keyed.len(), 1);
+
+    let s = stats(&mut app, "orders").await;
+    assert_eq!(s.ready, 205, "stats add up over brokers");
+    assert_eq!(s.partitions.len(), 4);
+    let d = app
+        .describe(v1::DescribeRequest {
+            queue: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.owned_partitions, vec![0, 1, 2, 3]);
+
+    let all = drain(&mut app, "orders", 300).await;
+    let bodies: HashSet<String> = all.iter().map(body_str).collect();
+    assert_eq!(
+        bodies.len(),
+        205,
+        "every message delivered once through the sidecar"
+    );
+    let s = stats(&mut app, "orders").await;
+    assert_eq!((s.ready, s.in_flight, s.acked_total), (0, 0, 205));
+}
+
+#[tokio::test]
+async fn subscribe_through_the_sidecar_draws_from_every_broker() {
+    use v1::subscribe_request::Request as In;
+    use v1::subscribe_response::Response as Out;
+    let cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    for i in 0..40 {
+        enqueue(&mut app, "orders", msg(&format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(v1::SubscribeRequest {
+        request: Some(In::Start(v1::SubscribeStart {
+            queue: "orders".into(),
+            visibility_timeout_ms: 0,
+            initial_credit: 10,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = app
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = HashSet::new();
+    let mut since_credit = 0;
+    while seen.len() < 40 {
+        match stream.message().await.unwrap().unwrap().response {
+            Some(Out::Message(m)) => {
+                since_credit += 1;
+                assert!(since_credit <= 10, "more deliveries than credit");
+                seen.insert(body_str(&m));
+                tx.send(v1::SubscribeRequest {
+                    request: Some(In::Ack(v1::AckRequest {
+                        queue: "orders".into(),
+                        receipts: vec![m.receipt],
+                    })),
+                })
+                .await
+                .unwrap();
+            }
+            Some(Out::Ack(a)) => assert!(a.results.iter().all(|r| r.code == 0), "{a:?}"),
+            other => panic!("{other:?}"),
+        }
+        if since_credit == 10 {
+            since_credit = 0;
+            tx.send(v1::SubscribeRequest {
+                request: Some(In::Credit(10)),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    eventually(Duration::from_secs(5), "all acks", || {
+        let mut c = app.clone();
+        async move { (stats(&mut c, "orders").await.acked_total == 40).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fails_over_when_a_broker_dies_and_reports_readiness() {
+    let mut cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    cl.brokers[1].proc.kill();
+    // Keyless enqueues keep working on the surviving broker.
+    for i in 0..20 {
+        let r = enqueue(&mut app, "orders", msg(&format!("f{i}"))).await;
+        assert!(r.is_ok(), "enqueue {i} failed: {r:?}");
+    }
+    // A key whose partition lives on the dead broker cannot be served: UNAVAILABLE,
+    // quickly, rather than a hang or a silent move (that would break its ordering).
+    let mut unavailable = 0;
+    for k in 0..20 {
+        let mut m = msg("keyed");
+        m.key = format!("key-{k}");
+        match enqueue(&mut app, "orders", m).await {
+            Ok(r) => assert!(
+                r.partition % 2 == 0,
+                "partition {} belongs to the dead broker",
+                r.partition
+            ),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(unavailable > 0);
+    let got = drain(&mut app, "orders", 300).await;
+    assert!(got.len() >= 20);
+
+    cl.brokers[0].proc.kill();
+    eventually(
+        Duration::from_secs(15),
+        "not ready with no broker",
+        || async { (http_get(cl.sidecar.metrics, "/readyz").0 == 503).then_some(()) },
+    )
+    .await;
+    let err = enqueue(&mut app, "orders", msg("nobody home"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    cl.brokers[0].restart().await;
+    cl.brokers[1].restart().await;
+    eventually(Duration::from_secs(15), "ready again", || async {
+        (http_get(cl.sidecar.metrics, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+    let mut app = cl.sidecar.client().await;
+    enqueue(&mut app, "orders", msg("back")).await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_queue_and_foreign_partition_are_refused() {
+    let cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    let err = enqueue(&mut app, "emails", msg("x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("sluice.dev/queues"),
+        "{}",
+        err.message()
+    );
+    // Straight to broker 0, a partition of broker 1: refused, naming the way.
+    let mut direct = cl.brokers[0].client().await;
+    let err = direct
+        .enqueue(v1::EnqueueRequest {
+            queue: "orders".into(),
+            message: Some(msg("x")),
+            partition: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("sidecar"), "{}", err.message());
+}
