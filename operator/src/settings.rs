@@ -56,11 +56,11 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
 pub fn format_duration_ms(ms: u64) -> String {
     if ms == 0 {
         "0s".into()
-    } else if ms % 1000 != 0 {
+    } else if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)

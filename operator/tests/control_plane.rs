@@ -341,7 +341,18 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .then_some(())
     })
     .await;
-    let hash_now = sts_api.get("sluice-orders").await.unwrap().spec.unwrap().template.metadata.unwrap().annotations.unwrap()["sluice.dev/config-hash"].clone();
+    let hash_now = sts_api
+        .get("sluice-orders")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()["sluice.dev/config-hash"]
+        .clone();
     let sts_name_edit = json!({"spec": {"template": {"metadata": {"annotations": {"sluice.dev/config-hash": "tampered"}}}}});
     sts_api
         .patch(
@@ -769,7 +780,10 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     );
     // Clean up the cluster-wide webhook so that it does not slow other tests.
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .delete(&format!("{full}-sidecar-injector"), &DeleteParams::default())
+        .delete(
+            &format!("{full}-sidecar-injector"),
+            &DeleteParams::default(),
+        )
         .await
         .unwrap();
 }
@@ -881,7 +895,8 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
         .clone()
         .unwrap();
     assert_eq!(
-        routes, format!("orders=sluice-orders.{ns}.svc.cluster.local:7171"),
+        routes,
+        format!("orders=sluice-orders.{ns}.svc.cluster.local:7171"),
         "emails denied to SA default"
     );
     assert_eq!(

@@ -150,12 +150,34 @@ launch kube-controller-manager "$BIN/kube-controller-manager" \
   --authorization-kubeconfig="$state/kubeconfig" \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --use-service-account-credentials=false \
-  --controllers='*,-nodeipam' --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
+  --controllers='*,-nodeipam' --bind-address=127.0.0.1 --secure-port="$KCM_PORT" --port=0 \
   --leader-elect=false --concurrent-gc-syncs=5 --v=1
 launch kube-scheduler "$BIN/kube-scheduler" \
   --kubeconfig="$state/kubeconfig" --authentication-kubeconfig="$state/kubeconfig" \
   --authorization-kubeconfig="$state/kubeconfig" \
   --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" --port=0 --leader-elect=false --v=1
+
+# Ready means the controllers work too: the ServiceAccount controller has made
+# the default ServiceAccount (no pod can be created before that).
+ok=0
+for _ in $(seq 1 240); do
+  if curl -sf --cacert "$pki/ca.crt" -H "Authorization: Bearer $TOKEN" \
+       "https://127.0.0.1:$API_PORT/api/v1/namespaces/default/serviceaccounts/default" >/dev/null 2>&1; then ok=1; break; fi
+  for pid in $(cat "$state/pids"); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "a control-plane process ($pid) exited; logs in $state/logs:" >&2
+      tail -5 "$state"/logs/*.log >&2 || true
+      stop "$state"
+      exit 1
+    fi
+  done
+  sleep 0.5
+done
+if [[ $ok -ne 1 ]]; then
+  echo "controller-manager did not create the default ServiceAccount" >&2
+  stop "$state"
+  exit 1
+fi
 
 cat > "$state/env" <<ENV
 KUBECONFIG=$state/kubeconfig

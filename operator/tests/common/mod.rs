@@ -290,7 +290,10 @@ pub fn unique(base: &str) -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        format!("{:x}", (std::process::id() as u64 * 1_000_003 + nanos as u64) % 0xfffff)
+        format!(
+            "{:x}",
+            (std::process::id() as u64 * 1_000_003 + nanos as u64) % 0xfffff
+        )
     });
     format!("{base}-{s}")
 }
