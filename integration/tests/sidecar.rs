@@ -75,6 +75,9 @@ async fn routes_over_both_brokers_and_settles_through_the_sidecar() {
     }
     assert_eq!(keyed.len(), 1);
 
+    let (_, metrics) = http_get(cl.sidecar.metrics, "/metrics");
+    assert!(metrics.contains("sluice_sidecar_brokers_up{queue=\"orders\"} 2"), "{metrics}");
+    assert!(metrics.contains("sluice_sidecar_enqueue_batch_size_count"), "{metrics}");
     let s = stats(&mut app, "orders").await;
     assert_eq!(s.ready, 205, "stats add up over brokers");
     assert_eq!(s.partitions.len(), 4);

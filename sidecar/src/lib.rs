@@ -5,11 +5,11 @@
 //! - [`router`]: broker discovery, partition ownership, per-partition batching.
 //! - [`service`]: the API, call by call.
 
+pub mod metrics;
 pub mod router;
 pub mod routes;
 pub mod service;
 
-use prometheus_client::registry::Registry;
 use sluice_broker::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
 use sluice_proto::v1::queues_server::QueuesServer;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub async fn run(
     }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = http {
-        let registry = Registry::with_prefix("sluice_sidecar");
+        let registry = metrics::registry(&router);
         tokio::spawn(sluice_broker::metrics::serve_http(
             listener,
             registry,

@@ -90,11 +90,17 @@ pub struct QueueRoute {
     next: AtomicUsize,
     batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
     changed: Notify,
+    metrics: Arc<crate::metrics::SidecarMetrics>,
 }
 
 impl QueueRoute {
-    pub fn new(queue: String, addrs: Vec<String>) -> Arc<Self> {
+    pub fn new(
+        queue: String,
+        addrs: Vec<String>,
+        metrics: Arc<crate::metrics::SidecarMetrics>,
+    ) -> Arc<Self> {
         Arc::new(QueueRoute {
+            metrics,
             queue,
             addrs,
             layout: RwLock::new(Layout::default()),
@@ -324,6 +330,7 @@ async fn run_batcher(
                 Err(_) => break,
             }
         }
+        route.metrics.batch_size.observe(batch.len() as f64);
         let (messages, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.message, p.reply)).unzip();
         match route.enqueue_batch(&route.queue, partition, messages).await {
@@ -344,15 +351,18 @@ async fn run_batcher(
 /// Every queue the sidecar may reach.
 pub struct Router {
     routes: BTreeMap<String, Arc<QueueRoute>>,
+    pub metrics: Arc<crate::metrics::SidecarMetrics>,
 }
 
 impl Router {
     pub fn new(routes: BTreeMap<String, Vec<String>>) -> Arc<Self> {
+        let metrics = Arc::new(crate::metrics::SidecarMetrics::default());
         Arc::new(Router {
             routes: routes
                 .into_iter()
-                .map(|(q, addrs)| (q.clone(), QueueRoute::new(q, addrs)))
+                .map(|(q, addrs)| (q.clone(), QueueRoute::new(q, addrs, metrics.clone())))
                 .collect(),
+            metrics,
         })
     }
 
@@ -377,6 +387,14 @@ impl Router {
                 self.routes.keys().cloned().collect::<Vec<_>>().join(", ")
             ))
         })
+    }
+
+    /// (queue, brokers answering) for every route.
+    pub fn brokers_up(&self) -> Vec<(String, usize)> {
+        self.routes
+            .iter()
+            .map(|(q, r)| (q.clone(), r.healthy_brokers().len()))
+            .collect()
     }
 
     pub fn is_ready(&self) -> bool {
