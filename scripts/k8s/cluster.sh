@@ -7,6 +7,9 @@
 #       state in STATE_DIR, waits until the API server is ready, and writes
 #       STATE_DIR/kubeconfig (admin, system:masters) and STATE_DIR/env.
 #       With --owner-pid the control plane stops itself when PID exits.
+#   scripts/k8s/cluster.sh ensure STATE_DIR [--owner-pid PID]
+#       Like start, but reuses a healthy control plane already running in
+#       STATE_DIR (several test processes share one; a lock serialises them).
 #   scripts/k8s/cluster.sh stop STATE_DIR
 #
 # No kubelet runs: pods are created and scheduled (if a Node exists) but not started.
@@ -45,6 +48,21 @@ stop() {
 if [[ "$cmd" == stop ]]; then
   stop "$state"
   exit 0
+fi
+if [[ "$cmd" == ensure ]]; then
+  mkdir -p "$(dirname "$state")"
+  exec 8>"$state.lock"
+  flock 8
+  if [[ -f "$state/env" && -f "$state/pids" ]]; then
+    # shellcheck disable=SC1091
+    source "$state/env"
+    if curl -sf --cacert "$SLUICE_K8S_CA" -H "Authorization: Bearer $SLUICE_K8S_TOKEN" \
+         "$SLUICE_K8S_API/readyz" >/dev/null 2>&1; then
+      echo "control plane already running: KUBECONFIG=$state/kubeconfig" >&2
+      exit 0
+    fi
+  fi
+  cmd=start
 fi
 [[ "$cmd" == start ]] || { echo "unknown command $cmd" >&2; exit 2; }
 
@@ -100,7 +118,7 @@ KC
 : > "$state/pids"
 launch() {
   local name="$1"; shift
-  setsid "$@" >"$state/logs/$name.log" 2>&1 < /dev/null &
+  setsid "$@" >"$state/logs/$name.log" 2>&1 < /dev/null 8>&- 9>&- &
   echo $! >> "$state/pids"
 }
 
@@ -188,7 +206,7 @@ ENV
 
 if [[ -n "$owner" ]]; then
   # Watchdog: stop the control plane when the owner (a test process) exits.
-  setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/cluster.sh' stop '$state'; rm -rf '$state'" \
-    >/dev/null 2>&1 < /dev/null &
+  setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/cluster.sh' stop '$state'; rm -rf '$state' '$state.lock'" \
+    >/dev/null 2>&1 < /dev/null 8>&- 9>&- &
 fi
 echo "control plane ready: KUBECONFIG=$state/kubeconfig" >&2

@@ -39,12 +39,16 @@ pub fn cluster() -> &'static Cluster {
                 kubeconfig: kc.into(),
             };
         }
-        let dir = std::env::temp_dir().join(format!("sluice-k8s-{}", std::process::id()));
+        // One control plane per test run, shared by the test processes (cargo
+        // test runs one per test binary, nextest one per test): keyed by the
+        // parent (cargo / nextest) and stopped by a watchdog when it exits.
+        let owner = std::os::unix::process::parent_id();
+        let dir = std::env::temp_dir().join(format!("sluice-k8s-{owner}"));
         let status = Command::new(repo_root().join("scripts/k8s/cluster.sh"))
-            .arg("start")
+            .arg("ensure")
             .arg(&dir)
             .arg("--owner-pid")
-            .arg(std::process::id().to_string())
+            .arg(owner.to_string())
             .status()
             .expect("run scripts/k8s/cluster.sh");
         assert!(status.success(), "starting the control plane failed");
