@@ -1114,3 +1114,108 @@ async fn helm_lint_and_install_succeed() {
         .args(["uninstall", rel.as_str(), "--namespace", hns.as_str()]));
     assert!(ok, "helm uninstall: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_certificate_rotates_and_keeps_serving() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let cfg_name = &unique("it-rotate-injector");
+    let ns = &unique("it-rotate");
+    namespace(&client, ns, json!({"sluice-test": cfg_name})).await;
+    let port = free_port();
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": cfg_name},
+        "webhooks": [{
+            "name": "inject.sluice.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"sluice-test": cfg_name}}
+        }]
+    }))
+    .unwrap();
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    mwcs.create(&PostParams::default(), &mwc).await.unwrap();
+    // A certificate that is always inside its renewal window: every check rotates it.
+    let op = Operator::start(
+        "rotate",
+        &cluster().kubeconfig,
+        &[
+            &format!("--namespace={ns}"),
+            &format!("--watch-namespace={ns}"),
+            "--lease-name=op-rotate",
+            &format!("--webhook-listen=127.0.0.1:{port}"),
+            "--webhook-extra-san=127.0.0.1",
+            &format!("--webhook-config-name={cfg_name}"),
+            "--cert-validity=1h",
+            "--cert-renew-before=2h",
+            "--cert-check-interval=1s",
+        ],
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let first = eventually("webhook Secret", || async {
+        secrets
+            .get_opt("sluice-webhook-tls")
+            .await
+            .ok()
+            .flatten()?
+            .data?
+            .get("tls.crt")
+            .cloned()
+    })
+    .await;
+    eventually("certificate rotated", || async {
+        let now = secrets
+            .get("sluice-webhook-tls")
+            .await
+            .ok()?
+            .data?
+            .get("tls.crt")
+            .cloned()?;
+        (now != first).then_some(())
+    })
+    .await;
+    // During a rotation the bundle holds the new and the previous CA.
+    eventually("caBundle with two CAs", || async {
+        let c = mwcs.get(cfg_name).await.ok()?;
+        let b = c.webhooks?[0].client_config.ca_bundle.clone()?;
+        (String::from_utf8_lossy(&b.0)
+            .matches("BEGIN CERTIFICATE")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let (_, m) = op.http_get("/metrics").await.unwrap();
+    assert!(
+        m.contains("sluice_operator_webhook_certificate_rotations_total"),
+        "{m}"
+    );
+    // The API server still reaches the webhook over TLS after rotations.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for i in 0..3 {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("app{i}"), "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "orders"}},
+            "spec": {"containers": [{"name": "app", "image": "example/app"}]}
+        }))
+        .unwrap();
+        let created = eventually("pod created through the rotated webhook", || async {
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(p) => Some(p),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    pods.get(&format!("app{i}")).await.ok()
+                }
+                Err(_) => None,
+            }
+        })
+        .await;
+        assert_eq!(created.spec.unwrap().containers.len(), 2);
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    mwcs.delete(cfg_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
