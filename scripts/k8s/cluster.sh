@@ -12,8 +12,23 @@
 #       STATE_DIR (several test processes share one; a lock serialises them).
 #   scripts/k8s/cluster.sh stop STATE_DIR
 #
-# No kubelet runs: pods are created and scheduled (if a Node exists) but not started.
+# No kubelet runs: pods are created and scheduled (if a Node exists) but not started
+# (the e2e suite's node agent runs them: docs/e2e.md).
+#
+# Environment (all optional; the defaults keep everything on 127.0.0.1):
+#   SLUICE_K8S_BIND_ADDRESS      API server bind address (the e2e suite uses 0.0.0.0
+#                                inside a network namespace of its own, so pods reach it)
+#   SLUICE_K8S_ADVERTISE_ADDRESS API server advertise address (endpoints of `kubernetes`)
+#   SLUICE_K8S_EXTRA_SANS        more subjectAltNames for its certificate, e.g. IP:10.244.0.1
+#   SLUICE_K8S_APISERVER_ARGS    extra kube-apiserver flags (space separated), e.g.
+#                                --enable-aggregator-routing=true (webhooks reached at
+#                                endpoint IPs: there is no kube-proxy)
 set -euo pipefail
+BIND_ADDRESS="${SLUICE_K8S_BIND_ADDRESS:-127.0.0.1}"
+ADVERTISE_ADDRESS="${SLUICE_K8S_ADVERTISE_ADDRESS:-127.0.0.1}"
+EXTRA_SANS="${SLUICE_K8S_EXTRA_SANS:+,$SLUICE_K8S_EXTRA_SANS}"
+# shellcheck disable=SC2206
+APISERVER_ARGS=(${SLUICE_K8S_APISERVER_ARGS:-})
 HERE="$(cd "$(dirname "$0")" && pwd)"
 K8S_VERSION=1.20.2
 CACHE="${SLUICE_K8S_CACHE:-$HOME/.cache/sluice/k8s-$K8S_VERSION}"
@@ -89,7 +104,7 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -out "$pki/ca.cr
   -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" \
   -subj /CN=kube-apiserver 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' > "$pki/ext.cnf"
+printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' "$EXTRA_SANS" > "$pki/ext.cnf"
 openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -out "$pki/apiserver.crt" -days 30 -extfile "$pki/ext.cnf" 2>/dev/null
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -139,7 +154,7 @@ fi
 
 launch kube-apiserver "$BIN/kube-apiserver" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-  --secure-port="$API_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+  --secure-port="$API_PORT" --bind-address="$BIND_ADDRESS" --advertise-address="$ADVERTISE_ADDRESS" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" \
   --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
@@ -147,7 +162,7 @@ launch kube-apiserver "$BIN/kube-apiserver" \
   --service-account-issuer=https://kubernetes.default.svc \
   --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
   --enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,OwnerReferencesPermissionEnforcement \
-  --v=1
+  "${APISERVER_ARGS[@]}" --v=1
 
 ready=0
 for _ in $(seq 1 240); do

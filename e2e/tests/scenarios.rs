@@ -1,0 +1,533 @@
+//! End-to-end scenarios: a real control plane, the operator, the node agent running
+//! the pods as local processes, cluster DNS; brokers that store and deliver messages
+//! and an injected sidecar that an app talks to. Each test runs in a world of its own
+//! (network, mount and PID namespaces; see sluice_e2e::harness and docs/e2e.md).
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use sluice_e2e::harness::{World, WorldOptions, eventually, http_get_at, isolated};
+use std::sync::Arc;
+
+fn queue_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("sluice.dev", "v1alpha1", "Queue");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+async fn apply_queue(client: &Client, ns: &str, name: &str, spec: Value) {
+    let q = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+                   "metadata": {"name": name}, "spec": spec});
+    queue_api(client, ns)
+        .patch(
+            name,
+            &PatchParams::apply("sluice-e2e").force(),
+            &Patch::Apply(&q),
+        )
+        .await
+        .expect("apply Queue");
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until the Queue reports Ready=True with `replicas` ready brokers and every
+/// broker pod is Ready; returns the broker pods.
+async fn queue_ready(client: &Client, ns: &str, name: &str, replicas: usize) -> Vec<Pod> {
+    let queues = queue_api(client, ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("Queue {ns}/{name} Ready=True with {replicas} ready brokers"),
+        || async {
+            let q = serde_json::to_value(queues.get(name).await.ok()?).ok()?;
+            let (status, reason, _) = condition(&q, "Ready")?;
+            let ready = q.pointer("/status/readyReplicas")?.as_u64()? as usize;
+            (status == "True" && reason == "AllBrokersReady" && ready == replicas).then_some(())
+        },
+    )
+    .await;
+    eventually("every broker pod Ready", || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("sluice.dev/queue={name}")))
+            .await
+            .ok()?;
+        (list.items.len() == replicas && list.items.iter().all(pod_ready)).then_some(list.items)
+    })
+    .await
+}
+
+/// Runs the test app in a pod's network with its app container's environment and
+/// returns its JSON result line.
+async fn app(world: &World, ns: &str, pod: &str, args: &[&str]) -> Value {
+    let mut argv = vec!["sluice-e2e-app".to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let out = world
+        .agent
+        .exec(ns, pod, "app", &argv)
+        .expect("exec in the app pod")
+        .output()
+        .await
+        .expect("run sluice-e2e-app");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "sluice-e2e-app {args:?} failed: {stdout}\n{stderr}"
+    );
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("app output {line:?}: {e}\n{stderr}"))
+}
+
+/// An app pod annotated for injection, running `sluice-e2e-app idle`.
+async fn app_pod(client: &Client, ns: &str, name: &str, queues: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": queues}},
+        "spec": {"containers": [{"name": "app", "image": "sluice-e2e-app:e2e", "command": ["sluice-e2e-app", "idle"]}],
+                 "terminationGracePeriodSeconds": 5}
+    }))
+    .unwrap();
+    let created = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create app pod");
+    eventually(
+        &format!("app pod {name} Ready (sidecar ready: brokers reachable)"),
+        || async { pods.get(name).await.ok().filter(pod_ready).map(|_| ()) },
+    )
+    .await;
+    created
+}
+
+fn container_names(p: &Pod) -> Vec<String> {
+    p.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+#[test]
+fn queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes() {
+    isolated(
+        "queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            apply_queue(
+                &client,
+                ns,
+                "orders",
+                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
+            )
+            .await;
+            let brokers = queue_ready(&client, ns, "orders", 3).await;
+
+            // Every broker has its own IP and answers its readiness endpoint there.
+            let mut ips: Vec<String> = brokers
+                .iter()
+                .map(|p| p.status.as_ref().unwrap().pod_ip.clone().expect("pod IP"))
+                .collect();
+            ips.sort();
+            ips.dedup();
+            assert_eq!(ips.len(), 3, "three distinct pod IPs: {ips:?}");
+            for ip in &ips {
+                let (code, _) = http_get_at(ip, 9090, "/readyz")
+                    .await
+                    .expect("broker /readyz");
+                assert_eq!(code, 200);
+            }
+
+            // Each claim is bound to a volume the agent provisioned, and the broker
+            // wrote its partitions there (the PVC really is its /var/lib/sluice).
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+            let pvs: Api<PersistentVolume> = Api::all(client.clone());
+            for i in 0..3 {
+                let pvc = pvcs
+                    .get(&format!("data-sluice-orders-{i}"))
+                    .await
+                    .expect("claim");
+                assert_eq!(pvc.status.as_ref().unwrap().phase.as_deref(), Some("Bound"));
+                let pv = pvs
+                    .get(pvc.spec.as_ref().unwrap().volume_name.as_ref().unwrap())
+                    .await
+                    .unwrap();
+                let dir = pv.spec.unwrap().host_path.unwrap().path;
+                let entries = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+                assert!(
+                    entries > 0,
+                    "broker {i} wrote nothing into its volume {dir}"
+                );
+            }
+
+            // The Queue's status tells the truth.
+            let q =
+                serde_json::to_value(queue_api(&client, ns).get("orders").await.unwrap()).unwrap();
+            assert_eq!(q.pointer("/status/readyReplicas"), Some(&json!(3)));
+            let (status, reason, _) = condition(&q, "Progressing").unwrap();
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "RolloutComplete"),
+                "{q}"
+            );
+            let endpoints = q
+                .pointer("/status/endpoints")
+                .and_then(|e| e.as_array())
+                .unwrap();
+            assert_eq!(endpoints.len(), 3);
+        },
+    );
+}
+
+#[test]
+fn injected_sidecar_carries_ten_thousand_messages() {
+    isolated(
+        "injected_sidecar_carries_ten_thousand_messages",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            apply_queue(
+                &client,
+                ns,
+                "orders",
+                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
+            )
+            .await;
+            queue_ready(&client, ns, "orders", 3).await;
+
+            let created = app_pod(&client, ns, "app", "orders").await;
+            assert_eq!(
+                container_names(&created),
+                ["app", "sluice-sidecar"],
+                "sidecar injected"
+            );
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let pod = pods.get("app").await.unwrap();
+            let statuses = pod.status.unwrap().container_statuses.unwrap();
+            assert!(
+                statuses.iter().all(|s| s.ready),
+                "both containers ready: {statuses:?}"
+            );
+            let env = created.spec.unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap_or_default();
+            assert!(
+                env.iter().any(|e| e.name == "SLUICE_ADDR"),
+                "SLUICE_ADDR injected into the app"
+            );
+
+            let produced = app(
+                &w,
+                ns,
+                "app",
+                &[
+                    "produce", "--queue", "orders", "--count", "10000", "--prefix", "m",
+                ],
+            )
+            .await;
+            assert_eq!(produced["acked"], 10000, "{produced}");
+            assert_eq!(produced["failed"], 0, "{produced}");
+            let before = app(&w, ns, "app", &["stats", "--queue", "orders"]).await;
+            assert_eq!(before["ready"], 10000, "stats after enqueue: {before}");
+
+            let consumed = app(
+                &w,
+                ns,
+                "app",
+                &[
+                    "consume", "--queue", "orders", "--prefix", "m", "--count", "10000",
+                ],
+            )
+            .await;
+            assert_eq!(consumed["missing"], 0, "{consumed}");
+            assert_eq!(consumed["unique"], 10000, "{consumed}");
+            assert!(consumed["acked"].as_u64().unwrap() >= 10000, "{consumed}");
+
+            let after = app(&w, ns, "app", &["stats", "--queue", "orders"]).await;
+            assert_eq!(after["ready"], 0, "{after}");
+            assert_eq!(after["in_flight"], 0, "{after}");
+            assert_eq!(after["enqueued_total"], 10000, "{after}");
+            assert_eq!(after["acked_total"], 10000, "{after}");
+        },
+    );
+}
+
+/// The name of the volume bound to a claim.
+async fn volume_of(client: &Client, ns: &str, claim: &str) -> String {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvc = pvcs.get(claim).await.expect("claim");
+    pvc.spec.unwrap().volume_name.expect("claim bound")
+}
+
+fn line_count(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
+    isolated(
+        "brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            apply_queue(
+                &client,
+                ns,
+                "orders",
+                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
+            )
+            .await;
+            let before = queue_ready(&client, ns, "orders", 3).await;
+            let uid1 = before
+                .iter()
+                .find(|p| p.name_any() == "sluice-orders-1")
+                .unwrap()
+                .uid();
+            let pv1 = volume_of(&client, ns, "data-sluice-orders-1").await;
+            let pv2 = volume_of(&client, ns, "data-sluice-orders-2").await;
+            app_pod(&client, ns, "app", "orders").await;
+
+            // Traffic: a producer records every acknowledged message.
+            let acked = w.dir.join("acked.txt");
+            let argv: Vec<String> = [
+                "sluice-e2e-app",
+                "produce",
+                "--queue",
+                "orders",
+                "--count",
+                "20000",
+                "--prefix",
+                "k",
+                "--concurrency",
+                "16",
+                "--acked-file",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([acked.display().to_string()])
+            .collect();
+            let producer = w.agent.exec(ns, "app", "app", &argv).unwrap().output();
+            let producer = tokio::spawn(producer);
+            eventually("traffic flowing", || async {
+                (line_count(&acked) >= 2000).then_some(())
+            })
+            .await;
+
+            // Delete one broker pod (SIGTERM, grace) and SIGKILL another mid-traffic.
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            pods.delete("sluice-orders-1", &DeleteParams::default())
+                .await
+                .expect("delete broker pod");
+            w.agent
+                .signal(ns, "sluice-orders-2", "broker", libc::SIGKILL)
+                .expect("SIGKILL broker");
+            let at_kill = line_count(&acked);
+
+            let out = producer.await.unwrap().expect("producer ran");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "producer: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let produced: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            let n_acked = line_count(&acked);
+            assert_eq!(
+                produced["acked"].as_u64().unwrap() as usize,
+                n_acked,
+                "{produced}"
+            );
+            assert!(
+                n_acked > at_kill,
+                "traffic went on after the kills: {produced}"
+            );
+
+            // Both come back, on the same volumes: a new pod for the deleted one, a
+            // restarted container in the killed one.
+            let after = queue_ready(&client, ns, "orders", 3).await;
+            let p1 = after
+                .iter()
+                .find(|p| p.name_any() == "sluice-orders-1")
+                .unwrap();
+            assert_ne!(p1.uid(), uid1, "sluice-orders-1 was recreated");
+            let p2 = after
+                .iter()
+                .find(|p| p.name_any() == "sluice-orders-2")
+                .unwrap();
+            let restarts = p2
+                .status
+                .as_ref()
+                .unwrap()
+                .container_statuses
+                .as_ref()
+                .unwrap()[0]
+                .restart_count;
+            assert!(restarts >= 1, "the killed broker was restarted in place");
+            assert_eq!(volume_of(&client, ns, "data-sluice-orders-1").await, pv1);
+            assert_eq!(volume_of(&client, ns, "data-sluice-orders-2").await, pv2);
+            eventually("app pod Ready again", || async {
+                pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+            })
+            .await;
+
+            // Every acknowledged message is delivered (at least once).
+            let consumed = app(
+                &w,
+                ns,
+                "app",
+                &[
+                    "consume",
+                    "--queue",
+                    "orders",
+                    "--expect-file",
+                    &acked.display().to_string(),
+                ],
+            )
+            .await;
+            assert_eq!(
+                consumed["missing"], 0,
+                "acknowledged messages lost: {consumed}"
+            );
+            assert_eq!(consumed["expected"].as_u64().unwrap() as usize, n_acked);
+        },
+    );
+}
+
+#[test]
+fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy() {
+    isolated(
+        "deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            apply_queue(
+                &client,
+                ns,
+                "kept",
+                json!({"replicas": 1, "partitions": 1, "deletionPolicy": "Retain"}),
+            )
+            .await;
+            apply_queue(
+                &client,
+                ns,
+                "gone",
+                json!({"replicas": 2, "partitions": 2, "deletionPolicy": "Delete"}),
+            )
+            .await;
+            queue_ready(&client, ns, "kept", 1).await;
+            queue_ready(&client, ns, "gone", 2).await;
+            let pvs: Api<PersistentVolume> = Api::all(client.clone());
+            let kept_pv = volume_of(&client, ns, "data-sluice-kept-0").await;
+            let mut gone_pvs = Vec::new();
+            for i in 0..2 {
+                gone_pvs.push(volume_of(&client, ns, &format!("data-sluice-gone-{i}")).await);
+            }
+            let dir_of = |pv: PersistentVolume| pv.spec.unwrap().host_path.unwrap().path;
+            let kept_dir = dir_of(pvs.get(&kept_pv).await.unwrap());
+            let mut gone_dirs = Vec::new();
+            for pv in &gone_pvs {
+                gone_dirs.push(dir_of(pvs.get(pv).await.unwrap()));
+            }
+
+            let queues = queue_api(&client, ns);
+            for q in ["kept", "gone"] {
+                queues
+                    .delete(q, &DeleteParams::default())
+                    .await
+                    .expect("delete Queue");
+            }
+            let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+            let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+            for q in ["kept", "gone"] {
+                let sel = ListParams::default().labels(&format!("sluice.dev/queue={q}"));
+                eventually(&format!("everything Queue {q} owned is gone"), || async {
+                    let gone = queues.get_opt(q).await.ok()?.is_none()
+                        && sts.list(&sel).await.ok()?.items.is_empty()
+                        && svcs.list(&sel).await.ok()?.items.is_empty()
+                        && cms.list(&sel).await.ok()?.items.is_empty()
+                        && pods.list(&sel).await.ok()?.items.is_empty();
+                    gone.then_some(())
+                })
+                .await;
+            }
+            // Retain: the claim, its volume and the data stay.
+            let kept = pvcs
+                .get("data-sluice-kept-0")
+                .await
+                .expect("retained claim");
+            assert_eq!(kept.status.unwrap().phase.as_deref(), Some("Bound"));
+            assert!(pvs.get_opt(&kept_pv).await.unwrap().is_some());
+            assert!(
+                std::fs::read_dir(&kept_dir).unwrap().count() > 0,
+                "retained data"
+            );
+            // Delete: claims, volumes and their directories go.
+            eventually("the Delete queue's claims and volumes are gone", || async {
+                for i in 0..2 {
+                    if pvcs
+                        .get_opt(&format!("data-sluice-gone-{i}"))
+                        .await
+                        .ok()?
+                        .is_some()
+                    {
+                        return None;
+                    }
+                }
+                for pv in &gone_pvs {
+                    if pvs.get_opt(pv).await.ok()?.is_some() {
+                        return None;
+                    }
+                }
+                gone_dirs
+                    .iter()
+                    .all(|d| !std::path::Path::new(d).exists())
+                    .then_some(())
+            })
+            .await;
+            // No broker process of either queue is left on the node.
+            for p in ["sluice-kept-0", "sluice-gone-0", "sluice-gone-1"] {
+                assert!(
+                    w.agent.pod_ip(ns, p).is_none(),
+                    "{p} still running on the node"
+                );
+            }
+        },
+    );
+}
