@@ -1,1 +1,426 @@
-fn main() {}
+//! `sluice-bench`: starts a real broker (and a real sidecar in front of it) on
+//! loopback, then measures durable end-to-end throughput and open-loop latency,
+//! straight to the broker and through the sidecar.
+//!
+//! Build the servers first: `cargo build --release --bins`, then
+//! `target/release/sluice-bench` (see docs/benchmarks.md).
+
+mod proc;
+mod report;
+mod scenario;
+mod sluice;
+mod system;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use report::{Machine, Report};
+use scenario::{BacklogResult, LatencyResult, ProcessMemory, ThroughputResult};
+use std::path::PathBuf;
+use std::time::Duration;
+use system::{ConsumerMode, QueueSpec, System};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SystemKind {
+    /// Sluice: clients talk to the broker.
+    Direct,
+    /// Sluice: clients talk to a sidecar, which talks to the broker.
+    Sidecar,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "Benchmarks Sluice: durable throughput, open-loop latency, CPU, memory and recovery, straight to the broker and through the sidecar"
+)]
+struct Args {
+    /// Measured seconds per throughput scenario.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    duration: Duration,
+    /// Unmeasured seconds before each scenario's measurement.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    warmup: Duration,
+    /// Measured seconds of each latency run.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    latency_duration: Duration,
+    /// Offered rate of the latency runs, messages per second.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Producer and consumer counts of the throughput runs (N producers and N consumers).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Message body sizes of the throughput runs, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    sizes: Vec<usize>,
+    /// Consumer styles of the throughput runs.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "subscribe")]
+    consumers: Vec<ConsumerMode>,
+    /// Consumer style of the latency runs.
+    #[arg(long, value_enum, default_value = "subscribe")]
+    latency_consumer: ConsumerMode,
+    /// Producer connections and consumers of the latency runs (one run per value).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    latency_clients: Vec<usize>,
+    /// Seconds to wait after the last send of a latency run for late deliveries, and
+    /// for consumers to drain a queue after a throughput run.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    drain: Duration,
+    /// Systems to measure. All are started first; every scenario then runs on each
+    /// in turn (A B A B), `--rounds` times.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,sidecar"
+    )]
+    systems: Vec<SystemKind>,
+    /// How many times every scenario runs on every system, interleaved.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Message body size of the latency runs, bytes.
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Messages of the backlog (memory with a backlog, recovery) scenario; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
+    /// Partitions of each benchmark queue.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Credit a Subscribe consumer keeps outstanding.
+    #[arg(long, default_value_t = 256)]
+    credit: u32,
+    /// Messages per Dequeue (and per Ack) of a Dequeue consumer.
+    #[arg(long, default_value_t = 100)]
+    dequeue_batch: u32,
+    /// Run everything with tiny durations (seconds in all): a check that the
+    /// harness works, not a measurement. Writes no report unless --write-report is given.
+    #[arg(long)]
+    smoke: bool,
+    /// Write the results (with machine details) into this markdown file, between
+    /// the generated-section markers if it has them.
+    #[arg(long)]
+    write_report: Option<PathBuf>,
+    /// Directory of sluice-broker and sluice-sidecar; by default the one holding
+    /// this executable.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let s = s.trim_end_matches('s');
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: must be a non-negative number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Args {
+    fn apply_smoke(&mut self) {
+        if self.smoke {
+            self.duration = Duration::from_millis(300);
+            self.warmup = Duration::from_millis(100);
+            self.latency_duration = Duration::from_millis(700);
+            self.rate = self.rate.min(200.0);
+            self.drain = Duration::from_secs(2);
+            self.backlog = 2_000;
+            self.rounds = self.rounds.min(1);
+        }
+    }
+}
+
+fn throughput_queue(mode: ConsumerMode, n: usize, size: usize) -> String {
+    format!("tp-{}-c{n}-s{size}", mode.as_str())
+}
+const LATENCY_QUEUE: &str = "latency";
+const BACKLOG_QUEUE: &str = "backlog";
+
+#[tokio::main]
+async fn main() {
+    let mut args = Args::parse();
+    args.apply_smoke();
+    let outcome = tokio::select! {
+        r = run(&args) => r,
+        s = stop_signal() => Err(anyhow::anyhow!("interrupted by {s}")),
+    };
+    // Dropping `run` above killed the servers it started.
+    if let Err(e) = outcome {
+        eprintln!("sluice-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// SIGINT or SIGTERM: stop, killing the servers on the way out.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
+}
+
+fn make_system(kind: SystemKind, args: &Args, bin_dir: &std::path::Path) -> Box<dyn System> {
+    match kind {
+        SystemKind::Direct | SystemKind::Sidecar => Box::new(sluice::Sluice::new(
+            kind == SystemKind::Sidecar,
+            bin_dir.to_path_buf(),
+            args.partitions,
+            args.credit,
+            args.dequeue_batch,
+        )),
+    }
+}
+
+fn print_memory(label: &str, m: &[ProcessMemory]) {
+    for p in m {
+        println!(
+            "   {label}: {} RSS {:.1} MiB (peak {:.1} MiB)",
+            p.role,
+            p.usage.rss_kib as f64 / 1024.0,
+            p.usage.peak_kib as f64 / 1024.0
+        );
+    }
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .parent()
+            .context("this executable has no directory")?
+            .to_path_buf(),
+    };
+    if args
+        .systems
+        .iter()
+        .any(|k| matches!(k, SystemKind::Direct | SystemKind::Sidecar))
+    {
+        for name in [sluice::BROKER_BIN, sluice::SIDECAR_BIN] {
+            sluice::find_binary(&bin_dir, name)?;
+        }
+    }
+    if args.concurrency.contains(&0) || args.latency_clients.contains(&0) {
+        bail!("--concurrency and --latency-clients values must be above 0");
+    }
+    if args.rounds == 0 {
+        bail!("--rounds must be above 0");
+    }
+    let machine = Machine::detect();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let date = report::command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .unwrap_or_else(|| "unknown".into());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "sluice-bench ({profile} build{}): {} CPUs, {}, {}, load {}",
+        if args.smoke { ", smoke run" } else { "" },
+        machine.nproc,
+        machine.memory,
+        machine.cpu,
+        machine.load
+    );
+
+    let mut queues: Vec<QueueSpec> = Vec::new();
+    for &mode in &args.consumers {
+        for &size in &args.sizes {
+            for &n in &args.concurrency {
+                queues.push(QueueSpec {
+                    name: throughput_queue(mode, n, size),
+                });
+            }
+        }
+    }
+    queues.push(QueueSpec {
+        name: LATENCY_QUEUE.into(),
+    });
+    if args.backlog > 0 {
+        queues.push(QueueSpec {
+            name: BACKLOG_QUEUE.into(),
+        });
+    }
+
+    let mut systems: Vec<Box<dyn System>> = args
+        .systems
+        .iter()
+        .map(|k| make_system(*k, args, &bin_dir))
+        .collect();
+
+    // Start every system first, so that the scenarios can alternate between them.
+    let mut described = Vec::new();
+    let mut idle: Vec<(String, Vec<ProcessMemory>)> = Vec::new();
+    for system in systems.iter_mut() {
+        let name = system.name().to_string();
+        println!("== {name}: starting servers");
+        system
+            .setup(&queues)
+            .await
+            .with_context(|| format!("setting up {name}"))?;
+        described.push((name.clone(), system.describe()));
+    }
+    // Idle memory: every server up, queues open, nothing sent yet.
+    tokio::time::sleep(Duration::from_millis(if args.smoke { 100 } else { 1000 })).await;
+    for system in &systems {
+        let m = scenario::memory_of(system.as_ref());
+        print_memory(&format!("{} idle", system.name()), &m);
+        idle.push((system.name().to_string(), m));
+    }
+
+    let mut tput: Vec<ThroughputResult> = Vec::new();
+    let mut lat: Vec<LatencyResult> = Vec::new();
+    for round in 1..=args.rounds {
+        println!("== round {round} of {}", args.rounds);
+        for &mode in &args.consumers {
+            for &size in &args.sizes {
+                for &n in &args.concurrency {
+                    for system in &systems {
+                        let name = system.name();
+                        let r = scenario::throughput(
+                            system.as_ref(),
+                            &throughput_queue(mode, n, size),
+                            mode,
+                            n,
+                            args.warmup,
+                            args.duration,
+                            args.drain,
+                            size,
+                            round,
+                        )
+                        .await
+                        .with_context(|| {
+                            format!("{name}: throughput, {} × {n}, {size} B", mode.as_str())
+                        })?;
+                        println!(
+                            "   {name:<16} throughput {:<9} {size:>5} B {n:>2}×{n:<2}  enqueued {:>8.0} msg/s  end-to-end {:>8.0} msg/s  {:>7.2} MB/s  server CPU {:>6.1} µs/msg  client CPU {:>6.1} µs/msg",
+                            mode.as_str(),
+                            r.enqueued_per_sec,
+                            r.acked_per_sec,
+                            r.mb_per_sec,
+                            r.server_cpu_us,
+                            r.client_cpu_us,
+                        );
+                        tput.push(r);
+                    }
+                }
+            }
+        }
+        for &clients in &args.latency_clients {
+            for system in &systems {
+                let name = system.name();
+                let r = scenario::latency(
+                    system.as_ref(),
+                    LATENCY_QUEUE,
+                    args.latency_consumer,
+                    args.rate,
+                    clients,
+                    clients,
+                    args.warmup,
+                    args.latency_duration,
+                    args.drain,
+                    args.message_size,
+                    round,
+                )
+                .await
+                .with_context(|| format!("{name}: latency"))?;
+                println!(
+                    "   {name:<16} latency at {:.0} msg/s, {clients} clients: p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} of {} delivered; enqueue ack p50 {:.2} ms p99 {:.2} ms)",
+                    r.rate,
+                    r.p50 as f64 / 1e3,
+                    r.p99 as f64 / 1e3,
+                    r.p999 as f64 / 1e3,
+                    r.delivered,
+                    r.scheduled,
+                    r.enqueue_p50 as f64 / 1e3,
+                    r.enqueue_p99 as f64 / 1e3
+                );
+                lat.push(r);
+            }
+        }
+    }
+
+    // Last, as it leaves a large backlog behind: memory with a backlog, recovery.
+    let mut backlog: Vec<BacklogResult> = Vec::new();
+    if args.backlog > 0 {
+        for system in systems.iter_mut() {
+            let name = system.name().to_string();
+            println!("== {name}: backlog of {} messages", args.backlog);
+            let r = scenario::backlog(
+                system.as_mut(),
+                BACKLOG_QUEUE,
+                args.backlog,
+                args.message_size,
+                4,
+                1000,
+            )
+            .await
+            .with_context(|| format!("{name}: backlog"))?;
+            println!(
+                "   filled in {:.1} s ({:.0} msg/s); recovery after SIGKILL: {:.3} s",
+                r.fill_secs,
+                r.messages as f64 / r.fill_secs,
+                r.recovery.as_secs_f64()
+            );
+            print_memory("with backlog", &r.filled);
+            print_memory("after recovery", &r.recovered);
+            backlog.push(r);
+        }
+    }
+    for system in systems.iter_mut() {
+        system.teardown().await?;
+    }
+    drop(systems);
+
+    let load_after = Machine::load();
+    let settings = format!(
+        "throughput: {:.1} s warmup + {:.1} s measured per row, then the queue is drained; producers send one message at a time each and wait for its durable acknowledgement; \
+         Subscribe-style consumers keep {} messages outstanding, Dequeue-style consumers take and ack up to {} per call; \
+         latency: {} B messages, {:.0} msg/s offered for {:.1} s (+{:.1} s warmup) by N producer connections to N {} consumers; \
+         {} round(s), systems interleaved within each scenario",
+        args.warmup.as_secs_f64(),
+        args.duration.as_secs_f64(),
+        args.credit,
+        args.dequeue_batch,
+        args.message_size,
+        args.rate,
+        args.latency_duration.as_secs_f64(),
+        args.warmup.as_secs_f64(),
+        args.latency_consumer.as_str(),
+        args.rounds,
+    );
+    let revision = report::command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let report = Report {
+        machine: &machine,
+        command: &command,
+        date: &date,
+        revision: revision.as_deref(),
+        profile,
+        settings: &settings,
+        systems: &described,
+        throughput: &tput,
+        latency: &lat,
+        idle: &idle,
+        backlog: &backlog,
+        load_after: &load_after,
+    };
+    println!();
+    println!("{}", report::throughput_table(&tput));
+    println!("{}", report::latency_table(&lat));
+    println!("{}", report::memory_table(&idle, &backlog));
+    if let Some(path) = &args.write_report {
+        report
+            .write(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! Sluice as a benchmarked system: a real `sluice-broker` child process, reached
+//! either directly or through a real `sluice-sidecar` child process in front of it.
+
+use crate::proc::{ChildGuard, TempDir, free_ports, tail};
+use crate::system::{Batch, Consumer, ConsumerMode, Producer, QueueSpec, System};
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use sluice_proto::v1;
+use sluice_proto::v1::queues_client::QueuesClient;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const BROKER_BIN: &str = "sluice-broker";
+pub const SIDECAR_BIN: &str = "sluice-sidecar";
+
+/// Where the server binaries are: next to this executable (the same target dir,
+/// debug or release) unless overridden.
+pub fn find_binary(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if path.is_file() {
+        return Ok(path);
+    }
+    bail!(
+        "{name} not found at {}: the bench starts the real servers and looks for them next to \
+         its own executable. Build them first with `cargo build --release --bins` (or \
+         `cargo build --bins` for a debug run), or point --bin-dir at a directory holding \
+         {BROKER_BIN} and {SIDECAR_BIN}",
+        path.display()
+    )
+}
+
+pub async fn connect(addr: SocketAddr) -> Result<QueuesClient<Channel>> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    Ok(QueuesClient::new(channel)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE))
+}
+
+/// Waits until `addr` answers `Describe` for every queue (the broker has opened
+/// them; the sidecar has found their broker).
+async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut last_err = String::new();
+    loop {
+        child.check_alive()?;
+        let mut ok = true;
+        match connect(addr).await {
+            Ok(mut c) => {
+                for q in queues {
+                    let req = v1::DescribeRequest {
+                        queue: q.name.clone(),
+                    };
+                    if let Err(e) = c.describe(req).await {
+                        last_err = format!("describe {}: {e}", q.name);
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                last_err = format!("{e:#}");
+                ok = false;
+            }
+        }
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} at {addr} not ready after {STARTUP_TIMEOUT:?} ({last_err}); last lines of {}:\n{}",
+                child.name,
+                child.log.display(),
+                tail(&child.log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sluice, reached straight at the broker or through the sidecar.
+pub struct Sluice {
+    name: String,
+    via_sidecar: bool,
+    bin_dir: PathBuf,
+    partitions: u32,
+    subscribe_credit: u32,
+    dequeue_batch: u32,
+    // Field order matters for drop: processes stop before their data dir goes.
+    broker: Option<ChildGuard>,
+    sidecar: Option<ChildGuard>,
+    dir: Option<TempDir>,
+    broker_addr: Option<(SocketAddr, SocketAddr)>,
+    endpoint: Option<SocketAddr>,
+}
+
+impl Sluice {
+    pub fn new(
+        via_sidecar: bool,
+        bin_dir: PathBuf,
+        partitions: u32,
+        subscribe_credit: u32,
+        dequeue_batch: u32,
+    ) -> Self {
+        let name = if via_sidecar {
+            "sluice-sidecar"
+        } else {
+            "sluice-direct"
+        };
+        Sluice {
+            name: name.to_string(),
+            via_sidecar,
+            bin_dir,
+            partitions,
+            subscribe_credit,
+            dequeue_batch,
+            broker: None,
+            sidecar: None,
+            dir: None,
+            broker_addr: None,
+            endpoint: None,
+        }
+    }
+
+    fn endpoint(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .context("setup() has not run: no server to connect to")
+    }
+
+    fn spawn_broker(&self) -> Result<ChildGuard> {
+        let broker_bin = find_binary(&self.bin_dir, BROKER_BIN)?;
+        let dir = &self.dir.as_ref().context("no data directory")?.0;
+        let (grpc, http) = self.broker_addr.context("no broker address")?;
+        let mut cmd = Command::new(&broker_bin);
+        cmd.arg("--config")
+            .arg(dir.join("broker.toml"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen")
+            .arg(grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(http.to_string())
+            .arg("--ordinal")
+            .arg("0")
+            .env("RUST_LOG", "warn");
+        ChildGuard::spawn(BROKER_BIN, cmd, dir.join("broker.log"))
+    }
+}
+
+#[tonic::async_trait]
+impl System for Sluice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn describe(&self) -> String {
+        let hops = if self.via_sidecar {
+            "client → sluice-sidecar → sluice-broker"
+        } else {
+            "client → sluice-broker"
+        };
+        format!(
+            "{hops}; one broker, fsync = \"always\", {} partitions per queue",
+            self.partitions
+        )
+    }
+
+    async fn setup(&mut self, queues: &[QueueSpec]) -> Result<()> {
+        find_binary(&self.bin_dir, BROKER_BIN)?;
+        let sidecar_bin = find_binary(&self.bin_dir, SIDECAR_BIN)?;
+        let dir = TempDir::new(&self.name)?;
+        let mut toml = String::new();
+        for q in queues {
+            writeln!(
+                toml,
+                "[[queue]]\nname = \"{}\"\npartitions = {}\nreplicas = 1\nfsync = \"always\"\nvisibility_timeout = \"60s\"\n",
+                q.name, self.partitions
+            )?;
+        }
+        std::fs::write(dir.0.join("broker.toml"), toml)?;
+        let ports = free_ports(4)?;
+        let (broker_grpc, broker_http, sidecar_grpc, sidecar_http) =
+            (ports[0], ports[1], ports[2], ports[3]);
+        self.broker_addr = Some((broker_grpc, broker_http));
+        self.dir = Some(dir);
+        let mut broker = self.spawn_broker()?;
+        wait_ready(broker_grpc, queues, &mut broker).await?;
+        self.broker = Some(broker);
+        let mut endpoint = broker_grpc;
+        if self.via_sidecar {
+            let dir = &self.dir.as_ref().context("no data directory")?.0;
+            let mut cmd = Command::new(&sidecar_bin);
+            cmd.arg("--listen")
+                .arg(sidecar_grpc.to_string())
+                .arg("--metrics-listen")
+                .arg(sidecar_http.to_string())
+                .env("RUST_LOG", "warn");
+            for q in queues {
+                cmd.arg("--route").arg(format!("{}={broker_grpc}", q.name));
+            }
+            let mut sidecar = ChildGuard::spawn(SIDECAR_BIN, cmd, dir.join("sidecar.log"))?;
+            wait_ready(sidecar_grpc, queues, &mut sidecar).await?;
+            self.sidecar = Some(sidecar);
+            endpoint = sidecar_grpc;
+        }
+        self.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    fn processes(&self) -> Vec<(String, u32)> {
+        [&self.broker, &self.sidecar]
+            .into_iter()
+            .flatten()
+            .map(|c| (c.name.clone(), c.pgid()))
+            .collect()
+    }
+
+    async fn restart(&mut self, queue: &str) -> Result<Duration> {
+        let (grpc, _) = self.broker_addr.context("setup() has not run")?;
+        if let Some(mut old) = self.broker.take() {
+            old.kill();
+        }
+        let started = Instant::now();
+        let mut broker = self.spawn_broker()?;
+        // Served = a message dequeued and acked, straight at the broker.
+        let deadline = started + Duration::from_secs(600);
+        loop {
+            broker.check_alive()?;
+            if let Ok(mut c) = connect(grpc).await {
+                let got = c
+                    .dequeue(v1::DequeueRequest {
+                        queue: queue.to_string(),
+                        max_messages: 1,
+                        wait_ms: 0,
+                        visibility_timeout_ms: 0,
+                    })
+                    .await;
+                if let Ok(r) = got
+                    && let Some(m) = r.into_inner().messages.into_iter().next()
+                {
+                    c.ack(v1::AckRequest {
+                        queue: queue.to_string(),
+                        receipts: vec![m.receipt],
+                    })
+                    .await
+                    .context("ack after restart")?;
+                    let took = started.elapsed();
+                    self.broker = Some(broker);
+                    return Ok(took);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("broker did not serve {queue} within 10 minutes of a restart");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn producer(&self, queue: &str) -> Result<Arc<dyn Producer>> {
+        Ok(Arc::new(GrpcProducer {
+            client: connect(self.endpoint()?).await?,
+            queue: queue.to_string(),
+        }))
+    }
+
+    async fn consumer(&self, queue: &str, mode: ConsumerMode) -> Result<Box<dyn Consumer>> {
+        let client = connect(self.endpoint()?).await?;
+        Ok(match mode {
+            ConsumerMode::Subscribe => {
+                Box::new(SubscribeConsumer::start(client, queue, self.subscribe_credit).await?)
+            }
+            ConsumerMode::Dequeue => Box::new(DequeueConsumer {
+                client,
+                queue: queue.to_string(),
+                batch: self.dequeue_batch,
+            }),
+        })
+    }
+
+    async fn teardown(&mut self) -> Result<()> {
+        // Sidecar first, then the broker, then the data.
+        self.sidecar = None;
+        self.broker = None;
+        self.dir = None;
+        self.endpoint = None;
+        Ok(())
+    }
+}
+
+/// `Enqueue`, one message per call (the sidecar may batch calls of many clients).
+struct GrpcProducer {
+    client: QueuesClient<Channel>,
+    queue: String,
+}
+
+#[tonic::async_trait]
+impl Producer for GrpcProducer {
+    async fn send(&self, body: Bytes) -> Result<()> {
+        let req = v1::EnqueueRequest {
+            queue: self.queue.clone(),
+            message: Some(v1::NewMessage {
+                body,
+                ..Default::default()
+            }),
+            partition: None,
+        };
+        self.client.clone().enqueue(req).await.context("enqueue")?;
+        Ok(())
+    }
+
+    async fn send_many(&self, bodies: Vec<Bytes>) -> Result<()> {
+        let req = v1::EnqueueBatchRequest {
+            queue: self.queue.clone(),
+            messages: bodies
+                .into_iter()
+                .map(|body| v1::NewMessage {
+                    body,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.client
+            .clone()
+            .enqueue_batch(req)
+            .await
+            .context("enqueue batch")?;
+        Ok(())
+    }
+}
+
+fn count_acks(results: &[v1::ReceiptResult], batch: &mut Batch) {
+    let ok = results
+        .iter()
+        .filter(|r| r.code == tonic::Code::Ok as i32)
+        .count() as u64;
+    batch.acked += ok;
+    batch.ack_failed += results.len() as u64 - ok;
+}
+
+/// `Subscribe`: credit-based push; what one call delivered is acked inline at the
+/// start of the next call, together with a credit grant of the same size.
+struct SubscribeConsumer {
+    queue: String,
+    credit: usize,
+    tx: mpsc::Sender<v1::SubscribeRequest>,
+    inbound: Streaming<v1::SubscribeResponse>,
+    pending: Vec<String>,
+}
+
+impl SubscribeConsumer {
+    async fn start(mut client: QueuesClient<Channel>, queue: &str, credit: u32) -> Result<Self> {
+        use v1::subscribe_request::Request;
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(v1::SubscribeRequest {
+            request: Some(Request::Start(v1::SubscribeStart {
+                queue: queue.to_string(),
+                visibility_timeout_ms: 0,
+                initial_credit: credit,
+            })),
+        })
+        .await?;
+        let inbound = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .context("subscribe")?
+            .into_inner();
+        Ok(SubscribeConsumer {
+            queue: queue.to_string(),
+            credit: credit as usize,
+            tx,
+            inbound,
+            pending: Vec::new(),
+        })
+    }
+
+    fn handle(&mut self, response: Option<v1::SubscribeResponse>, batch: &mut Batch) -> Result<()> {
+        use v1::subscribe_response::Response;
+        match response.and_then(|r| r.response) {
+            Some(Response::Message(m)) => {
+                batch.delivered.push((Instant::now(), m.body));
+                self.pending.push(m.receipt);
+            }
+            Some(Response::Ack(a)) => count_acks(&a.results, batch),
+            Some(Response::Nack(_)) => {}
+            None => bail!("the server ended the subscription"),
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Consumer for SubscribeConsumer {
+    async fn next(&mut self, wait: Duration) -> Result<Batch> {
+        use v1::subscribe_request::Request;
+        if !self.pending.is_empty() {
+            let receipts = std::mem::take(&mut self.pending);
+            let n = receipts.len() as u32;
+            let ack = Request::Ack(v1::AckRequest {
+                queue: self.queue.clone(),
+                receipts,
+            });
+            for request in [ack, Request::Credit(n)] {
+                self.tx
+                    .send(v1::SubscribeRequest {
+                        request: Some(request),
+                    })
+                    .await
+                    .context("subscription request stream closed")?;
+            }
+        }
+        let mut batch = Batch::default();
+        let first = match tokio::time::timeout(wait, self.inbound.message()).await {
+            Err(_) => return Ok(batch),
+            Ok(r) => r.context("subscription")?,
+        };
+        self.handle(first, &mut batch)?;
+        // Take whatever else has already arrived, without waiting.
+        while batch.delivered.len() < self.credit {
+            match tokio::time::timeout(Duration::ZERO, self.inbound.message()).await {
+                Err(_) => break,
+                Ok(r) => {
+                    let r = r.context("subscription")?;
+                    self.handle(r, &mut batch)?;
+                }
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// `Dequeue` a batch (long poll), then `Ack` it in one call.
+struct DequeueConsumer {
+    client: QueuesClient<Channel>,
+    queue: String,
+    batch: u32,
+}
+
+#[tonic::async_trait]
+impl Consumer for DequeueConsumer {
+    async fn next(&mut self, wait: Duration) -> Result<Batch> {
+        let messages = self
+            .client
+            .dequeue(v1::DequeueRequest {
+                queue: self.queue.clone(),
+                max_messages: self.batch,
+                wait_ms: wait.as_millis() as u64,
+                visibility_timeout_ms: 0,
+            })
+            .await
+            .context("dequeue")?
+            .into_inner()
+            .messages;
+        let at = Instant::now();
+        let mut batch = Batch::default();
+        if messages.is_empty() {
+            return Ok(batch);
+        }
+        let mut receipts = Vec::with_capacity(messages.len());
+        for m in messages {
+            batch.delivered.push((at, m.body));
+            receipts.push(m.receipt);
+        }
+        let results = self
+            .client
+            .ack(v1::AckRequest {
+                queue: self.queue.clone(),
+                receipts,
+            })
+            .await
+            .context("ack")?
+            .into_inner()
+            .results;
+        count_acks(&results, &mut batch);
+        Ok(batch)
+    }
+}
