@@ -10,7 +10,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use sluice_e2e::harness::{World, WorldOptions, eventually, http_get_at, isolated};
+use sluice_e2e::harness::{
+    World, WorldOptions, eventually, eventually_within, http_get_at, isolated,
+};
 use std::sync::Arc;
 
 fn queue_api(client: &Client, ns: &str) -> Api<DynamicObject> {
@@ -528,6 +530,159 @@ fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy() {
                     "{p} still running on the node"
                 );
             }
+        },
+    );
+}
+
+#[test]
+fn setting_and_replica_changes_roll_out_while_the_queue_serves() {
+    isolated(
+        "setting_and_replica_changes_roll_out_while_the_queue_serves",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            let spec = |replicas: u32, vt: &str| json!({"replicas": replicas, "partitions": 6, "delivery": {"visibilityTimeout": vt}});
+            apply_queue(&client, ns, "orders", spec(2, "30s")).await;
+            let before = queue_ready(&client, ns, "orders", 2).await;
+            app_pod(&client, ns, "app", "orders").await;
+            let d = app(&w, ns, "app", &["describe", "--queue", "orders"]).await;
+            assert_eq!(d["visibility_timeout_ms"], 30_000, "{d}");
+            let hash = |p: &Pod| {
+                p.annotations()
+                    .get("sluice.dev/config-hash")
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let old_hash = hash(&before[0]);
+
+            // Traffic during the rollout.
+            let acked = w.dir.join("acked-rollout.txt");
+            let argv: Vec<String> = [
+                "sluice-e2e-app",
+                "produce",
+                "--queue",
+                "orders",
+                "--count",
+                "4000",
+                "--prefix",
+                "r",
+                "--concurrency",
+                "8",
+                "--acked-file",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([acked.display().to_string()])
+            .collect();
+            let producer = tokio::spawn(w.agent.exec(ns, "app", "app", &argv).unwrap().output());
+
+            apply_queue(&client, ns, "orders", spec(3, "45s")).await;
+            let queues = queue_api(&client, ns);
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            // Status tells the truth throughout: sampled until the rollout completes.
+            let saw_rolling_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            eventually_within(
+                "rollout complete",
+                std::time::Duration::from_secs(300),
+                || {
+                    let (queues, pods) = (queues.clone(), pods.clone());
+                    let (saw, old_hash) = (saw_rolling_out.clone(), old_hash.clone());
+                    async move {
+                        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+                        let generation = q.pointer("/metadata/generation")?.as_i64()?;
+                        if q.pointer("/status/observedGeneration")?.as_i64()? != generation {
+                            return None;
+                        }
+                        let (ready, _, msg) = condition(&q, "Ready")?;
+                        let (progressing, preason, _) = condition(&q, "Progressing")?;
+                        let ready_n = q.pointer("/status/readyReplicas")?.as_u64()?;
+                        let list = pods
+                            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+                            .await
+                            .ok()?;
+                        let really_ready =
+                            list.items.iter().filter(|p| pod_ready(p)).count() as u64;
+                        if ready == "True" {
+                            assert_eq!(ready_n, 3, "Ready=True claims all brokers ready: {q}");
+                        } else {
+                            assert!(!msg.is_empty(), "Ready=False says why: {q}");
+                        }
+                        assert!(ready_n <= 3, "{q}");
+                        if progressing == "True" {
+                            assert_eq!(preason, "RollingOut", "{q}");
+                            saw.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let all_new = list.items.len() == 3
+                            && list
+                                .items
+                                .iter()
+                                .all(|p| hash(p) != old_hash && pod_ready(p));
+                        let done = ready == "True"
+                            && progressing == "False"
+                            && preason == "RolloutComplete";
+                        if done {
+                            assert!(
+                                all_new,
+                                "RolloutComplete only once every pod runs the new settings: {q}"
+                            );
+                        }
+                        (done && really_ready == 3).then_some(())
+                    }
+                },
+            )
+            .await;
+            assert!(
+                saw_rolling_out.load(std::sync::atomic::Ordering::Relaxed),
+                "Progressing=True (RollingOut) was reported during the rollout"
+            );
+            let after = queue_ready(&client, ns, "orders", 3).await;
+            for p in &before {
+                let now = after.iter().find(|a| a.name_any() == p.name_any()).unwrap();
+                assert_ne!(now.uid(), p.uid(), "{} was replaced", p.name_any());
+            }
+
+            // The queue kept serving through the rollout, and serves with the new settings.
+            let out = producer.await.unwrap().expect("producer ran");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "producer: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let produced: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            assert!(produced["acked"].as_u64().unwrap() > 0, "{produced}");
+            eventually("app pod Ready again", || async {
+                pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+            })
+            .await;
+            let d = eventually("brokers describe the new settings", || async {
+                let d = app(&w, ns, "app", &["describe", "--queue", "orders"]).await;
+                (d["visibility_timeout_ms"] == 45_000).then_some(d)
+            })
+            .await;
+            assert_eq!(d["partitions"], 6, "{d}");
+            let produced = app(
+                &w,
+                ns,
+                "app",
+                &[
+                    "produce", "--queue", "orders", "--count", "1000", "--prefix", "after",
+                ],
+            )
+            .await;
+            assert_eq!(produced["acked"], 1000, "{produced}");
+            let consumed = app(
+                &w,
+                ns,
+                "app",
+                &[
+                    "consume", "--queue", "orders", "--prefix", "after", "--count", "1000",
+                ],
+            )
+            .await;
+            assert_eq!(consumed["missing"], 0, "{consumed}");
         },
     );
 }

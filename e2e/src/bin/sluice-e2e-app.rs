@@ -58,6 +58,11 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
     },
+    /// Print the queue's settings and layout as the brokers describe them.
+    Describe {
+        #[arg(long)]
+        queue: String,
+    },
     /// Print the queue's stats as JSON.
     Stats {
         #[arg(long)]
@@ -253,6 +258,22 @@ async fn main() -> anyhow::Result<()> {
                     "expected": expected.len(), "received": received, "unique": seen.len(),
                     "acked": acked, "errors": errors, "missing": missing.len(),
                     "missing_sample": missing.iter().take(10).collect::<Vec<_>>(),
+                })
+            );
+            Ok(())
+        }
+        Cmd::Describe { queue } => {
+            let mut client = connect(&cli.addr).await?;
+            let d = client
+                .describe(v1::DescribeRequest { queue })
+                .await
+                .context("describe")?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "partitions": d.partitions, "visibility_timeout_ms": d.visibility_timeout_ms,
+                    "max_deliveries": d.max_deliveries, "fsync": d.fsync,
                 })
             );
             Ok(())
