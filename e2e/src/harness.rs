@@ -426,6 +426,23 @@ pub async fn namespace(client: &Client, name: &str, labels: Value) {
     .await;
 }
 
+/// A tool installed by scripts/k8s/install-tools.sh (`helm`, `kubectl`).
+pub fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var("SLUICE_TOOLS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/sluice/tools/bin")
+        });
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/k8s/install-tools.sh",
+        p.display()
+    );
+    p
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

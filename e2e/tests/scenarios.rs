@@ -11,7 +11,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice_e2e::harness::{
-    World, WorldOptions, eventually, eventually_within, http_get_at, isolated,
+    World, WorldOptions, eventually, eventually_within, http_get_at, isolated, repo_root, tool,
 };
 use std::sync::Arc;
 
@@ -679,6 +679,136 @@ fn setting_and_replica_changes_roll_out_while_the_queue_serves() {
                 "app",
                 &[
                     "consume", "--queue", "orders", "--prefix", "after", "--count", "1000",
+                ],
+            )
+            .await;
+            assert_eq!(consumed["missing"], 0, "{consumed}");
+        },
+    );
+}
+
+#[test]
+fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects() {
+    isolated(
+        "helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects",
+        WorldOptions { operator: false },
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let out = std::process::Command::new(tool("helm"))
+                .args(["install", "sluice"])
+                .arg(repo_root().join("charts/sluice"))
+                .args([
+                    "--namespace",
+                    "sluice-system",
+                    "--create-namespace",
+                    "--kubeconfig",
+                ])
+                .arg(&w.kubeconfig)
+                .args([
+                    "--set",
+                    "operator.image.tag=e2e",
+                    "--set",
+                    "broker.image.tag=e2e",
+                    "--set",
+                    "sidecar.image.tag=e2e",
+                    "--set",
+                    "operator.logFormat=text",
+                ])
+                .output()
+                .expect("run helm");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "helm install: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(stdout.contains("STATUS: deployed"), "{stdout}");
+
+            // The operator runs as a pod of the agent and comes up Ready.
+            let sys: Api<Pod> = Api::namespaced(client.clone(), "sluice-system");
+            let op = eventually("operator pod Ready", || async {
+                let list = sys
+                    .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
+                    .await
+                    .ok()?;
+                list.items.into_iter().find(pod_ready)
+            })
+            .await;
+            let c = &op.spec.as_ref().unwrap().containers[0];
+            assert_eq!(c.image.as_deref(), Some("sluice-operator:e2e"));
+            let ip = op
+                .status
+                .as_ref()
+                .unwrap()
+                .pod_ip
+                .clone()
+                .expect("operator pod IP");
+            eventually("the operator in the pod is the leader", || async {
+                let (code, body) = http_get_at(&ip, 8080, "/metrics").await?;
+                (code == 200
+                    && body
+                        .lines()
+                        .any(|l| l.starts_with("sluice_operator_leader") && l.ends_with(" 1")))
+                .then_some(())
+            })
+            .await;
+
+            // It reconciles Queues with the chart's RBAC and in-cluster config...
+            let ns = "shop";
+            w.app_namespace(ns).await;
+            apply_queue(
+                &client,
+                ns,
+                "orders",
+                json!({"replicas": 1, "partitions": 2}),
+            )
+            .await;
+            queue_ready(&client, ns, "orders", 1).await;
+
+            // ... and the API server reaches its webhook through the chart's Service
+            // (failurePolicy Ignore: until the caBundle is in, pods come back plain).
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let mut attempt = 0;
+            let name = eventually("a pod injected through the chart's webhook", || {
+                attempt += 1;
+                let (pods, name) = (pods.clone(), format!("app-{attempt}"));
+                async move {
+                    let pod: Pod = serde_json::from_value(json!({
+                        "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "orders"}},
+                        "spec": {"containers": [{"name": "app", "image": "sluice-e2e-app:e2e", "command": ["sluice-e2e-app", "idle"]}],
+                                 "terminationGracePeriodSeconds": 2}
+                    }))
+                    .unwrap();
+                    let created = pods.create(&PostParams::default(), &pod).await.ok()?;
+                    if container_names(&created).contains(&"sluice-sidecar".to_string()) {
+                        return Some(name);
+                    }
+                    let _ = pods.delete(&name, &DeleteParams::default()).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    None
+                }
+            })
+            .await;
+            eventually("injected app pod Ready", || async {
+                pods.get(&name).await.ok().filter(pod_ready).map(|_| ())
+            })
+            .await;
+            let produced = app(
+                &w,
+                ns,
+                &name,
+                &[
+                    "produce", "--queue", "orders", "--count", "500", "--prefix", "h",
+                ],
+            )
+            .await;
+            assert_eq!(produced["acked"], 500, "{produced}");
+            let consumed = app(
+                &w,
+                ns,
+                &name,
+                &[
+                    "consume", "--queue", "orders", "--prefix", "h", "--count", "500",
                 ],
             )
             .await;
