@@ -61,6 +61,21 @@ pub fn routes(broker: Arc<Broker>) -> tonic::service::Routes {
     b.routes()
 }
 
+/// The connections `listener` accepts, with TCP_NODELAY set. tonic's
+/// `Server::tcp_nodelay` applies only to listeners tonic binds itself, not to
+/// `serve_with_incoming`: without this, Nagle's algorithm holds a small response
+/// (a delivery, an ack) back until the peer's delayed ACK, up to 40 ms on Linux.
+pub fn incoming_nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        conn.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
+}
+
 /// Opens the broker and serves it on `grpc` (and `/metrics` on `http`) until
 /// `shutdown` resolves; then finishes in-flight calls and syncs the logs.
 pub async fn run(
@@ -105,7 +120,7 @@ pub async fn run(
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .add_routes(routes(broker.clone()))
             .add_service(health_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            .serve_with_incoming_shutdown(incoming_nodelay(grpc), async move {
                 let _ = grpc_stopped.await;
             }),
     );

@@ -15,7 +15,6 @@ use sluice_proto::v1::queues_server::QueuesServer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use router::Router;
 pub use service::SidecarService;
@@ -84,7 +83,7 @@ pub async fn run(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .serve_with_incoming_shutdown(sluice_broker::server::incoming_nodelay(grpc), shutdown)
         .await;
     let _ = stop_tx.send(true);
     result
