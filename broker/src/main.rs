@@ -38,6 +38,10 @@ struct Args {
     /// Log segment size in bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     segment_bytes: u64,
+    /// Free bytes of the data volume kept for acks: below them, Enqueue answers
+    /// RESOURCE_EXHAUSTED while acks and deliveries go on.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    disk_reserve_bytes: u64,
     /// Log as JSON lines.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     options.auto_create = args.auto_create.then(sluice_config::QueueSettings::default);
     options.cache_bytes = args.cache_bytes;
     options.storage.segment_bytes = args.segment_bytes;
+    options.storage.disk_reserve_bytes = args.disk_reserve_bytes;
     let grpc = bind(args.listen).await?;
     let http = bind(args.metrics_listen).await?;
     run(options, grpc, Some(http), shutdown_signal())

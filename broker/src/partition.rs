@@ -188,6 +188,9 @@ pub struct PartitionState {
     bytes: u64,
     /// Unsettled messages per segment; a segment leaves this map at zero.
     segment_live: BTreeMap<u64, u64>,
+    /// Segments holding dedup ids still inside their window, with the latest expiry:
+    /// kept on disk so that a restart rebuilds the window even for settled messages.
+    dedup_segments: BTreeMap<u64, u64>,
     delete_floor: u64,
     pub counters: Counters,
 }
@@ -221,6 +224,7 @@ impl PartitionState {
             n_ready: 0,
             bytes: 0,
             segment_live: BTreeMap::new(),
+            dedup_segments: BTreeMap::new(),
             delete_floor: 0,
             counters: Counters::default(),
         }
@@ -350,18 +354,22 @@ impl PartitionState {
         }
     }
 
-    /// Segments older than this hold no unsettled message and may be deleted; returns
-    /// a new floor only when it moved.
-    pub fn take_delete_floor(&mut self, active_segment: u64) -> Option<u64> {
+    /// Segments older than this hold no unsettled message and no dedup id still in its
+    /// window, and may be deleted; returns a new floor only when it moved.
+    pub fn take_delete_floor(&mut self, now: u64, active_segment: u64) -> Option<u64> {
         if self.pending > 0 {
             return None;
         }
-        let floor = self
-            .segment_live
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(active_segment);
+        self.dedup_segments.retain(|_, expires| *expires > now);
+        let floor = [
+            self.segment_live.keys().next(),
+            self.dedup_segments.keys().next(),
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .min()
+        .unwrap_or(active_segment);
         (floor > self.delete_floor).then(|| {
             self.delete_floor = floor;
             floor
@@ -507,6 +515,9 @@ impl PartitionState {
                 offset: base.offset + r.frame_offset,
                 len: r.frame_len,
             };
+            if !r.content.dedup_id.is_empty() {
+                self.keep_for_dedup(loc.segment, r.enqueued_at_ms);
+            }
             woke |= self.insert(
                 now,
                 r.seq,
@@ -520,6 +531,12 @@ impl PartitionState {
             self.counters.enqueued += 1;
         }
         woke
+    }
+
+    fn keep_for_dedup(&mut self, segment: u64, enqueued_at_ms: u64) {
+        let expires = enqueued_at_ms + self.settings.dedup_window.as_millis() as u64;
+        let e = self.dedup_segments.entry(segment).or_insert(expires);
+        *e = (*e).max(expires);
     }
 
     /// The reserved messages could not be written: forget them.
@@ -591,6 +608,7 @@ impl PartitionState {
                 self.next_seq = self.next_seq.max(e.seq + 1);
                 let window = self.settings.dedup_window.as_millis() as u64;
                 if !e.dedup_id.is_empty() && e.enqueued_at_ms + window > now {
+                    self.keep_for_dedup(loc.segment, e.enqueued_at_ms);
                     self.dedup.insert(e.dedup_id.clone(), e.seq);
                     self.dedup_order
                         .push_back((e.enqueued_at_ms + window, e.dedup_id.clone()));

@@ -36,12 +36,16 @@ pub const ATTR_DLQ_DELIVERIES: &str = "sluice-dlq-deliveries";
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
     pub segment_bytes: u64,
+    /// Free bytes of the volume kept for acks and other settling records: below
+    /// it, Enqueue answers RESOURCE_EXHAUSTED.
+    pub disk_reserve_bytes: u64,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
         StorageOptions {
             segment_bytes: 64 * 1024 * 1024,
+            disk_reserve_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -91,7 +95,7 @@ impl Partition {
             }
             if !buf.is_empty() {
                 let (tx, rx) = oneshot::channel();
-                self.log.append(buf.split().freeze(), Some(tx));
+                self.log.append_new(buf.split().freeze(), tx);
                 (outcomes, reserved, Some((drops, rx)))
             } else {
                 (outcomes, reserved, None)
@@ -182,7 +186,7 @@ impl Partition {
     }
 
     fn maybe_delete_segments(&self, st: &mut PartitionState) {
-        if let Some(floor) = st.take_delete_floor(self.log.active_segment()) {
+        if let Some(floor) = st.take_delete_floor(now_ms(), self.log.active_segment()) {
             self.log.delete_below(floor);
         }
     }
@@ -462,6 +466,7 @@ impl Queue {
                     fsync: settings.fsync,
                     fsync_interval: settings.fsync_interval,
                     segment_bytes: storage.segment_bytes,
+                    reserve_bytes: storage.disk_reserve_bytes,
                 },
                 observer.clone(),
                 format!("{}-{id}", settings.name),

@@ -119,6 +119,16 @@ impl Proc {
         }
     }
 
+    /// Sends a signal by name (`STOP` freezes the process, `CONT` thaws it).
+    pub fn signal(&self, name: &str) {
+        let c = self.child.as_ref().expect("process running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -140,6 +150,9 @@ pub struct Broker {
     pub metrics: SocketAddr,
     pub data_dir: PathBuf,
     config: PathBuf,
+    /// Prefix of the process log files (one per start).
+    logs: PathBuf,
+    extra_args: Vec<String>,
     ordinal: u32,
     starts: u32,
 }
@@ -147,6 +160,19 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on `dir` with the given `[[queue]]` TOML (empty: auto-create).
     pub async fn start(dir: &Path, config_toml: &str, ordinal: u32) -> Broker {
+        let data_dir = dir.join(format!("data-{ordinal}"));
+        Broker::start_with(dir, config_toml, ordinal, data_dir, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with the data in `data_dir` (settings and process
+    /// logs stay in `dir`) and more command-line arguments.
+    pub async fn start_with(
+        dir: &Path,
+        config_toml: &str,
+        ordinal: u32,
+        data_dir: PathBuf,
+        extra_args: &[&str],
+    ) -> Broker {
         let config = dir.join(format!("broker-{ordinal}.toml"));
         std::fs::write(&config, config_toml).unwrap();
         let mut b = Broker {
@@ -156,8 +182,10 @@ impl Broker {
             },
             addr: free_addr(),
             metrics: free_addr(),
-            data_dir: dir.join(format!("data-{ordinal}")),
+            data_dir,
             config,
+            logs: dir.join(format!("broker-{ordinal}")),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             ordinal,
             starts: 0,
         };
@@ -177,7 +205,8 @@ impl Broker {
             .arg("--ordinal")
             .arg(self.ordinal.to_string())
             .arg("--segment-bytes")
-            .arg("65536");
+            .arg("65536")
+            .args(&self.extra_args);
         if std::fs::read_to_string(&self.config)
             .unwrap()
             .trim()
@@ -188,7 +217,7 @@ impl Broker {
             cmd.arg("--config").arg(&self.config);
         }
         self.starts += 1;
-        let log = self.data_dir.with_extension(format!("{}.log", self.starts));
+        let log = self.logs.with_extension(format!("{}.log", self.starts));
         self.proc = Proc::spawn(&mut cmd, log);
         wait_serving(self.addr).await;
     }

@@ -76,8 +76,14 @@ async fn routes_over_both_brokers_and_settles_through_the_sidecar() {
     assert_eq!(keyed.len(), 1);
 
     let (_, metrics) = http_get(cl.sidecar.metrics, "/metrics");
-    assert!(metrics.contains("sluice_sidecar_brokers_up{queue=\"orders\"} 2"), "{metrics}");
-    assert!(metrics.contains("sluice_sidecar_enqueue_batch_size_count"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_sidecar_brokers_up{queue=\"orders\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_sidecar_enqueue_batch_size_count"),
+        "{metrics}"
+    );
     let s = stats(&mut app, "orders").await;
     assert_eq!(s.ready, 205, "stats add up over brokers");
     assert_eq!(s.partitions.len(), 4);
@@ -240,4 +246,69 @@ async fn unknown_queue_and_foreign_partition_are_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("sidecar"), "{}", err.message());
+}
+
+/// A broker that accepts connections but never answers (SIGSTOP): no call through the
+/// sidecar hangs, and retrying with a dedup id once it thaws makes one copy only, even
+/// though the frozen broker still holds the first attempt in its socket.
+#[tokio::test]
+async fn a_frozen_broker_hangs_no_call_and_dedup_retries_make_one_copy() {
+    let cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    // A bound far above the sidecar's own call timeout: reaching it means a hang.
+    let limit = Duration::from_secs(60);
+    cl.brokers[1].proc.signal("STOP");
+
+    let mut ok = 0;
+    for i in 0..8 {
+        let r = tokio::time::timeout(limit, enqueue(&mut app, "orders", msg(&format!("k{i}"))))
+            .await
+            .expect("a keyless enqueue hung");
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => assert!(
+                matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+                "{e:?}"
+            ),
+        }
+    }
+    assert!(ok > 0, "no keyless enqueue reached the live broker");
+
+    // Dedup ids whose partitions (odd) live on the frozen broker.
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("order-{i}"))
+        .filter(|d| sluice_proto::partition_for_key(d, 4) % 2 == 1)
+        .take(3)
+        .collect();
+    for d in &ids {
+        let mut m = msg(d);
+        m.dedup_id = d.clone();
+        let r = tokio::time::timeout(limit, enqueue(&mut app, "orders", m))
+            .await
+            .expect("an enqueue to the frozen broker hung");
+        let e = r.expect_err("the frozen broker cannot have answered");
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{e:?}"
+        );
+    }
+
+    cl.brokers[1].proc.signal("CONT");
+    for d in &ids {
+        eventually(limit, "the retry to be answered", || {
+            let mut c = app.clone();
+            let mut m = msg(d);
+            m.dedup_id = d.clone();
+            async move { enqueue(&mut c, "orders", m).await.ok() }
+        })
+        .await;
+    }
+    let got = drain(&mut app, "orders", 500).await;
+    for d in &ids {
+        let copies = got.iter().filter(|m| body_str(m) == *d).count();
+        assert_eq!(
+            copies, 1,
+            "{d}: {copies} copies after retries with a dedup id"
+        );
+    }
 }

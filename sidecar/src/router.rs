@@ -14,6 +14,8 @@ use tonic::{Code, Status};
 
 /// How often brokers are re-resolved and re-described.
 pub const REFRESH: Duration = Duration::from_secs(2);
+/// How often a route with a broker down looks again.
+pub const RETRY: Duration = Duration::from_millis(200);
 /// No unary call to a broker waits longer than this (a long poll adds its wait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,12 +54,30 @@ impl BrokerConn {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Marks the broker down after a transport failure; the next refresh looks again.
-    pub fn failed(&self, status: &Status) {
-        if is_transport_failure(status) {
+    /// Takes a failed call's status: marks the broker down after a transport failure
+    /// (the next refresh looks again) and returns what the app should see. A broker
+    /// that did not answer in time is UNAVAILABLE to the app: tonic reports its own
+    /// timeout as CANCELLED, which would tell the app that it cancelled the call.
+    pub fn failed(&self, status: Status) -> Status {
+        let status = if is_local_timeout(&status) {
+            Status::unavailable(format!(
+                "broker {} did not answer in time: {}",
+                self.addr,
+                status.message()
+            ))
+        } else {
+            status
+        };
+        if is_transport_failure(&status) {
             self.healthy.store(false, Ordering::Relaxed);
         }
+        status
     }
+}
+
+/// tonic's client-side timeout (`Request::set_timeout`) ends a call with CANCELLED.
+fn is_local_timeout(status: &Status) -> bool {
+    status.code() == Code::Cancelled && status.message() == "Timeout expired"
 }
 
 /// A failure of the broker or the way to it, rather than an answer about the request.
@@ -65,7 +85,7 @@ pub fn is_transport_failure(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
-    )
+    ) || is_local_timeout(status)
 }
 
 #[derive(Default)]
@@ -179,10 +199,23 @@ impl QueueRoute {
     pub fn spawn_refresher(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut last = tokio::time::Instant::now();
             while let Some(route) = weak.upgrade() {
-                route.refresh().await;
+                // While a broker is down, look again soon: a restarted broker should
+                // take traffic within a fraction of a second, not a whole period.
+                let degraded = route
+                    .layout
+                    .read()
+                    .unwrap()
+                    .brokers
+                    .iter()
+                    .any(|b| !b.is_healthy());
+                if degraded || last.elapsed() >= REFRESH {
+                    route.refresh().await;
+                    last = tokio::time::Instant::now();
+                }
                 drop(route);
-                tokio::time::sleep(REFRESH).await;
+                tokio::time::sleep(RETRY).await;
             }
         });
     }
@@ -294,10 +327,7 @@ impl QueueRoute {
         req.set_timeout(CALL_TIMEOUT);
         match broker.client().enqueue_batch(req).await {
             Ok(r) => Ok(r.into_inner().results),
-            Err(e) => {
-                broker.failed(&e);
-                Err(e)
-            }
+            Err(e) => Err(broker.failed(e)),
         }
     }
 }

@@ -128,10 +128,7 @@ async fn settle(
                     .await
                     .map(|r| r.into_inner().results),
             };
-            if let Err(e) = &out {
-                broker.failed(e);
-            }
-            out
+            out.map_err(|e| broker.failed(e))
         }
         .then_map(idx)
     });
@@ -174,10 +171,7 @@ async fn dequeue_from(
         .dequeue(timed(req, wait))
         .await
         .map(|r| r.into_inner().messages);
-    if let Err(e) = &out {
-        broker.failed(e);
-    }
-    out
+    out.map_err(|e| broker.failed(e))
 }
 
 /// Leases up to `max` messages from whichever brokers have them. With several
@@ -331,13 +325,7 @@ impl SidecarService {
         }
         let results = futures::future::join_all(brokers.into_iter().map(|b| {
             let fut = call(b.clone());
-            async move {
-                let r = fut.await;
-                if let Err(e) = &r {
-                    b.failed(e);
-                }
-                r
-            }
+            async move { fut.await.map_err(|e| b.failed(e)) }
         }))
         .await;
         results.into_iter().collect()

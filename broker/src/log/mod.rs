@@ -72,6 +72,9 @@ pub struct LogOptions {
     pub fsync: FsyncMode,
     pub fsync_interval: Duration,
     pub segment_bytes: u64,
+    /// Free bytes of the volume kept for records that settle or move messages: new
+    /// messages are refused (`DiskFull`) below it, so that acks still land on a full disk.
+    pub reserve_bytes: u64,
 }
 
 /// Observes the writer; the broker's metrics implement it.
@@ -252,6 +255,8 @@ enum Command {
         buf: Bytes,
         /// None: nobody waits (the record rides along with the next fsync).
         done: Option<oneshot::Sender<AppendResult>>,
+        /// Adds messages (subject to the disk reserve), rather than settling them.
+        new_data: bool,
     },
     /// Delete every segment older than this one (except the active one).
     DeleteBelow(u64),
@@ -331,7 +336,21 @@ impl LogWriter {
     /// Queues framed records; `done` hears where they landed once they are as durable
     /// as the fsync mode promises.
     pub fn append(&self, buf: Bytes, done: Option<oneshot::Sender<AppendResult>>) {
-        let cmd = Command::Append { buf, done };
+        self.push(buf, done, false);
+    }
+
+    /// Like [`append`](Self::append), for records that add messages: refused with
+    /// `DiskFull` while the volume's free space is below the reserve.
+    pub fn append_new(&self, buf: Bytes, done: oneshot::Sender<AppendResult>) {
+        self.push(buf, Some(done), true);
+    }
+
+    fn push(&self, buf: Bytes, done: Option<oneshot::Sender<AppendResult>>, new_data: bool) {
+        let cmd = Command::Append {
+            buf,
+            done,
+            new_data,
+        };
         let failed = match &*self.tx.lock().unwrap() {
             Some(tx) => tx.send(cmd).err().map(|e| e.0),
             None => Some(cmd),
@@ -439,6 +458,18 @@ impl WriterThread {
         result
     }
 
+    /// Bytes an unprivileged writer may still use on the log's volume; on error, as if
+    /// plenty (the write itself will then tell).
+    fn free_bytes(&self) -> u64 {
+        match rustix::fs::fstatvfs(&self.file) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read free space");
+                u64::MAX
+            }
+        }
+    }
+
     fn roll(&mut self) -> Result<(), LogError> {
         if self.unsynced {
             self.sync()?;
@@ -466,9 +497,29 @@ impl WriterThread {
         let mut must_sync = false;
         staging.clear();
         let mut bufs = Vec::new();
+        // Free space, read once per group and only when new messages ask for room.
+        let mut free: Option<u64> = None;
+        let mut admitted = 0u64;
         for cmd in group.drain(..) {
             match cmd {
-                Command::Append { buf, done } => {
+                Command::Append {
+                    buf,
+                    done,
+                    new_data,
+                } => {
+                    if new_data && self.options.reserve_bytes > 0 {
+                        let free = *free.get_or_insert_with(|| self.free_bytes());
+                        admitted += buf.len() as u64;
+                        if free < self.options.reserve_bytes.saturating_add(admitted) {
+                            admitted -= buf.len() as u64;
+                            if let Some(done) = done {
+                                let _ = done.send(Err(LogError::DiskFull {
+                                    path: self.path.clone(),
+                                }));
+                            }
+                            continue;
+                        }
+                    }
                     if done.is_some() {
                         must_sync = true;
                     }
@@ -636,7 +687,45 @@ mod tests {
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_millis(10),
             segment_bytes,
+            reserve_bytes: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn below_the_reserve_new_messages_are_refused_and_settles_still_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        // A reserve no volume has: the free space is always below it.
+        let opts = LogOptions {
+            reserve_bytes: u64::MAX / 2,
+            ..options(1 << 20)
+        };
+        let w = LogWriter::open(dir.path(), &[], opts, seen.clone(), "t".into()).unwrap();
+        let (tx, rx) = oneshot::channel();
+        w.append_new(frame(&enq(1)), tx);
+        assert!(matches!(rx.await.unwrap(), Err(LogError::DiskFull { .. })));
+        let settle = Record::Settle {
+            seq: 7,
+            reason: SettleReason::Acked,
+        };
+        let (tx, rx) = oneshot::channel();
+        w.append(frame(&settle), Some(tx));
+        rx.await.unwrap().unwrap();
+        w.close();
+        // Nothing of the refused message was written; the settle was.
+        let (_, recs) = replay(dir.path(), &seen);
+        assert_eq!(recs, vec![settle]);
+
+        // With room to spare, new messages are written.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions {
+            reserve_bytes: 1,
+            ..options(1 << 20)
+        };
+        let w = LogWriter::open(dir.path(), &[], opts, seen.clone(), "t".into()).unwrap();
+        let (tx, rx) = oneshot::channel();
+        w.append_new(frame(&enq(1)), tx);
+        rx.await.unwrap().unwrap();
     }
 
     fn replay(dir: &Path, seen: &Seen) -> (Vec<u64>, Vec<Record>) {

@@ -400,15 +400,41 @@ fn segments_become_deletable_only_in_order() {
         r2,
     );
     let got = take(&mut p, 0, 2);
-    assert_eq!(p.take_delete_floor(3), Some(1));
+    assert_eq!(p.take_delete_floor(0, 3), Some(1));
     p.ack(0, &got[1].1).unwrap();
     assert_eq!(
-        p.take_delete_floor(3),
+        p.take_delete_floor(0, 3),
         None,
         "segment 1 still holds a message"
     );
     p.ack(0, &got[0].1).unwrap();
-    assert_eq!(p.take_delete_floor(3), Some(3));
+    assert_eq!(p.take_delete_floor(0, 3), Some(3));
+}
+
+#[test]
+fn segments_with_dedup_ids_in_their_window_are_kept() {
+    let mut p = state(|s| s.dedup_window = std::time::Duration::from_millis(1000));
+    let mut buf = BytesMut::new();
+    let mut m = msg("a");
+    m.dedup_id = "order-1".into();
+    let (_, r, _) = p.reserve(0, vec![m], &mut buf).unwrap();
+    p.commit(
+        0,
+        Location {
+            segment: 1,
+            offset: 0,
+            len: 1,
+        },
+        r,
+    );
+    let got = take(&mut p, 0, 1);
+    p.ack(0, &got[0].1).unwrap();
+    assert_eq!(
+        p.take_delete_floor(999, 2),
+        Some(1),
+        "settled, but its dedup id must survive a restart"
+    );
+    assert_eq!(p.take_delete_floor(1000, 2), Some(2), "window over");
 }
 
 #[test]
