@@ -313,9 +313,6 @@ impl Drop for World {
                 self.dir.display()
             );
             self.agent.dump_logs(40);
-            if let Some(op) = &self.operator {
-                op.dump(60);
-            }
             for f in [
                 "kube-apiserver",
                 "kube-controller-manager",
@@ -426,7 +423,8 @@ pub async fn namespace(client: &Client, name: &str, labels: Value) {
     .await;
 }
 
-/// A tool installed by scripts/k8s/install-tools.sh (`helm`, `kubectl`).
+/// A tool installed by scripts/k8s/install-tools.sh (`helm`, `kubectl`), installing
+/// it first if needed.
 pub fn tool(name: &str) -> PathBuf {
     let dir = std::env::var("SLUICE_TOOLS_BIN")
         .map(PathBuf::from)
@@ -468,7 +466,8 @@ pub async fn http_get_at(host: &str, port: u16, path: &str) -> Option<(u16, Stri
     Some((code, body))
 }
 
-/// The operator as a real process; killed on drop.
+/// The operator as a real process; killed on drop (its log tail printed when the
+/// test is failing).
 pub struct Operator {
     pub child: Child,
     pub metrics_port: u16,
@@ -477,7 +476,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `sluice-operator run` with `args` (plus a metrics port) against `kubeconfig`.
+    /// Starts `sluice-operator run` with `args` (plus a metrics port on 127.0.0.1)
+    /// against `kubeconfig`, logging to `log`.
     pub fn start(name: &str, kubeconfig: &Path, log: &Path, args: &[&str]) -> Operator {
         let metrics_port = free_port();
         let out = std::fs::File::create(log).expect("operator log");
@@ -505,8 +505,12 @@ impl Operator {
         http_get_at("127.0.0.1", self.metrics_port, path).await
     }
 
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn dump(&self, tail: usize) {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         eprintln!("---- operator {} log (last {tail} lines) ----", self.name);
         for l in &lines[lines.len().saturating_sub(tail)..] {
@@ -514,6 +518,7 @@ impl Operator {
         }
     }
 
+    /// SIGTERM (graceful: releases the Lease), then SIGKILL after 5 s.
     pub fn stop(&mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -532,5 +537,8 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            self.dump(60);
+        }
     }
 }

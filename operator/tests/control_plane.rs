@@ -114,7 +114,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     install_crd(&client).await;
     let ns = &unique("it-lifecycle");
     namespace(&client, ns, json!({})).await;
-    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let _op = start_operator(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
 
     let orders = example("orders.yaml").remove(0);
     let q = apply_queue(&client, ns, orders).await;
@@ -461,7 +461,7 @@ async fn invalid_queues_are_refused_by_schema_or_reported() {
 
     // What it cannot (replicas > partitions): Ready=False InvalidSpec + a Warning Event,
     // and nothing is created.
-    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let _op = start_operator(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
     let lopsided = example("invalid-replicas-exceed-partitions.yaml").remove(0);
     apply_queue(&client, ns, lopsided.clone()).await;
     let q = wait_queue(&client, ns, "lopsided", "Ready=False InvalidSpec", |q| {
@@ -509,7 +509,7 @@ async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
     install_crd(&client).await;
     let ns = &unique("it-delete");
     namespace(&client, ns, json!({})).await;
-    let _op = Operator::start(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let _op = start_operator(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
     let emails = example("emails.yaml").remove(0);
     apply_queue(&client, ns, emails).await;
     let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
@@ -679,7 +679,7 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     let kc = log_dir().join("rbac-kubeconfig");
     token_kubeconfig(&token, &kc);
     let webhook_port = free_port();
-    let mut op = Operator::start(
+    let mut op = start_operator(
         "rbac",
         &kc,
         &[
@@ -826,7 +826,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
     let _ = mwcs.delete(cfg_name, &DeleteParams::default()).await;
     mwcs.create(&PostParams::default(), &mwc).await.unwrap();
 
-    let op = Operator::start(
+    let op = start_operator(
         "webhook",
         &cluster().kubeconfig,
         &[
@@ -979,12 +979,12 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
         "--disable-webhook".to_string(),
         "--log-format=json".to_string(),
     ];
-    let mut a = Operator::start(
+    let mut a = start_operator(
         "leader-a",
         &cluster().kubeconfig,
         &[as_refs(&args), vec!["--identity=replica-a"]].concat(),
     );
-    let mut b = Operator::start(
+    let mut b = start_operator(
         "leader-b",
         &cluster().kubeconfig,
         &[as_refs(&args), vec!["--identity=replica-b"]].concat(),
@@ -1140,7 +1140,7 @@ async fn webhook_certificate_rotates_and_keeps_serving() {
     let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mwcs.create(&PostParams::default(), &mwc).await.unwrap();
     // A certificate that is always inside its renewal window: every check rotates it.
-    let op = Operator::start(
+    let op = start_operator(
         "rotate",
         &cluster().kubeconfig,
         &[

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages needed to build and run the control plane: Go (build), etcd,
 # rsync (Kubernetes make rules), reflect2 1.0.2 (vendored fix), openssl, kubectl 1.20
-# client, python3-pip (for the helm/kubectl wheel), and a deb-src entry for
+# client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (the e2e
+# suite's network namespaces, unshare, mount), and a deb-src entry for
 # `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""
@@ -22,7 +23,7 @@ SRC
   NEED_UPDATE=1
 fi
 
-PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl)
+PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl iproute2)
 MISSING=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$p")
