@@ -119,6 +119,26 @@ impl Proc {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process running").id()
+    }
+
+    /// Resident memory (kB, from /proc) and open file descriptors of the process.
+    pub fn resources(&self) -> (u64, usize) {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
+        (rss_kb, fds)
+    }
+
     /// Sends a signal by name (`STOP` freezes the process, `CONT` thaws it).
     pub fn signal(&self, name: &str) {
         let c = self.child.as_ref().expect("process running");
