@@ -339,7 +339,7 @@ impl Drop for World {
             // SAFETY: kill(2) on the control-plane processes this world started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && std::env::var("SLUICE_E2E_KEEP").is_err() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
