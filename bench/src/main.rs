@@ -5,7 +5,10 @@
 //! Build the servers first: `cargo build --release --bins`, then
 //! `target/release/sluice-bench` (see docs/benchmarks.md).
 
+mod nats;
+mod plot;
 mod proc;
+mod rabbitmq;
 mod report;
 mod scenario;
 mod sluice;
@@ -25,6 +28,10 @@ enum SystemKind {
     Direct,
     /// Sluice: clients talk to a sidecar, which talks to the broker.
     Sidecar,
+    /// NATS JetStream (Debian's nats-server; see bench/peers/install.sh).
+    Nats,
+    /// RabbitMQ quorum queues (Debian's rabbitmq-server; see bench/peers/install.sh).
+    Rabbitmq,
 }
 
 #[derive(Parser, Debug)]
@@ -100,6 +107,10 @@ struct Args {
     /// the generated-section markers if it has them.
     #[arg(long)]
     write_report: Option<PathBuf>,
+    /// Draw throughput and latency by concurrency (SVG) into this file; the report
+    /// links it.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Directory of sluice-broker and sluice-sidecar; by default the one holding
     /// this executable.
     #[arg(long)]
@@ -166,8 +177,12 @@ async fn stop_signal() -> &'static str {
     "SIGINT"
 }
 
-fn make_system(kind: SystemKind, args: &Args, bin_dir: &std::path::Path) -> Box<dyn System> {
-    match kind {
+fn make_system(
+    kind: SystemKind,
+    args: &Args,
+    bin_dir: &std::path::Path,
+) -> Result<Box<dyn System>> {
+    Ok(match kind {
         SystemKind::Direct | SystemKind::Sidecar => Box::new(sluice::Sluice::new(
             kind == SystemKind::Sidecar,
             bin_dir.to_path_buf(),
@@ -175,7 +190,9 @@ fn make_system(kind: SystemKind, args: &Args, bin_dir: &std::path::Path) -> Box<
             args.credit,
             args.dequeue_batch,
         )),
-    }
+        SystemKind::Nats => Box::new(nats::Nats::new(args.credit, args.dequeue_batch)?),
+        SystemKind::Rabbitmq => Box::new(rabbitmq::RabbitMq::new(args.credit, args.dequeue_batch)?),
+    })
 }
 
 fn print_memory(label: &str, m: &[ProcessMemory]) {
@@ -254,7 +271,7 @@ async fn run(args: &Args) -> Result<()> {
         .systems
         .iter()
         .map(|k| make_system(*k, args, &bin_dir))
-        .collect();
+        .collect::<Result<_>>()?;
 
     // Start every system first, so that the scenarios can alternate between them.
     let mut described = Vec::new();
@@ -398,6 +415,29 @@ async fn run(args: &Args) -> Result<()> {
         args.rounds,
     );
     let revision = report::command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let plot_size = if args.sizes.contains(&1024) {
+        1024
+    } else {
+        args.sizes.first().copied().unwrap_or(args.message_size)
+    };
+    if let Some(path) = &args.plot {
+        plot::write_svg(path, &tput, &lat, plot_size)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("plot written to {}", path.display());
+    }
+    let plot_link = args.plot.as_ref().map(|p| {
+        // Relative to the report when they share a directory.
+        match (
+            p.parent(),
+            args.write_report.as_ref().and_then(|r| r.parent()),
+        ) {
+            (Some(a), Some(b)) if a == b => p
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            _ => p.display().to_string(),
+        }
+    });
     let report = Report {
         machine: &machine,
         command: &command,
@@ -411,8 +451,12 @@ async fn run(args: &Args) -> Result<()> {
         idle: &idle,
         backlog: &backlog,
         load_after: &load_after,
+        plot: plot_link.as_deref(),
     };
     println!();
+    println!("{}", report::throughput_summary(&tput));
+    println!("{}", report::latency_summary(&lat));
+    println!("{}", report::cpu_summary(&tput));
     println!("{}", report::throughput_table(&tput));
     println!("{}", report::latency_table(&lat));
     println!("{}", report::memory_table(&idle, &backlog));

@@ -189,3 +189,12 @@ pub fn free_ports(n: usize) -> Result<Vec<std::net::SocketAddr>> {
         .map(|l| l.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?)
 }
+
+/// The path of `name` on PATH (or in the usual sbin directories), if any.
+pub fn which(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}

@@ -1,6 +1,7 @@
 //! The results table, the machine it ran on, and the markdown report.
 
 use crate::scenario::{BacklogResult, LatencyResult, ProcessMemory, ThroughputResult};
+use crate::system::ConsumerMode;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -84,6 +85,8 @@ pub struct Report<'a> {
     pub idle: &'a [(String, Vec<ProcessMemory>)],
     pub backlog: &'a [BacklogResult],
     pub load_after: &'a str,
+    /// Path of the SVG plot, relative to the report.
+    pub plot: Option<&'a str>,
 }
 
 fn ms(us: u64) -> String {
@@ -187,6 +190,245 @@ pub fn memory_table(idle: &[(String, Vec<ProcessMemory>)], backlog: &[BacklogRes
     s
 }
 
+/// Means over the rounds of one throughput scenario of one system.
+#[derive(Debug, Clone, Copy)]
+pub struct MeanThroughput {
+    pub acked_per_sec: f64,
+    pub mb_per_sec: f64,
+    pub server_cpu_us: f64,
+    pub client_cpu_us: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn mean_throughput(
+    rows: &[ThroughputResult],
+    system: &str,
+    mode: ConsumerMode,
+    size: usize,
+    concurrency: usize,
+) -> Option<MeanThroughput> {
+    let r: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r.system == system && r.mode == mode && r.size == size && r.concurrency == concurrency
+        })
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    let n = r.len() as f64;
+    Some(MeanThroughput {
+        acked_per_sec: r.iter().map(|r| r.acked_per_sec).sum::<f64>() / n,
+        mb_per_sec: r.iter().map(|r| r.mb_per_sec).sum::<f64>() / n,
+        server_cpu_us: r.iter().map(|r| r.server_cpu_us).sum::<f64>() / n,
+        client_cpu_us: r.iter().map(|r| r.client_cpu_us).sum::<f64>() / n,
+        min: r.iter().map(|r| r.acked_per_sec).fold(f64::MAX, f64::min),
+        max: r.iter().map(|r| r.acked_per_sec).fold(0.0, f64::max),
+    })
+}
+
+/// Means over the rounds of one latency scenario of one system, microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct MeanLatency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+pub fn mean_latency(rows: &[LatencyResult], system: &str, clients: usize) -> Option<MeanLatency> {
+    let r: Vec<_> = rows
+        .iter()
+        .filter(|r| r.system == system && r.clients == clients)
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    let n = r.len() as f64;
+    Some(MeanLatency {
+        p50: r.iter().map(|r| r.p50 as f64).sum::<f64>() / n,
+        p99: r.iter().map(|r| r.p99 as f64).sum::<f64>() / n,
+        p999: r.iter().map(|r| r.p999 as f64).sum::<f64>() / n,
+    })
+}
+
+fn distinct<T: PartialEq + Copy>(it: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for x in it {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> Vec<String> {
+    distinct(it).into_iter().map(str::to_string).collect()
+}
+
+/// The Sluice systems and the peers among `systems`, and the ratio columns:
+/// each Sluice system over each peer, and the sidecar over direct.
+fn ratio_pairs(systems: &[String]) -> Vec<(String, String)> {
+    let sluice: Vec<_> = systems
+        .iter()
+        .filter(|s| s.starts_with("sluice-"))
+        .collect();
+    let peers: Vec<_> = systems
+        .iter()
+        .filter(|s| !s.starts_with("sluice-"))
+        .collect();
+    let mut pairs = Vec::new();
+    for s in &sluice {
+        for p in &peers {
+            pairs.push(((*s).clone(), (*p).clone()));
+        }
+    }
+    if systems.iter().any(|s| s == "sluice-sidecar") && systems.iter().any(|s| s == "sluice-direct")
+    {
+        pairs.push(("sluice-sidecar".into(), "sluice-direct".into()));
+    }
+    pairs
+}
+
+fn short(name: &str) -> &str {
+    name.trim_start_matches("sluice-")
+}
+
+/// Means over rounds, with the spread, and ratios (Sluice / peer) per scenario.
+pub fn throughput_summary(rows: &[ThroughputResult]) -> String {
+    let systems = names(rows.iter().map(|r| r.system.as_str()));
+    let pairs = ratio_pairs(&systems);
+    let mut s = String::new();
+    s.push_str("| consumer | size B | producers = consumers |");
+    for n in &systems {
+        let _ = write!(s, " {n} msgs/s (min–max), MB/s |");
+    }
+    for (a, b) in &pairs {
+        let _ = write!(s, " {} / {} |", short(a), short(b));
+    }
+    s.push_str("\n|---|---:|---:|");
+    for _ in 0..systems.len() + pairs.len() {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for mode in distinct(rows.iter().map(|r| r.mode)) {
+        for size in distinct(rows.iter().map(|r| r.size)) {
+            for n in distinct(rows.iter().map(|r| r.concurrency)) {
+                let means: Vec<_> = systems
+                    .iter()
+                    .map(|sys| mean_throughput(rows, sys, mode, size, n))
+                    .collect();
+                if means.iter().all(Option::is_none) {
+                    continue;
+                }
+                let _ = write!(s, "| {} | {size} | {n} |", mode.as_str());
+                for m in &means {
+                    match m {
+                        Some(m) => {
+                            let _ = write!(
+                                s,
+                                " {:.0} ({:.0}–{:.0}), {:.2} |",
+                                m.acked_per_sec, m.min, m.max, m.mb_per_sec
+                            );
+                        }
+                        None => s.push_str(" – |"),
+                    }
+                }
+                for (a, b) in &pairs {
+                    let get = |x: &str| mean_throughput(rows, x, mode, size, n);
+                    match (get(a), get(b)) {
+                        (Some(x), Some(y)) if y.acked_per_sec > 0.0 => {
+                            let _ = write!(s, " {:.2}× |", x.acked_per_sec / y.acked_per_sec);
+                        }
+                        _ => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
+            }
+        }
+    }
+    s
+}
+
+/// Server and client CPU time per message (means over rounds).
+pub fn cpu_summary(rows: &[ThroughputResult]) -> String {
+    let systems = names(rows.iter().map(|r| r.system.as_str()));
+    let mut s = String::new();
+    s.push_str("| consumer | size B | producers = consumers |");
+    for n in &systems {
+        let _ = write!(s, " {n} server µs/msg (+ client) |");
+    }
+    s.push_str("\n|---|---:|---:|");
+    for _ in 0..systems.len() {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for mode in distinct(rows.iter().map(|r| r.mode)) {
+        for size in distinct(rows.iter().map(|r| r.size)) {
+            for n in distinct(rows.iter().map(|r| r.concurrency)) {
+                let _ = write!(s, "| {} | {size} | {n} |", mode.as_str());
+                for sys in &systems {
+                    match mean_throughput(rows, sys, mode, size, n) {
+                        Some(m) => {
+                            let _ =
+                                write!(s, " {:.1} (+{:.1}) |", m.server_cpu_us, m.client_cpu_us);
+                        }
+                        None => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
+            }
+        }
+    }
+    s
+}
+
+/// p50 / p99 / p99.9 per system (means over rounds) and p99 ratios (Sluice / peer).
+pub fn latency_summary(rows: &[LatencyResult]) -> String {
+    let systems = names(rows.iter().map(|r| r.system.as_str()));
+    let pairs = ratio_pairs(&systems);
+    let mut s = String::new();
+    s.push_str("| producers = consumers |");
+    for n in &systems {
+        let _ = write!(s, " {n} p50 / p99 / p99.9 ms |");
+    }
+    for (a, b) in &pairs {
+        let _ = write!(s, " p99 {} / {} |", short(a), short(b));
+    }
+    s.push_str("\n|---:|");
+    for _ in 0..systems.len() + pairs.len() {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for c in distinct(rows.iter().map(|r| r.clients)) {
+        let _ = write!(s, "| {c} |");
+        for sys in &systems {
+            match mean_latency(rows, sys, c) {
+                Some(m) => {
+                    let _ = write!(
+                        s,
+                        " {:.2} / {:.2} / {:.2} |",
+                        m.p50 / 1e3,
+                        m.p99 / 1e3,
+                        m.p999 / 1e3
+                    );
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        for (a, b) in &pairs {
+            match (mean_latency(rows, a, c), mean_latency(rows, b, c)) {
+                (Some(x), Some(y)) if y.p99 > 0.0 => {
+                    let _ = write!(s, " {:.2}× |", x.p99 / y.p99);
+                }
+                _ => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
 impl Report<'_> {
     /// The generated section (between the markers).
     pub fn section(&self) -> String {
@@ -213,14 +455,30 @@ impl Report<'_> {
         for (name, how) in self.systems {
             let _ = writeln!(s, "- `{name}`: {how}");
         }
+        if let Some(plot) = self.plot {
+            let _ = writeln!(s, "\n![throughput and latency by concurrency]({plot})");
+        }
         let _ = writeln!(
             s,
-            "\n### Throughput (durable enqueue → delivery → ack, closed loop)\n"
+            "\n### Throughput: means over rounds and ratios (durable enqueue → delivery → ack, closed loop)\n"
         );
+        s.push_str(&throughput_summary(self.throughput));
+        let _ = writeln!(
+            s,
+            "\n### Latency: means over rounds and p99 ratios (open loop, {})\n",
+            self.latency
+                .first()
+                .map(|r| format!("{:.0} msgs/s offered", r.rate))
+                .unwrap_or_default()
+        );
+        s.push_str(&latency_summary(self.latency));
+        let _ = writeln!(s, "\n### CPU time per message (means over rounds)\n");
+        s.push_str(&cpu_summary(self.throughput));
+        let _ = writeln!(s, "\n### Throughput, every run\n");
         s.push_str(&throughput_table(self.throughput));
         let _ = writeln!(
             s,
-            "\n### Latency (enqueue → delivery, open loop at a fixed rate, from the scheduled send time)\n"
+            "\n### Latency, every run (enqueue → delivery, open loop at a fixed rate, from the scheduled send time)\n"
         );
         s.push_str(&latency_table(self.latency));
         let _ = writeln!(

@@ -234,7 +234,7 @@ pub async fn latency(
         readers.spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
             while !stop.load(Ordering::Relaxed) {
-                let b = consumer.next(Duration::from_millis(20)).await?;
+                let b = consumer.next(Duration::from_millis(200)).await?;
                 for (at, body) in b.delivered {
                     if let Some((sched, true)) = stamp_of(&body) {
                         let lat = at.saturating_duration_since(base).as_nanos() as u64;
