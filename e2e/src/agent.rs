@@ -111,7 +111,6 @@ pub struct Agent {
     pub cfg: Arc<AgentConfig>,
     client: Client,
     state: Arc<Mutex<State>>,
-    next_ip: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -161,7 +160,6 @@ impl Agent {
             cfg,
             client,
             state,
-            next_ip,
             tasks,
         })
     }
@@ -295,7 +293,6 @@ impl Agent {
             }
             net::del_pod(&p.netns);
         }
-        let _ = self.next_ip.load(Ordering::Relaxed);
     }
 }
 
@@ -489,7 +486,7 @@ async fn sync_pods(
                 st.pods.remove(&uid)
             };
             let grace = pod.metadata.deletion_grace_period_seconds;
-            let (client, state) = (client.clone(), state.clone());
+            let client = client.clone();
             tokio::spawn(async move {
                 if let Some(rt) = rt {
                     terminate(rt, grace).await;
@@ -506,7 +503,6 @@ async fn sync_pods(
                 if let Err(e) = api.delete(&pod.name_any(), &dp).await {
                     tracing::debug!(error = %e, "final pod delete");
                 }
-                let _ = state;
             });
             continue;
         }

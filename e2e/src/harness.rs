@@ -51,7 +51,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Runs the test `name` (the name of the #[test] fn calling this) in a world of its
-/// own. Outside the world this prepares (Kubernetes build, binaries), re-executes the
+/// own. Outside the world this prepares (Kubernetes build, tools), re-executes the
 /// test binary for just this test inside fresh namespaces, and fails if it failed.
 /// Inside, it sets the world up and runs `body`.
 pub fn isolated<F, Fut>(name: &str, opts: WorldOptions, body: F)
@@ -94,7 +94,9 @@ fn outer(name: &str) {
         .status()
         .expect("run scripts/k8s/install-deps.sh");
     assert!(st.success(), "scripts/k8s/install-deps.sh failed");
-    if std::env::var("SLUICE_E2E_NO_BUILD").is_err() {
+    // The pods run the workspace's binaries: `scripts/test` builds them first
+    // (`cargo build --workspace --bins`); SLUICE_E2E_BUILD=1 builds them here.
+    if std::env::var("SLUICE_E2E_BUILD").as_deref() == Ok("1") {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "--workspace", "--bins", "--quiet"])
