@@ -31,6 +31,17 @@ fn invalid(msg: impl Into<String>) -> BrokerError {
     BrokerError::InvalidArgument(msg.into())
 }
 
+/// What a message counts against `max_message_bytes`: body, key, dedup id, attributes.
+pub fn message_size(m: &v1::NewMessage) -> usize {
+    m.body.len()
+        + m.key.len()
+        + m.dedup_id.len()
+        + m.attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// Checks a new message against the queue's limits.
 pub fn validate_message(
     m: v1::NewMessage,
@@ -64,13 +75,7 @@ pub fn validate_message(
             MAX_DELAY.as_millis()
         )));
     }
-    let size = m.body.len()
-        + m.key.len()
-        + m.dedup_id.len()
-        + m.attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
+    let size = message_size(&m);
     if size as u64 > max_message_bytes {
         return Err(invalid(format!(
             "message is {size} bytes with its key and attributes; the queue's limit (max_message_bytes) is {max_message_bytes}"

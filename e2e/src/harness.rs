@@ -284,20 +284,7 @@ impl World {
                 "--sidecar-image=sluice-sidecar:e2e",
             ],
         );
-        eventually("caBundle patched by the operator", || async {
-            let c = mwcs.get(cfg_name).await.ok()?;
-            c.webhooks?[0]
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .filter(|b| !b.0.is_empty())
-                .map(|_| ())
-        })
-        .await;
-        eventually("operator /readyz", || async {
-            (op.http_get("/readyz").await?.0 == 200).then_some(())
-        })
-        .await;
+        op.wait_webhook_ready(&mwcs, cfg_name).await;
         op
     }
 
@@ -501,6 +488,29 @@ impl Operator {
             log: log.to_path_buf(),
             name: name.into(),
         }
+    }
+
+    /// Waits until the operator has patched its CA into the webhook configuration
+    /// `cfg_name` and answers `/readyz`.
+    pub async fn wait_webhook_ready(
+        &self,
+        mwcs: &Api<MutatingWebhookConfiguration>,
+        cfg_name: &str,
+    ) {
+        eventually("caBundle patched by the operator", || async {
+            let c = mwcs.get(cfg_name).await.ok()?;
+            c.webhooks?[0]
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .filter(|b| !b.0.is_empty())
+                .map(|_| ())
+        })
+        .await;
+        eventually("operator /readyz", || async {
+            (self.http_get("/readyz").await?.0 == 200).then_some(())
+        })
+        .await;
     }
 
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {

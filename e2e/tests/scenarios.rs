@@ -56,6 +56,20 @@ fn pod_ready(p: &Pod) -> bool {
 
 /// Waits until the Queue reports Ready=True with `replicas` ready brokers and every
 /// broker pod is Ready; returns the broker pods.
+/// The queue most scenarios start from: `orders` in `ns` (an app namespace), 3 brokers
+/// over 6 partitions, all Ready. Returns the broker pods.
+async fn three_broker_orders(w: &World, ns: &str) -> Vec<Pod> {
+    w.app_namespace(ns).await;
+    apply_queue(
+        &w.client,
+        ns,
+        "orders",
+        json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    queue_ready(&w.client, ns, "orders", 3).await
+}
+
 async fn queue_ready(client: &Client, ns: &str, name: &str, replicas: usize) -> Vec<Pod> {
     let queues = queue_api(client, ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -140,15 +154,7 @@ fn queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes() {
         |w: Arc<World>| async move {
             let client = w.client.clone();
             let ns = "shop";
-            w.app_namespace(ns).await;
-            apply_queue(
-                &client,
-                ns,
-                "orders",
-                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
-            )
-            .await;
-            let brokers = queue_ready(&client, ns, "orders", 3).await;
+            let brokers = three_broker_orders(&w, ns).await;
 
             // Every broker has its own IP and answers its readiness endpoint there.
             let mut ips: Vec<String> = brokers
@@ -214,15 +220,7 @@ fn injected_sidecar_carries_ten_thousand_messages() {
         |w: Arc<World>| async move {
             let client = w.client.clone();
             let ns = "shop";
-            w.app_namespace(ns).await;
-            apply_queue(
-                &client,
-                ns,
-                "orders",
-                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
-            )
-            .await;
-            queue_ready(&client, ns, "orders", 3).await;
+            three_broker_orders(&w, ns).await;
 
             let created = app_pod(&client, ns, "app", "orders").await;
             assert_eq!(
@@ -303,15 +301,7 @@ fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
         |w: Arc<World>| async move {
             let client = w.client.clone();
             let ns = "shop";
-            w.app_namespace(ns).await;
-            apply_queue(
-                &client,
-                ns,
-                "orders",
-                json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
-            )
-            .await;
-            let before = queue_ready(&client, ns, "orders", 3).await;
+            let before = three_broker_orders(&w, ns).await;
             let uid1 = before
                 .iter()
                 .find(|p| p.name_any() == "sluice-orders-1")

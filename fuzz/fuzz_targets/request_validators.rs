@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use sluice_broker::service::{parse_receipts, validate_message};
+use sluice_broker::service::{message_size, parse_receipts, validate_message};
 use sluice_proto::{Receipt, v1};
 use std::collections::HashMap;
 
@@ -43,13 +43,7 @@ fuzz_target!(|data: &[u8]| {
         dedup_id: get(2),
         delay_ms,
     };
-    let size = m.body.len()
-        + m.key.len()
-        + m.dedup_id.len()
-        + m.attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
+    let size = message_size(&m);
     if let Ok(ok) = validate_message(m, limit) {
         assert!(
             size as u64 <= limit,

@@ -839,20 +839,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
             "--sidecar-image=sluice-sidecar:test",
         ],
     );
-    eventually("caBundle patched by the operator", || async {
-        let c = mwcs.get(cfg_name).await.ok()?;
-        c.webhooks?[0]
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .filter(|b| !b.0.is_empty())
-            .map(|_| ())
-    })
-    .await;
-    eventually("operator /readyz", || async {
-        (op.http_get("/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    op.wait_webhook_ready(&mwcs, cfg_name).await;
 
     // A queue that only the ServiceAccount "mailer" may use.
     apply_queue(&client, ns, json!({
