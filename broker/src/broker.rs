@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use crate::auth::Authenticator;
 use crate::error::BrokerError;
 use crate::log::LogObserver;
 use crate::partition::CacheBudget;
@@ -23,6 +24,9 @@ pub struct BrokerOptions {
     /// Bytes of message bodies kept in memory across all queues.
     pub cache_bytes: u64,
     pub storage: StorageOptions,
+    /// Checks the tokens of calls to queues with an access list; required when a
+    /// configured queue has one.
+    pub authenticator: Option<Arc<Authenticator>>,
 }
 
 impl BrokerOptions {
@@ -34,6 +38,7 @@ impl BrokerOptions {
             auto_create: None,
             cache_bytes: 256 * 1024 * 1024,
             storage: StorageOptions::default(),
+            authenticator: None,
         }
     }
 }
@@ -66,6 +71,12 @@ impl Broker {
         });
         for q in broker.options.queues.clone() {
             q.validate()?;
+            if !q.access.is_empty() && broker.options.authenticator.is_none() {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "queue {} admits only listed ServiceAccounts, but no Kubernetes API is configured to check tokens (in a pod: the broker's ServiceAccount token; elsewhere: KUBECONFIG)",
+                    q.name
+                )));
+            }
             broker.add(q)?;
         }
         if let Some(template) = broker.options.auto_create.clone() {
@@ -109,6 +120,20 @@ impl Broker {
     }
 
     /// The queue of this name, created with the template when auto-create is on.
+    /// Lets a call with `token` use `queue`: always for a queue without an access
+    /// list, otherwise when the token belongs to a listed ServiceAccount.
+    pub async fn authorize(&self, queue: &Queue, token: Option<&str>) -> Result<(), BrokerError> {
+        if queue.settings.access.is_empty() {
+            return Ok(());
+        }
+        match &self.options.authenticator {
+            Some(a) => a.authorize(queue, token).await,
+            None => Err(BrokerError::Unavailable(
+                "this broker cannot check tokens".into(),
+            )),
+        }
+    }
+
     pub fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
         validate_queue_name(name)?;
         if let Some(q) = self.get(name) {

@@ -16,6 +16,10 @@ pub enum BrokerError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -37,6 +41,8 @@ impl BrokerError {
             | BrokerError::Log(LogError::DiskFull { .. }) => Code::ResourceExhausted,
             BrokerError::Unavailable(_) | BrokerError::Log(_) => Code::Unavailable,
             BrokerError::Internal(_) => Code::Internal,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -48,6 +54,8 @@ impl BrokerError {
             Code::NotFound => BrokerError::NotFound(self.to_string()),
             Code::FailedPrecondition => BrokerError::FailedPrecondition(self.to_string()),
             Code::Internal => BrokerError::Internal(self.to_string()),
+            Code::Unauthenticated => BrokerError::Unauthenticated(self.to_string()),
+            Code::PermissionDenied => BrokerError::PermissionDenied(self.to_string()),
             _ => BrokerError::Unavailable(self.to_string()),
         }
     }

@@ -4,9 +4,11 @@
 //! - [`partition`]: queue semantics of one partition, free of I/O.
 //! - [`queue`]: partitions put together with their logs, timers and waiters.
 //! - [`broker`]: the queues a broker serves.
+//! - [`auth`]: who may use a queue (ServiceAccount tokens, TokenReview).
 //! - [`service`]: the `sluice.v1.Queues` gRPC service.
 //! - [`server`]: runs it all, with health, reflection and metrics.
 
+pub mod auth;
 pub mod broker;
 pub mod error;
 pub mod log;

@@ -42,6 +42,14 @@ struct Args {
     /// RESOURCE_EXHAUSTED while acks and deliveries go on.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     disk_reserve_bytes: u64,
+    /// Calls that may wait for messages on one queue at once (long-poll Dequeues and
+    /// Subscribe streams); more are answered RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 10_000)]
+    max_waiters: usize,
+    /// Namespace of the Queue this broker serves: part of the audience of the tokens
+    /// that open a queue with an access list.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
     /// Log as JSON lines.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -75,6 +83,17 @@ async fn main() -> anyhow::Result<()> {
     options.cache_bytes = args.cache_bytes;
     options.storage.segment_bytes = args.segment_bytes;
     options.storage.disk_reserve_bytes = args.disk_reserve_bytes;
+    options.storage.max_waiters = args.max_waiters;
+    if options.queues.iter().any(|q| !q.access.is_empty()) {
+        // Tokens are checked with the API server (TokenReview): in a pod through
+        // the broker's own ServiceAccount, elsewhere through KUBECONFIG.
+        let client = kube::Client::try_default().await.context(
+            "a queue has an access list: connecting to the Kubernetes API to review tokens",
+        )?;
+        options.authenticator = Some(std::sync::Arc::new(
+            sluice_broker::auth::Authenticator::new(client, &args.namespace),
+        ));
+    }
     let grpc = bind(args.listen).await?;
     let http = bind(args.metrics_listen).await?;
     run(options, grpc, Some(http), shutdown_signal())

@@ -39,6 +39,10 @@ pub struct StorageOptions {
     /// Free bytes of the volume kept for acks and other settling records: below
     /// it, Enqueue answers RESOURCE_EXHAUSTED.
     pub disk_reserve_bytes: u64,
+    /// Calls that may wait on one queue at once (long-poll Dequeues and the fetches
+    /// of Subscribe streams); one more is RESOURCE_EXHAUSTED. Each waiter holds a
+    /// task and a timer, so an unbounded number is memory a client can take.
+    pub max_waiters: usize,
 }
 
 impl Default for StorageOptions {
@@ -46,7 +50,17 @@ impl Default for StorageOptions {
         StorageOptions {
             segment_bytes: 64 * 1024 * 1024,
             disk_reserve_bytes: 16 * 1024 * 1024,
+            max_waiters: 10_000,
         }
+    }
+}
+
+/// A place among a queue's waiters, given back on drop.
+struct WaitSlot<'a>(&'a AtomicUsize);
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -378,6 +392,8 @@ pub struct Queue {
     owned: Vec<u32>,
     ready: Arc<Notify>,
     next: AtomicUsize,
+    waiters: AtomicUsize,
+    max_waiters: usize,
     pub dlq: Option<Arc<Queue>>,
     /// For a dead-letter queue: the queue it serves (redrive target).
     source: OnceLock<Weak<Queue>>,
@@ -497,6 +513,8 @@ impl Queue {
                 owned,
                 ready,
                 next: AtomicUsize::new(0),
+                waiters: AtomicUsize::new(0),
+                max_waiters: storage.max_waiters,
                 dlq,
                 source: OnceLock::new(),
             }
@@ -569,6 +587,7 @@ impl Queue {
         visibility_ms: u64,
     ) -> Result<Vec<v1::Message>, BrokerError> {
         let deadline = Instant::now() + wait;
+        let mut slot = None;
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
@@ -581,11 +600,26 @@ impl Queue {
                 }
                 return Ok(out);
             }
+            if slot.is_none() {
+                slot = Some(self.wait_slot()?);
+            }
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
+    }
+
+    fn wait_slot(&self) -> Result<WaitSlot<'_>, BrokerError> {
+        if self.waiters.fetch_add(1, Ordering::Relaxed) >= self.max_waiters {
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
+            return Err(BrokerError::ResourceExhausted(format!(
+                "queue {} already has {} calls waiting for messages (the broker's --max-waiters); retry later, or wait with fewer concurrent long polls",
+                self.name(),
+                self.max_waiters
+            )));
+        }
+        Ok(WaitSlot(&self.waiters))
     }
 
     fn take(&self, max: usize, visibility_ms: u64) -> Vec<(Arc<Partition>, Delivery)> {

@@ -11,8 +11,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::auth::bearer_token;
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::partition::{EnqueueOutcome, NewMessage};
@@ -190,13 +192,19 @@ impl QueueService {
         QueueService { broker }
     }
 
+    /// The queue a call names, if the call may use it.
+    async fn open(&self, name: &str, metadata: &MetadataMap) -> Result<Arc<Queue>, BrokerError> {
+        let q = self.broker.queue(name)?;
+        self.broker.authorize(&q, bearer_token(metadata)?).await?;
+        Ok(q)
+    }
+
     async fn enqueue_many(
         &self,
-        queue: &str,
+        q: Arc<Queue>,
         messages: Vec<v1::NewMessage>,
         partition: Option<u32>,
     ) -> Result<Vec<v1::EnqueueResponse>, BrokerError> {
-        let q = self.broker.queue(queue)?;
         if messages.is_empty() {
             return Err(invalid("no messages given"));
         }
@@ -252,9 +260,10 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::EnqueueRequest>,
     ) -> Result<Response<v1::EnqueueResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
         let m = r.message.ok_or_else(|| invalid("message is required"))?;
-        let mut out = self.enqueue_many(&r.queue, vec![m], r.partition).await?;
+        let mut out = self.enqueue_many(q, vec![m], r.partition).await?;
         Ok(Response::new(out.remove(0)))
     }
 
@@ -262,8 +271,9 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::EnqueueBatchRequest>,
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let results = self.enqueue_many(&r.queue, r.messages, r.partition).await?;
+        let results = self.enqueue_many(q, r.messages, r.partition).await?;
         Ok(Response::new(v1::EnqueueBatchResponse { results }))
     }
 
@@ -271,8 +281,8 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::DequeueRequest>,
     ) -> Result<Response<v1::DequeueResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         let max = r.max_messages.max(1);
         if max > q.settings.max_batch {
             return Err(invalid(format!(
@@ -295,8 +305,8 @@ impl Queues for QueueService {
     }
 
     async fn ack(&self, req: Request<v1::AckRequest>) -> Result<Response<v1::AckResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         let results = settle(&q, &r.receipts, SettleOp::Ack).await?;
         Ok(Response::new(v1::AckResponse { results }))
     }
@@ -305,8 +315,8 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::NackRequest>,
     ) -> Result<Response<v1::NackResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         if r.delay_ms > MAX_DELAY.as_millis() as u64 {
             return Err(invalid(format!(
                 "delay_ms {} is over the 15-day maximum",
@@ -326,8 +336,8 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::ExtendVisibilityRequest>,
     ) -> Result<Response<v1::ExtendVisibilityResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         if r.visibility_timeout_ms == 0 {
             return Err(invalid("visibility_timeout_ms must be above 0").into());
         }
@@ -342,9 +352,10 @@ impl Queues for QueueService {
         &self,
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
         let start = subscription_start(&mut inbound).await?;
-        let q = self.broker.queue(&start.queue)?;
+        let q = self.open(&start.queue, &metadata).await?;
         let vis = validate_visibility(start.visibility_timeout_ms, &q)?;
         Ok(Response::new(spawn_subscription(q, &start, vis, inbound)))
     }
@@ -353,8 +364,7 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
-        let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         Ok(Response::new(stats_of(&q)))
     }
 
@@ -362,8 +372,8 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::PeekRequest>,
     ) -> Result<Response<v1::PeekResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         let max = r.max_messages.clamp(1, q.settings.max_batch) as usize;
         Ok(Response::new(v1::PeekResponse {
             messages: q.peek(max)?,
@@ -374,8 +384,8 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::RedriveRequest>,
     ) -> Result<Response<v1::RedriveResponse>, Status> {
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
         let dlq = q.dlq.clone().ok_or_else(|| {
             BrokerError::FailedPrecondition(format!("queue {} has no dead-letter queue", r.queue))
         })?;
@@ -387,8 +397,7 @@ impl Queues for QueueService {
         &self,
         req: Request<v1::DescribeRequest>,
     ) -> Result<Response<v1::DescribeResponse>, Status> {
-        let r = req.into_inner();
-        let q = self.broker.queue(&r.queue)?;
+        let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let s = &q.settings;
         Ok(Response::new(v1::DescribeResponse {
             queue: q.name().to_string(),

@@ -141,6 +141,10 @@ pub struct QueueSettings {
     /// Bytes of unsettled message bodies the queue holds at most (0 = unlimited).
     pub retention_max_bytes: u64,
     pub overflow: Overflow,
+    /// ServiceAccounts (`namespace/name`) allowed to use the queue. Empty: every
+    /// caller. When set, each call carries a ServiceAccount token for the queue's
+    /// audience ([`token_audience`]) and the broker checks it with a TokenReview.
+    pub access: Vec<String>,
 }
 
 impl Default for QueueSettings {
@@ -164,8 +168,29 @@ impl Default for QueueSettings {
             retention_max_messages: 0,
             retention_max_bytes: 0,
             overflow: Overflow::RejectNew,
+            access: Vec::new(),
         }
     }
+}
+
+/// The audience of the ServiceAccount tokens that open a queue: the sidecar's
+/// projected token for it and the broker's TokenReview both name it, so a token
+/// issued for one queue (or for the API server) opens no other.
+pub fn token_audience(namespace: &str, queue: &str) -> String {
+    let base = queue.strip_suffix(DLQ_SUFFIX).unwrap_or(queue);
+    format!("sluice.dev/{namespace}/{base}")
+}
+
+/// Parses an access entry, `namespace/name`, into its two parts.
+pub fn parse_service_account(entry: &str) -> Option<(&str, &str)> {
+    let (ns, name) = entry.split_once('/')?;
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    (ok(ns) && ok(name)).then_some((ns, name))
 }
 
 /// Upper bounds that keep one setting from exhausting a broker.
@@ -265,6 +290,16 @@ impl QueueSettings {
             return Err(bad(
                 "redelivery_delay",
                 "must not exceed redelivery_delay_max".into(),
+            ));
+        }
+        if let Some(bad_entry) = self
+            .access
+            .iter()
+            .find(|e| parse_service_account(e).is_none())
+        {
+            return Err(bad(
+                "access",
+                format!("{bad_entry:?} is not NAMESPACE/SERVICEACCOUNT"),
             ));
         }
         Ok(())
@@ -377,5 +412,38 @@ mod tests {
         assert!(err.to_string().contains("soon"), "{err}");
         let err = BrokerFile::from_toml("[[queue]]\nname = \"q\"\ncolour = 1\n", "t").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+        let err = BrokerFile::from_toml(
+            "[[queue]]\nname = \"q\"\naccess = [\"apps/billing\", \"just-a-name\"]\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("just-a-name"), "{err}");
+    }
+
+    #[test]
+    fn access_entries_and_audience() {
+        let file = BrokerFile::from_toml(
+            "[[queue]]\nname = \"q\"\naccess = [\"apps/billing\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(file.queues[0].access, ["apps/billing"]);
+        assert_eq!(
+            file.queues[0].dead_letter_queue().access,
+            ["apps/billing"],
+            "a dead-letter queue is opened by the same accounts"
+        );
+        assert_eq!(
+            parse_service_account("apps/billing"),
+            Some(("apps", "billing"))
+        );
+        for bad in ["apps", "/b", "a/", "A/b", "a/b/c"] {
+            assert_eq!(parse_service_account(bad), None, "{bad}");
+        }
+        assert_eq!(token_audience("apps", "orders"), "sluice.dev/apps/orders");
+        assert_eq!(
+            token_audience("apps", "orders.dlq"),
+            token_audience("apps", "orders")
+        );
     }
 }

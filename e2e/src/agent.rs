@@ -1,7 +1,8 @@
 //! The node agent: a small, honest stand-in for the kubelet. It registers a Node
 //! (capacity, Ready condition, heartbeat Lease), and for every pod the scheduler
 //! binds to it: gives the pod a network namespace with its own IP, renders its
-//! volumes (emptyDir, configMap, secret, PVC-backed directories), starts each
+//! volumes (emptyDir, configMap, secret, projected ServiceAccount tokens, PVC-backed
+//! directories), starts each
 //! container as a local process (the image maps to a binary of this workspace)
 //! inside the pod's network namespace and a mount namespace of its own with the
 //! volumes bind-mounted at their mountPaths, runs readiness and liveness probes,
@@ -12,9 +13,11 @@
 
 use crate::error::{Error, Result, io_at};
 use crate::net;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Node, PersistentVolume, PersistentVolumeClaim, Pod, Probe, Secret,
+    ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -672,6 +675,45 @@ async fn prepare(client: &Client, cfg: &AgentConfig, pod: &Pod, ip: Ipv4Addr) ->
                 .ok_or_else(|| err(format!("volume {pv_name} is not a directory volume")))?;
             volumes.insert(v.name.clone(), path);
             continue;
+        } else if let Some(src) = &v.projected {
+            // ServiceAccount tokens, requested as the kubelet does (TokenRequest bound
+            // to the pod). Written once: the agent does not renew them, so scenarios
+            // stay within the requested lifetime.
+            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            let sa = spec.service_account_name.as_deref().unwrap_or("default");
+            let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+            for source in src.sources.iter().flatten() {
+                let Some(t) = &source.service_account_token else {
+                    return Err(err(format!(
+                        "volume {}: only serviceAccountToken projections are supported",
+                        v.name
+                    )));
+                };
+                let request = TokenRequest {
+                    spec: TokenRequestSpec {
+                        audiences: t.audience.iter().cloned().collect(),
+                        expiration_seconds: t.expiration_seconds,
+                        bound_object_ref: Some(BoundObjectReference {
+                            api_version: Some("v1".into()),
+                            kind: Some("Pod".into()),
+                            name: Some(name.clone()),
+                            uid: Some(uid.clone()),
+                        }),
+                    },
+                    ..Default::default()
+                };
+                let token = sas
+                    .create_token_request(sa, &PostParams::default(), &request)
+                    .await?
+                    .status
+                    .map(|s| s.token)
+                    .ok_or_else(|| err(format!("no token for ServiceAccount {sa}")))?;
+                let file = dir.join(&t.path);
+                std::fs::write(&file, token).map_err(io_at(&file))?;
+                let mode = src.default_mode.unwrap_or(0o644) as u32;
+                std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .map_err(io_at(&file))?;
+            }
         } else {
             return Err(err(format!("volume {}: unsupported volume type", v.name)));
         }

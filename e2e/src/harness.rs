@@ -13,6 +13,7 @@ use crate::error::{Error, Result, io_at};
 use crate::net;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -149,6 +150,9 @@ fn outer(name: &str) {
     );
 }
 
+/// The ClusterRoleBinding the operator adds restricted Queues' brokers to.
+pub const TOKEN_REVIEW_BINDING: &str = "sluice-e2e-token-review";
+
 #[derive(Debug, Clone)]
 pub struct WorldOptions {
     /// Start the operator as a process (with its webhook reached by URL) and install
@@ -271,6 +275,17 @@ impl World {
         mwcs.create(&PostParams::default(), &mwc)
             .await
             .expect("create MutatingWebhookConfiguration");
+        // What the chart creates for the brokers of Queues with spec.access.
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": TOKEN_REVIEW_BINDING},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": []
+        }))
+        .expect("binding");
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("create the token-review ClusterRoleBinding");
         let op = Operator::start(
             "operator",
             &self.kubeconfig,
@@ -282,6 +297,7 @@ impl World {
                 &format!("--webhook-config-name={cfg_name}"),
                 "--broker-image=sluice-broker:e2e",
                 "--sidecar-image=sluice-sidecar:e2e",
+                &format!("--token-review-binding={TOKEN_REVIEW_BINDING}"),
             ],
         );
         op.wait_webhook_ready(&mwcs, cfg_name).await;

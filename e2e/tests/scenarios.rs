@@ -4,8 +4,9 @@
 //! (network, mount and PID namespaces; see sluice_e2e::harness and docs/e2e.md).
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 use sluice_e2e::harness::{
     World, WorldOptions, eventually, eventually_within, http_get_at, isolated, repo_root, tool,
 };
+use sluice_proto::v1::{self, queues_client::QueuesClient};
 use std::sync::Arc;
 
 fn queue_api(client: &Client, ns: &str) -> Api<DynamicObject> {
@@ -117,10 +119,16 @@ async fn app(world: &World, ns: &str, pod: &str, args: &[&str]) -> Value {
 
 /// An app pod annotated for injection, running `sluice-e2e-app idle`.
 async fn app_pod(client: &Client, ns: &str, name: &str, queues: &str) -> Pod {
+    app_pod_as(client, ns, name, queues, "default").await
+}
+
+/// An app pod annotated for injection, running as ServiceAccount `sa`.
+async fn app_pod_as(client: &Client, ns: &str, name: &str, queues: &str, sa: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": queues}},
         "spec": {"containers": [{"name": "app", "image": "sluice-e2e-app:e2e", "command": ["sluice-e2e-app", "idle"]}],
+                 "serviceAccountName": sa,
                  "terminationGracePeriodSeconds": 5}
     }))
     .unwrap();
@@ -803,6 +811,164 @@ fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects() {
             )
             .await;
             assert_eq!(consumed["missing"], 0, "{consumed}");
+        },
+    );
+}
+
+/// A token of ServiceAccount `sa` for `audience`, from the API server.
+async fn sa_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": [audience], "expirationSeconds": 600}
+    }))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest")
+        .status
+        .expect("token")
+        .token
+}
+
+/// Enqueues one message straight to a broker, with `token` as bearer if given.
+async fn enqueue_to_broker(
+    addr: &str,
+    queue: &str,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut client = QueuesClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the broker");
+    let mut req = tonic::Request::new(v1::EnqueueRequest {
+        queue: queue.into(),
+        message: Some(v1::NewMessage {
+            body: b"direct".to_vec().into(),
+            ..Default::default()
+        }),
+        partition: None,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    client.enqueue(req).await.map(|_| ())
+}
+
+#[test]
+fn access_list_admits_listed_service_accounts_and_refuses_others() {
+    isolated(
+        "access_list_admits_listed_service_accounts_and_refuses_others",
+        WorldOptions::default(),
+        |w: Arc<World>| async move {
+            let client = w.client.clone();
+            let ns = "bank";
+            w.app_namespace(ns).await;
+            let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+            for name in ["teller", "intruder"] {
+                let sa: ServiceAccount =
+                    serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+                sas.create(&PostParams::default(), &sa).await.unwrap();
+            }
+            apply_queue(
+                &client,
+                ns,
+                "ledger",
+                json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
+                       "access": {"serviceAccounts": [{"name": "teller"}]}}),
+            )
+            .await;
+            let brokers = queue_ready(&client, ns, "ledger", 1).await;
+            let pod_spec = brokers[0].spec.as_ref().unwrap();
+            assert_eq!(
+                pod_spec.service_account_name.as_deref(),
+                Some("sluice-ledger-broker"),
+                "the brokers run as their own ServiceAccount"
+            );
+
+            // The teller's app, through its injected sidecar and projected token.
+            let teller = app_pod_as(&client, ns, "teller-app", "ledger", "teller").await;
+            assert_eq!(container_names(&teller), ["app", "sluice-sidecar"]);
+            let produced = app(
+                &w,
+                ns,
+                "teller-app",
+                &[
+                    "produce",
+                    "--queue",
+                    "ledger",
+                    "--count",
+                    "100",
+                    "--prefix",
+                    "t",
+                    "--retries",
+                    "0",
+                ],
+            )
+            .await;
+            assert_eq!(produced["acked"], 100, "{produced}");
+
+            // Straight to the broker, with tokens the API server issues.
+            let ip = brokers[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+            let broker = format!("{ip}:7171");
+            let audience = "sluice.dev/bank/ledger";
+            let teller_token = sa_token(&client, ns, "teller", audience).await;
+            let intruder_token = sa_token(&client, ns, "intruder", audience).await;
+            let elsewhere = sa_token(&client, ns, "teller", "sluice.dev/bank/other").await;
+            enqueue_to_broker(&broker, "ledger", Some(&teller_token))
+                .await
+                .expect("the listed account gets in");
+            let denied = enqueue_to_broker(&broker, "ledger", Some(&intruder_token))
+                .await
+                .unwrap_err();
+            assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+            assert!(denied.message().contains("bank/intruder"), "{denied:?}");
+            for (what, token) in [
+                ("no token", None),
+                ("another queue's token", Some(elsewhere.as_str())),
+                ("garbage", Some("not-a-jwt")),
+            ] {
+                let e = enqueue_to_broker(&broker, "ledger", token)
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e:?}");
+            }
+            // The dead-letter queue is guarded by the same list.
+            let e = enqueue_to_broker(&broker, "ledger.dlq", Some(&intruder_token))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+            // Taking the teller off the list: the brokers roll with the new list and
+            // the teller's sidecar is refused with PERMISSION_DENIED, not left hanging.
+            apply_queue(
+                &client,
+                ns,
+                "ledger",
+                json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
+                       "access": {"serviceAccounts": [{"name": "auditor"}]}}),
+            )
+            .await;
+            eventually("the teller refused after the access change", || async {
+                let r = app(
+                    &w,
+                    ns,
+                    "teller-app",
+                    &[
+                        "produce",
+                        "--queue",
+                        "ledger",
+                        "--count",
+                        "1",
+                        "--prefix",
+                        "late",
+                        "--retries",
+                        "0",
+                    ],
+                )
+                .await;
+                (r["failed"] == 1 && r["last_error"] == "PermissionDenied").then_some(())
+            })
+            .await;
         },
     );
 }

@@ -577,3 +577,79 @@ async fn auto_create_makes_queues_on_first_use_and_keeps_them_across_restarts() 
     assert_eq!(stats(&mut c, "fresh").await.ready, 1);
     assert_eq!(body_str(&dequeue(&mut c, "fresh", 1, 0).await[0]), "hello");
 }
+
+#[tokio::test]
+async fn long_polls_beyond_the_waiter_limit_are_refused_until_one_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let b = Broker::start_with(dir.path(), QUEUES, 0, data, &["--max-waiters", "2"]).await;
+    let c = b.client().await;
+    let poll = |wait_ms: u64| {
+        let mut c = c.clone();
+        async move {
+            c.dequeue(v1::DequeueRequest {
+                queue: "keyed".into(),
+                max_messages: 1,
+                wait_ms,
+                visibility_timeout_ms: 0,
+            })
+            .await
+            .map(|r| r.into_inner().messages.len())
+        }
+    };
+    // Three long polls at once with room for two: whichever comes last is refused
+    // at once, the other two wait.
+    let mut polls: Vec<_> = (0..3).map(|_| tokio::spawn(poll(60_000))).collect();
+    let refused = eventually(Duration::from_secs(10), "one long poll refused", || {
+        let done = polls.iter().position(|p| p.is_finished());
+        async move { done }
+    })
+    .await;
+    let refused = polls.remove(refused).await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-waiters"), "{refused:?}");
+    let (first, second) = (polls.remove(0), polls.remove(0));
+    assert!(!first.is_finished() && !second.is_finished(), "the others wait");
+    // A poll that does not wait takes no place, and a message wakes a waiter.
+    assert_eq!(poll(0).await.unwrap(), 0);
+    let mut producer = c.clone();
+    enqueue(&mut producer, "keyed", msg("wake")).await.unwrap();
+    enqueue(&mut producer, "keyed", msg("wake2")).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(second.await.unwrap().unwrap(), 1);
+    // With the places given back, long polls are accepted again.
+    enqueue(&mut producer, "keyed", msg("again")).await.unwrap();
+    assert_eq!(poll(5_000).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn default_logs_carry_no_message_content_or_token() {
+    let (_d, b) = broker().await;
+    let mut c = b.client().await;
+    let secret = |what: &str| format!("SECRET-{what}-7f3a");
+    let mut m = msg(&secret("BODY"));
+    m.key = secret("KEY");
+    m.dedup_id = secret("DEDUP");
+    m.attributes.insert(secret("ATTR"), secret("VALUE"));
+    let mut req = tonic::Request::new(v1::EnqueueRequest {
+        queue: "work".into(),
+        message: Some(m.clone()),
+        partition: None,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", secret("TOKEN")).parse().unwrap(),
+    );
+    c.enqueue(req).await.unwrap();
+    // Refused requests too: too big, to a queue that does not exist.
+    let mut big = m.clone();
+    big.body = vec![b'x'; 2048].into();
+    assert!(enqueue(&mut c, "limited", big).await.is_err());
+    assert!(enqueue(&mut c, "nosuch", m).await.is_err());
+    let got = dequeue(&mut c, "work", 1, 1000).await;
+    assert_eq!(got.len(), 1);
+    ack(&mut c, "work", vec![got[0].receipt.clone()]).await;
+    let log = b.proc.log_text();
+    assert!(!log.is_empty(), "the broker logged at its default level");
+    assert!(!log.contains("SECRET-"), "content or token in the log:\n{log}");
+}

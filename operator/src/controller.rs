@@ -6,11 +6,13 @@ use crate::resources::{self, Defaults};
 use crate::settings;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -32,6 +34,53 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("Queue has no namespace")]
     NoNamespace,
+    #[error(
+        "spec.access needs the brokers to review tokens, but the operator was given no ClusterRoleBinding to add them to (--token-review-binding; the chart sets it)"
+    )]
+    NoTokenReviewBinding,
+    #[error(
+        "ClusterRoleBinding {0} (for the brokers' TokenReviews) does not exist; the chart creates it"
+    )]
+    TokenReviewBindingMissing(String),
+}
+
+/// Lets the brokers of a Queue with an access list review callers' tokens: their
+/// own ServiceAccount, added to the chart's binding to `system:auth-delegator`.
+/// (One shared binding rather than one per Queue: a cluster-scoped object cannot be
+/// owned by a Queue, so per-Queue bindings would need a finalizer to be removed.)
+async fn grant_token_review(
+    ctx: &Context,
+    q: &Queue,
+    ns: &str,
+    pp: &PatchParams,
+) -> Result<(), Error> {
+    let name = q.name_any();
+    let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    sa_api
+        .patch(
+            &resources::broker_sa_name(&name),
+            pp,
+            &Patch::Apply(resources::service_account(q)),
+        )
+        .await?;
+    let binding_name = ctx
+        .defaults
+        .token_review_binding
+        .clone()
+        .ok_or(Error::NoTokenReviewBinding)?;
+    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+    let binding = api
+        .get_opt(&binding_name)
+        .await?
+        .ok_or_else(|| Error::TokenReviewBindingMissing(binding_name.clone()))?;
+    // A replace carries the resourceVersion read: a concurrent change makes it fail
+    // with a conflict, and the next reconcile reads again.
+    if let Some(updated) = resources::with_broker_subject(binding, &name, ns) {
+        api.replace(&binding_name, &PostParams::default(), &updated)
+            .await?;
+        info!(queue = %name, binding = %binding_name, "brokers may now review tokens");
+    }
+    Ok(())
 }
 
 /// State shared by reconciliations.
@@ -261,8 +310,12 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         ));
     }
 
-    let rendered = settings::render(&name, &q.spec, replicas).expect("validated above");
+    let rendered = settings::render(&name, &ns, &q.spec, replicas).expect("validated above");
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+
+    if !q.spec.access.service_accounts.is_empty() {
+        grant_token_review(ctx, q, &ns, &pp).await?;
+    }
 
     let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     cm_api

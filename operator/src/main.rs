@@ -73,6 +73,10 @@ struct RunArgs {
     image_pull_policy: String,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// ClusterRoleBinding to `system:auth-delegator` (created by the chart) that the
+    /// brokers of Queues with `spec.access` join, so they can review callers' tokens.
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW_BINDING")]
+    token_review_binding: Option<String>,
     #[arg(long, default_value = "50m")]
     sidecar_cpu_request: String,
     #[arg(long, default_value = "32Mi")]
@@ -235,6 +239,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             broker_image: a.broker_image.clone(),
             image_pull_policy: a.image_pull_policy.clone(),
             cluster_domain: a.cluster_domain.clone(),
+            token_review_binding: a.token_review_binding.clone(),
         },
         pdb: controller::pdb_resource(&client).await?,
         recorder: controller::recorder(client.clone(), Some(identity.clone())),

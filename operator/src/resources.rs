@@ -3,6 +3,7 @@
 
 use crate::crd::Queue;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
@@ -10,6 +11,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,6 +38,11 @@ pub fn cm_name(queue: &str) -> String {
 }
 pub fn pdb_name(queue: &str) -> String {
     sts_name(queue)
+}
+/// ServiceAccount of the brokers of a Queue with an access list: their token lets
+/// them ask the API server about the tokens callers present (TokenReview).
+pub fn broker_sa_name(queue: &str) -> String {
+    format!("sluice-{queue}-broker")
 }
 /// Address the sidecar routes to.
 pub fn address(queue: &str, ns: &str, cluster_domain: &str) -> String {
@@ -69,6 +76,9 @@ pub struct Defaults {
     pub broker_image: String,
     pub image_pull_policy: String,
     pub cluster_domain: String,
+    /// ClusterRoleBinding (to `system:auth-delegator`) that the brokers of Queues
+    /// with an access list are added to; the chart creates it.
+    pub token_review_binding: Option<String>,
 }
 
 fn meta(q: &Queue, name: String) -> ObjectMeta {
@@ -83,6 +93,38 @@ fn meta(q: &Queue, name: String) -> ObjectMeta {
 
 pub fn owner(q: &Queue) -> OwnerReference {
     q.controller_owner_ref(&()).expect("Queue has a uid")
+}
+
+pub fn service_account(q: &Queue) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(q, broker_sa_name(&q.name_any())),
+        automount_service_account_token: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The binding with the brokers' ServiceAccount among its subjects, or None when
+/// it is there already.
+pub fn with_broker_subject(
+    mut binding: ClusterRoleBinding,
+    queue: &str,
+    ns: &str,
+) -> Option<ClusterRoleBinding> {
+    let sa = broker_sa_name(queue);
+    let subjects = binding.subjects.get_or_insert_with(Vec::new);
+    if subjects
+        .iter()
+        .any(|s| s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(ns))
+    {
+        return None;
+    }
+    subjects.push(Subject {
+        kind: "ServiceAccount".into(),
+        name: sa,
+        namespace: Some(ns.into()),
+        api_group: None,
+    });
+    Some(binding)
 }
 
 pub fn config_map(q: &Queue, toml: &str) -> ConfigMap {
@@ -165,6 +207,7 @@ fn default_affinity(queue: &str) -> Affinity {
 pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> StatefulSet {
     let name = q.name_any();
     let t = q.spec.template.clone().unwrap_or_default();
+    let restricted = !q.spec.access.service_accounts.is_empty();
     let mut pod_labels = labels(&name);
     pod_labels.extend(selector_labels(&name));
     let container = Container {
@@ -270,7 +313,9 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
                     tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
                     node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
                     priority_class_name: t.priority_class_name.clone(),
-                    automount_service_account_token: Some(false),
+                    // Only brokers that review tokens talk to the API server.
+                    service_account_name: restricted.then(|| broker_sa_name(&name)),
+                    automount_service_account_token: Some(restricted),
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -359,7 +404,35 @@ mod tests {
             broker_image: "sluice-broker:test".into(),
             image_pull_policy: "IfNotPresent".into(),
             cluster_domain: "cluster.local".into(),
+            token_review_binding: None,
         }
+    }
+
+    #[test]
+    fn brokers_of_a_restricted_queue_get_their_own_service_account() {
+        let open = stateful_set(&queue("{}"), &defaults(), 1, "h");
+        let pod = open.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.service_account_name, None);
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let q = queue("{access: {serviceAccounts: [{name: billing}]}}");
+        let pod = stateful_set(&q, &defaults(), 1, "h")
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("sluice-orders-broker")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(true));
+        let binding = ClusterRoleBinding::default();
+        let added = with_broker_subject(binding, "orders", "shop").expect("subject added");
+        assert_eq!(added.subjects.as_ref().unwrap().len(), 1);
+        assert!(
+            with_broker_subject(added, "orders", "shop").is_none(),
+            "added once"
+        );
     }
 
     #[test]

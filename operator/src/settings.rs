@@ -79,7 +79,12 @@ pub struct BrokerSettings {
 ///
 /// `replicas` is the number of brokers the StatefulSet actually runs (it differs
 /// from spec.replicas while a scale-down is blocked).
-pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSettings, SpecError> {
+pub fn render(
+    name: &str,
+    namespace: &str,
+    spec: &QueueSpec,
+    replicas: i32,
+) -> Result<BrokerSettings, SpecError> {
     validate(spec)?;
     let d = |field: &'static str, v: &str| -> Result<String, SpecError> {
         parse_duration_ms(v)
@@ -151,8 +156,29 @@ pub fn render(name: &str, spec: &QueueSpec, replicas: i32) -> Result<BrokerSetti
     );
     let _ = writeln!(t, "retention_max_bytes = {}", spec.retention.max_bytes);
     let _ = writeln!(t, "overflow = \"{}\"", spec.retention.overflow.as_str());
+    // Written only when set, so Queues without a list keep their settings hash.
+    let access = access_list(namespace, spec);
+    if !access.is_empty() {
+        let entries: Vec<String> = access.iter().map(|a| toml_str(a)).collect();
+        let _ = writeln!(t, "access = [{}]", entries.join(", "));
+    }
     let hash = hex(&Sha256::digest(t.as_bytes()))[..16].to_string();
     Ok(BrokerSettings { toml: t, hash })
+}
+
+/// `namespace/name` of every ServiceAccount on the Queue's access list.
+pub fn access_list(namespace: &str, spec: &QueueSpec) -> Vec<String> {
+    spec.access
+        .service_accounts
+        .iter()
+        .map(|sa| {
+            format!(
+                "{}/{}",
+                sa.namespace.as_deref().unwrap_or(namespace),
+                sa.name
+            )
+        })
+        .collect()
 }
 
 /// Semantic checks of a spec.
@@ -258,6 +284,14 @@ pub fn validate(spec: &QueueSpec) -> Result<(), SpecError> {
                 format!("entry {i} has an empty name"),
             );
         }
+        // The broker parses its access list the same way (sluice-config).
+        let entry = format!("{}/{}", sa.namespace.as_deref().unwrap_or("ns"), sa.name);
+        if sluice_config::parse_service_account(&entry).is_none() {
+            return inv(
+                "access.serviceAccounts",
+                format!("entry {i} ({entry}) is not a valid ServiceAccount name and namespace"),
+            );
+        }
     }
     Ok(())
 }
@@ -307,7 +341,7 @@ mod tests {
     #[test]
     fn defaults_render_the_documented_broker_toml() {
         let s = spec("{}");
-        let r = render("orders", &s, 3).unwrap();
+        let r = render("orders", "ns", &s, 3).unwrap();
         let expected = "# Written by sluice-operator from Queue orders. Do not edit.
 [[queue]]
 name = \"orders\"
@@ -335,10 +369,30 @@ overflow = \"reject_new\"
 
     #[test]
     fn settings_change_changes_hash() {
-        let a = render("q", &spec("{}"), 3).unwrap();
-        let b = render("q", &spec("delivery: {visibilityTimeout: 1m}"), 3).unwrap();
+        let a = render("q", "ns", &spec("{}"), 3).unwrap();
+        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}"), 3).unwrap();
         assert_ne!(a.hash, b.hash);
         assert!(b.toml.contains("visibility_timeout = \"1m\""));
+    }
+
+    #[test]
+    fn access_list_is_rendered_for_the_broker_to_read() {
+        let s = spec("access: {serviceAccounts: [{name: billing}, {name: audit, namespace: ops}]}");
+        let r = render("orders", "shop", &s, 1).unwrap();
+        let file = sluice_config::BrokerFile::from_toml(&r.toml, "rendered").unwrap();
+        assert_eq!(file.queues[0].access, ["shop/billing", "ops/audit"]);
+        assert_ne!(
+            r.hash,
+            render("orders", "shop", &spec("{}"), 1).unwrap().hash
+        );
+        assert!(
+            !render("orders", "shop", &spec("{}"), 1)
+                .unwrap()
+                .toml
+                .contains("access")
+        );
+        let e = validate(&spec("access: {serviceAccounts: [{name: Billing}]}")).unwrap_err();
+        assert!(e.to_string().contains("access.serviceAccounts"), "{e}");
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub const DENIED_ANNOTATION: &str = "sluice.dev/denied-queues";
 pub const SIDECAR_NAME: &str = "sluice-sidecar";
 pub const SIDECAR_GRPC_PORT: i32 = 7070;
 pub const SIDECAR_METRICS_PORT: i32 = 9191;
+/// Where the sidecar finds its per-queue ServiceAccount tokens.
+pub const TOKEN_DIR: &str = "/var/run/secrets/sluice.dev/tokens";
+pub const TOKEN_VOLUME: &str = "sluice-tokens";
+/// Lifetime asked of the projected tokens; the kubelet renews them at 80 %.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -154,6 +159,7 @@ pub fn mutate(
         pod_ns,
     );
     let mut routes = Vec::new();
+    let mut tokens = Vec::new();
     let mut denied = Vec::new();
     let mut warnings = Vec::new();
     for q in &queues {
@@ -177,6 +183,13 @@ pub fn mutate(
                     q.route,
                     resources::address(&q.queue, &q.namespace, &cfg.cluster_domain)
                 ));
+                // A token for this queue alone: a broker refuses tokens issued for
+                // other audiences, so one leaked token opens one queue.
+                tokens.push(json!({"serviceAccountToken": {
+                    "audience": sluice_config::token_audience(&q.namespace, &q.queue),
+                    "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                    "path": q.route,
+                }}));
             }
         }
     }
@@ -197,7 +210,9 @@ pub fn mutate(
             field("POD_NAME", "metadata.name"),
             field("POD_NAMESPACE", "metadata.namespace"),
             field("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "SLUICE_TOKEN_DIR", "value": TOKEN_DIR},
         ],
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
         "ports": [
             {"name": "sluice-grpc", "containerPort": SIDECAR_GRPC_PORT, "protocol": "TCP"},
             {"name": "sluice-metrics", "containerPort": SIDECAR_METRICS_PORT, "protocol": "TCP"},
@@ -223,6 +238,14 @@ pub fn mutate(
         },
     });
     let mut patch = vec![json!({"op": "add", "path": "/spec/containers/-", "value": sidecar})];
+    // Readable by the sidecar whatever user the app runs as; mounted in no other
+    // container.
+    let volume =
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": tokens, "defaultMode": 0o444}});
+    match pod.pointer("/spec/volumes").and_then(|v| v.as_array()) {
+        Some(_) => patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
+        None => patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    }
     let addr = json!({"name": "SLUICE_ADDR", "value": format!("127.0.0.1:{SIDECAR_GRPC_PORT}")});
     for (i, c) in containers.iter().enumerate() {
         match c.get("env").and_then(|e| e.as_array()) {
@@ -772,6 +795,30 @@ mod tests {
         assert_eq!(cs[0]["env"][0]["name"], "SLUICE_ADDR");
         assert_eq!(cs[1]["env"][1]["name"], "SLUICE_ADDR");
         assert_eq!(out["metadata"]["annotations"][INJECTED_ANNOTATION], "true");
+        // One projected token per route, for that queue's audience, mounted in the
+        // sidecar only.
+        let vol = &out["spec"]["volumes"][0];
+        assert_eq!(vol["name"], TOKEN_VOLUME);
+        let sources = vol["projected"]["sources"].as_array().unwrap();
+        assert_eq!(sources.len(), 3);
+        assert_eq!(
+            sources[1]["serviceAccountToken"]["audience"],
+            "sluice.dev/billing/invoices"
+        );
+        assert_eq!(sources[1]["serviceAccountToken"]["path"], "invoices");
+        assert_eq!(
+            sources[2]["serviceAccountToken"]["audience"],
+            "sluice.dev/shop/orders"
+        );
+        assert_eq!(side["volumeMounts"][0]["mountPath"], TOKEN_DIR);
+        assert!(
+            side["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "SLUICE_TOKEN_DIR" && e["value"] == TOKEN_DIR)
+        );
+        assert!(cs[0].get("volumeMounts").is_none());
         // Injecting the result again is a no-op.
         let again = mutate(&out, "shop", &cfg(), &|_| Access::Allowed);
         assert_eq!(again.skipped, Some("already-injected"));

@@ -8,7 +8,10 @@ use common::*;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
@@ -101,7 +104,55 @@ fn op_args(ns: &str) -> Vec<String> {
         format!("--lease-name=op-{ns}"),
         "--disable-webhook".into(),
         "--broker-image=sluice-broker:test".into(),
+        format!("--token-review-binding=tr-{ns}"),
     ]
+}
+
+/// The binding `op_args` names, as the chart creates it: Queues with spec.access
+/// need it.
+async fn create_token_review_binding(client: &Client, ns: &str) -> Api<ClusterRoleBinding> {
+    let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("tr-{ns}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+        "subjects": []
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &binding).await.unwrap();
+    api
+}
+
+/// Waits until the brokers of `queue` have their ServiceAccount and are subjects of
+/// the token-review binding `binding`.
+async fn wait_broker_may_review_tokens(client: &Client, ns: &str, queue: &str, binding: &str) {
+    let sa = format!("sluice-{queue}-broker");
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    eventually(&format!("{sa} on ClusterRoleBinding {binding}"), || async {
+        bindings
+            .get(binding)
+            .await
+            .ok()?
+            .subjects?
+            .iter()
+            .any(|s| s.name == sa && s.namespace.as_deref() == Some(ns))
+            .then_some(())
+    })
+    .await;
+    let owned = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get(&sa)
+        .await
+        .expect("the brokers' ServiceAccount");
+    assert_eq!(
+        owned.owner_references()[0].name,
+        queue,
+        "owned by the Queue"
+    );
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .get(&format!("sluice-{queue}"))
+        .await
+        .expect("StatefulSet");
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(sa.as_str()));
 }
 
 fn as_refs(v: &[String]) -> Vec<&str> {
@@ -510,8 +561,11 @@ async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
     let ns = &unique("it-delete");
     namespace(&client, ns, json!({})).await;
     let _op = start_operator(ns, &cluster().kubeconfig, &as_refs(&op_args(ns)));
+    let bindings = create_token_review_binding(&client, ns).await;
     let emails = example("emails.yaml").remove(0);
     apply_queue(&client, ns, emails).await;
+    // spec.access: the brokers get a ServiceAccount that may review tokens.
+    wait_broker_may_review_tokens(&client, ns, "emails", &format!("tr-{ns}")).await;
     let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
     eventually("finalizer added for deletionPolicy Delete", || async {
         queues
@@ -573,6 +627,10 @@ async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
             .then_some(())
     })
     .await;
+    bindings
+        .delete(&format!("tr-{ns}"), &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 fn helm_template(ns: &str, release: &str, extra: &[&str]) -> String {
@@ -690,8 +748,19 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
             &format!("--webhook-config-name={full}-sidecar-injector"),
             &format!("--webhook-service={full}-webhook"),
             &format!("--webhook-listen=127.0.0.1:{webhook_port}"),
+            &format!("--token-review-binding={full}-broker-token-review"),
         ],
     );
+    // spec.access: the chart's rights cover the brokers' ServiceAccount and adding
+    // it to the chart's token-review binding (`bind` on system:auth-delegator).
+    apply_queue(&client, ns, example("emails.yaml").remove(0)).await;
+    wait_broker_may_review_tokens(
+        &client,
+        ns,
+        "emails",
+        &format!("{full}-broker-token-review"),
+    )
+    .await;
     let mut orders = example("orders.yaml").remove(0);
     orders["spec"]["deletionPolicy"] = json!("Delete");
     apply_queue(&client, ns, orders).await;

@@ -3,8 +3,10 @@
 //!
 //! - [`routes`]: which addresses serve which queue.
 //! - [`router`]: broker discovery, partition ownership, per-partition batching.
+//! - [`credentials`]: the ServiceAccount token each route presents to its brokers.
 //! - [`service`]: the API, call by call.
 
+pub mod credentials;
 pub mod metrics;
 pub mod router;
 pub mod routes;

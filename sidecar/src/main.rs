@@ -28,6 +28,10 @@ struct Args {
     /// Run the broker in this process (no Kubernetes), on a local data directory.
     #[arg(long)]
     embedded: bool,
+    /// Directory of ServiceAccount tokens, one file per queue (`<dir>/<queue>`),
+    /// presented to that queue's brokers; the injection webhook mounts them.
+    #[arg(long, env = "SLUICE_TOKEN_DIR")]
+    token_dir: Option<std::path::PathBuf>,
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     data_dir: PathBuf,
     #[arg(long, env = "SLUICE_LOG_JSON")]
@@ -60,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
             "no routes: pass --route QUEUE=HOST:PORT or set SLUICE_ROUTES (or use --embedded)"
         );
     }
-    let router = sluice_sidecar::Router::new(routes);
+    let router = sluice_sidecar::Router::with_tokens(routes, args.token_dir.as_deref());
     sluice_sidecar::run(router, grpc, Some(http), shutdown_signal())
         .await
         .context("sidecar failed")

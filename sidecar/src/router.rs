@@ -9,7 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::credentials::Credentials;
+
+/// A client of one broker, presenting the route's credentials on every call.
+pub type BrokerClient = QueuesClient<InterceptedService<Channel, Credentials>>;
 use tonic::{Code, Status};
 
 /// How often brokers are re-resolved and re-described.
@@ -21,12 +27,12 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct BrokerConn {
     pub addr: SocketAddr,
-    pub client: QueuesClient<Channel>,
+    pub client: BrokerClient,
     healthy: AtomicBool,
 }
 
 impl BrokerConn {
-    fn new(addr: SocketAddr) -> Arc<Self> {
+    fn new(addr: SocketAddr, credentials: Credentials) -> Arc<Self> {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a valid URI")
             .connect_timeout(Duration::from_secs(1))
@@ -39,14 +45,14 @@ impl BrokerConn {
         let max = sluice_broker::server::MAX_REQUEST_BYTES;
         Arc::new(BrokerConn {
             addr,
-            client: QueuesClient::new(channel)
+            client: QueuesClient::with_interceptor(channel, credentials)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             healthy: AtomicBool::new(false),
         })
     }
 
-    pub fn client(&self) -> QueuesClient<Channel> {
+    pub fn client(&self) -> BrokerClient {
         self.client.clone()
     }
 
@@ -94,6 +100,9 @@ struct Layout {
     partitions: u32,
     owner: HashMap<u32, Arc<BrokerConn>>,
     settings: Option<v1::DescribeResponse>,
+    /// The brokers answered, but refused this sidecar (UNAUTHENTICATED or
+    /// PERMISSION_DENIED): what the app is told instead of "unreachable".
+    refused: Option<Status>,
 }
 
 /// A message waiting to be sent in the next batch of its partition.
@@ -106,6 +115,7 @@ pub struct PendingEnqueue {
 pub struct QueueRoute {
     pub queue: String,
     addrs: Vec<String>,
+    credentials: Credentials,
     layout: RwLock<Layout>,
     next: AtomicUsize,
     batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
@@ -117,12 +127,14 @@ impl QueueRoute {
     pub fn new(
         queue: String,
         addrs: Vec<String>,
+        credentials: Credentials,
         metrics: Arc<crate::metrics::SidecarMetrics>,
     ) -> Arc<Self> {
         Arc::new(QueueRoute {
             metrics,
             queue,
             addrs,
+            credentials,
             layout: RwLock::new(Layout::default()),
             next: AtomicUsize::new(0),
             batchers: Mutex::new(HashMap::new()),
@@ -132,6 +144,7 @@ impl QueueRoute {
 
     /// Resolves the addresses and asks every broker for its partitions.
     pub async fn refresh(&self) {
+        self.credentials.reload();
         let mut addrs = Vec::new();
         for a in &self.addrs {
             match tokio::net::lookup_host(a).await {
@@ -153,7 +166,12 @@ impl QueueRoute {
             .collect();
         let brokers: Vec<Arc<BrokerConn>> = addrs
             .iter()
-            .map(|a| known.get(a).cloned().unwrap_or_else(|| BrokerConn::new(*a)))
+            .map(|a| {
+                known
+                    .get(a)
+                    .cloned()
+                    .unwrap_or_else(|| BrokerConn::new(*a, self.credentials.clone()))
+            })
             .collect();
         let described = futures::future::join_all(brokers.iter().map(|b| {
             let mut c = b.client();
@@ -178,6 +196,13 @@ impl QueueRoute {
                         layout.owner.insert(*p, b.clone());
                     }
                     layout.settings = Some(d);
+                }
+                Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                    if layout.refused.is_none() {
+                        tracing::warn!(queue = %self.queue, broker = %b.addr, error = %e.message(), "broker refused this sidecar");
+                    }
+                    b.healthy.store(false, Ordering::Relaxed);
+                    layout.refused = Some(Status::new(e.code(), e.message().to_string()));
                 }
                 Err(e) => {
                     if b.is_healthy() {
@@ -241,6 +266,9 @@ impl QueueRoute {
     }
 
     fn unavailable(&self) -> Status {
+        if let Some(refused) = &self.layout.read().unwrap().refused {
+            return refused.clone();
+        }
         Status::unavailable(format!(
             "no broker of queue {} is reachable (tried {})",
             self.queue,
@@ -257,6 +285,7 @@ impl QueueRoute {
         let layout = self.layout.read().unwrap();
         match layout.owner.get(&partition) {
             Some(b) if b.is_healthy() => Ok(b.clone()),
+            _ if layout.refused.is_some() => Err(layout.refused.clone().unwrap()),
             _ => Err(Status::unavailable(format!(
                 "the broker owning partition {partition} of queue {} is unreachable",
                 self.queue
@@ -275,6 +304,7 @@ impl QueueRoute {
             .map(|(p, _)| *p)
             .collect();
         if candidates.is_empty() {
+            drop(layout);
             return Err(self.unavailable());
         }
         candidates.sort_unstable();
@@ -385,12 +415,28 @@ pub struct Router {
 }
 
 impl Router {
+    /// Routes that present no token.
     pub fn new(routes: BTreeMap<String, Vec<String>>) -> Arc<Self> {
+        Self::with_tokens(routes, None)
+    }
+
+    /// Routes whose calls carry the token in `<token_dir>/<queue>`, where there is one.
+    pub fn with_tokens(
+        routes: BTreeMap<String, Vec<String>>,
+        token_dir: Option<&std::path::Path>,
+    ) -> Arc<Self> {
         let metrics = Arc::new(crate::metrics::SidecarMetrics::default());
         Arc::new(Router {
             routes: routes
                 .into_iter()
-                .map(|(q, addrs)| (q.clone(), QueueRoute::new(q, addrs, metrics.clone())))
+                .map(|(q, addrs)| {
+                    let credentials = match token_dir {
+                        Some(dir) if dir.join(&q).exists() => Credentials::from_file(dir.join(&q)),
+                        _ => Credentials::none(),
+                    };
+                    let route = QueueRoute::new(q.clone(), addrs, credentials, metrics.clone());
+                    (q, route)
+                })
                 .collect(),
             metrics,
         })

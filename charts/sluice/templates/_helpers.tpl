@@ -40,3 +40,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sluice.lease" -}}
 {{- printf "%s-leader" (include "sluice.fullname" .) -}}
 {{- end -}}
+{{- define "sluice.tokenReviewBinding" -}}
+{{- printf "%s-broker-token-review" (include "sluice.fullname" .) -}}
+{{- end -}}

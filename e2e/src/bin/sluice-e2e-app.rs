@@ -122,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 );
                 tasks.push(tokio::spawn(async move {
                     let (mut acked, mut failed, mut errors) = (0u64, 0u64, 0u64);
+                    let mut last_error: Option<String> = None;
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if i >= count {
@@ -145,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
                                 }
                                 Err(e) => {
                                     errors += 1;
+                                    last_error = Some(format!("{:?}", e.code()));
                                     if errors <= 3 {
                                         eprintln!("enqueue {body} (attempt {attempt}): {e}");
                                     }
@@ -161,19 +163,20 @@ async fn main() -> anyhow::Result<()> {
                             failed += 1;
                         }
                     }
-                    (acked, failed, errors)
+                    (acked, failed, errors, last_error)
                 }));
             }
-            let (mut acked, mut failed, mut errors) = (0, 0, 0);
+            let (mut acked, mut failed, mut errors, mut last_error) = (0, 0, 0, None);
             for t in tasks {
-                let (a, f, e) = t.await?;
+                let (a, f, e, l) = t.await?;
                 acked += a;
                 failed += f;
                 errors += e;
+                last_error = last_error.or(l);
             }
             println!(
                 "{}",
-                serde_json::json!({"acked": acked, "failed": failed, "errors": errors})
+                serde_json::json!({"acked": acked, "failed": failed, "errors": errors, "last_error": last_error})
             );
             Ok(())
         }

@@ -1,0 +1,221 @@
+//! Who may use a queue. A queue whose settings list `access` ServiceAccounts is
+//! opened only by calls that carry (`authorization: Bearer <token>`) a ServiceAccount
+//! token issued for the queue's audience ([`sluice_config::token_audience`]); the
+//! API server says whose token it is (TokenReview), and the broker compares that
+//! with the list. Answers are cached briefly so the API server sees one review per
+//! token and interval, not one per call.
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tonic::metadata::MetadataMap;
+
+use crate::error::BrokerError;
+use crate::queue::Queue;
+
+/// How long the API server's verdict on a token is reused. A revoked token (its pod
+/// deleted) stops working within this time.
+pub const ACCEPTED_TTL: Duration = Duration::from_secs(30);
+/// A refused token is asked about again only after this (a client retrying with a
+/// bad token does not turn into a stream of TokenReviews).
+pub const REFUSED_TTL: Duration = Duration::from_secs(5);
+/// Verdicts kept at most; the cache starts over when full.
+const MAX_CACHED: usize = 10_000;
+/// Longest token looked at; ServiceAccount tokens are about 1 KiB.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// The API server gets this long to answer a review.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+enum Verdict {
+    /// `namespace/name` of the ServiceAccount.
+    ServiceAccount(String),
+    /// Authenticated, but not as a ServiceAccount (a user, a node).
+    Other(String),
+    Refused(String),
+}
+
+/// Checks ServiceAccount tokens through the Kubernetes API.
+pub struct Authenticator {
+    client: kube::Client,
+    /// The namespace of the queues this broker serves (part of the audience).
+    namespace: String,
+    cache: Mutex<HashMap<(String, String), (Verdict, Instant)>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bearer token of a call, if it carries one.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, BrokerError> {
+    let Some(value) = metadata.get("authorization") else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        BrokerError::Unauthenticated("the authorization header is not ASCII".into())
+    })?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            BrokerError::Unauthenticated("the authorization header is not `Bearer <token>`".into())
+        })?;
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(BrokerError::Unauthenticated(format!(
+            "the bearer token is over {MAX_TOKEN_BYTES} bytes"
+        )));
+    }
+    Ok(Some(token))
+}
+
+impl Authenticator {
+    pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
+        Authenticator {
+            client,
+            namespace: namespace.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Lets the call through if the queue is open to everyone, or if `token` is a
+    /// ServiceAccount token for this queue's audience of an account on its list.
+    pub async fn authorize(&self, queue: &Queue, token: Option<&str>) -> Result<(), BrokerError> {
+        let allowed = &queue.settings.access;
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        let audience = sluice_config::token_audience(&self.namespace, queue.name());
+        let token = token.ok_or_else(|| {
+            BrokerError::Unauthenticated(format!(
+                "queue {} admits only listed ServiceAccounts: send `authorization: Bearer <token>` with a token for audience {audience}",
+                queue.name()
+            ))
+        })?;
+        match self.verdict(&audience, token).await? {
+            Verdict::ServiceAccount(sa) if allowed.iter().any(|a| *a == sa) => Ok(()),
+            Verdict::ServiceAccount(who) | Verdict::Other(who) => {
+                Err(BrokerError::PermissionDenied(format!(
+                    "{who} may not use queue {}: its access list is {}",
+                    queue.name(),
+                    allowed.join(", ")
+                )))
+            }
+            Verdict::Refused(why) => Err(BrokerError::Unauthenticated(format!(
+                "token refused for audience {audience}: {why}"
+            ))),
+        }
+    }
+
+    async fn verdict(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError> {
+        let key = (audience.to_string(), token.to_string());
+        if let Some((v, until)) = self.cache.lock().unwrap().get(&key)
+            && Instant::now() < *until
+        {
+            return Ok(v.clone());
+        }
+        let verdict = self.review(audience, token).await?;
+        let ttl = match verdict {
+            Verdict::Refused(_) => REFUSED_TTL,
+            _ => ACCEPTED_TTL,
+        };
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(key, (verdict.clone(), Instant::now() + ttl));
+        Ok(verdict)
+    }
+
+    async fn review(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![audience.to_string()]),
+            },
+            ..Default::default()
+        };
+        let answer =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| {
+                    BrokerError::Unavailable(
+                        "the Kubernetes API did not answer a TokenReview in time".into(),
+                    )
+                })?
+                .map_err(|e| BrokerError::Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status
+                .error
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "not authenticated".into());
+            return Ok(Verdict::Refused(why));
+        }
+        // The API server answers for the audiences it was asked about; a token
+        // for another audience is refused above. Check the answer names ours.
+        if let Some(auds) = &status.audiences
+            && !auds.iter().any(|a| a == audience)
+        {
+            return Ok(Verdict::Refused(format!(
+                "token is not for audience {audience}"
+            )));
+        }
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        Ok(service_account_of(&username)
+            .map(Verdict::ServiceAccount)
+            .unwrap_or(Verdict::Other(username)))
+    }
+}
+
+/// `system:serviceaccount:<ns>:<name>` → `<ns>/<name>`.
+fn service_account_of(username: &str) -> Option<String> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (ns, name) = rest.split_once(':')?;
+    Some(format!("{ns}/{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    #[test]
+    fn usernames_of_service_accounts() {
+        assert_eq!(
+            service_account_of("system:serviceaccount:apps:billing").as_deref(),
+            Some("apps/billing")
+        );
+        assert_eq!(service_account_of("alice"), None);
+        assert_eq!(service_account_of("system:node:n1"), None);
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut m = MetadataMap::new();
+        assert!(bearer_token(&m).unwrap().is_none());
+        m.insert(
+            "authorization",
+            MetadataValue::from_static("Bearer abc.def"),
+        );
+        assert_eq!(bearer_token(&m).unwrap(), Some("abc.def"));
+        m.insert("authorization", MetadataValue::from_static("Basic abc"));
+        let e = bearer_token(&m).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        m.insert("authorization", MetadataValue::from_static("Bearer "));
+        assert!(bearer_token(&m).is_err());
+    }
+}
