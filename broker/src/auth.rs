@@ -105,7 +105,7 @@ impl Authenticator {
             ))
         })?;
         match self.verdict(&audience, token).await? {
-            Verdict::ServiceAccount(sa) if allowed.iter().any(|a| *a == sa) => Ok(()),
+            Verdict::ServiceAccount(sa) if allowed.contains(&sa) => Ok(()),
             Verdict::ServiceAccount(who) | Verdict::Other(who) => {
                 Err(BrokerError::PermissionDenied(format!(
                     "{who} may not use queue {}: its access list is {}",

@@ -27,6 +27,8 @@ pub struct BrokerOptions {
     /// Checks the tokens of calls to queues with an access list; required when a
     /// configured queue has one.
     pub authenticator: Option<Arc<Authenticator>>,
+    /// Serve gRPC over mutual TLS (clients must present a certificate of the CA).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl BrokerOptions {
@@ -39,6 +41,7 @@ impl BrokerOptions {
             cache_bytes: 256 * 1024 * 1024,
             storage: StorageOptions::default(),
             authenticator: None,
+            tls: None,
         }
     }
 }

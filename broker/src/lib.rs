@@ -7,6 +7,7 @@
 //! - [`auth`]: who may use a queue (ServiceAccount tokens, TokenReview).
 //! - [`service`]: the `sluice.v1.Queues` gRPC service.
 //! - [`server`]: runs it all, with health, reflection and metrics.
+//! - [`tls`]: the mutual TLS settings of brokers and sidecars.
 
 pub mod auth;
 pub mod broker;
@@ -17,6 +18,7 @@ pub mod partition;
 pub mod queue;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 pub use broker::{Broker, BrokerOptions};
 pub use error::BrokerError;

@@ -46,6 +46,15 @@ struct Args {
     /// Subscribe streams); more are answered RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 10_000)]
     max_waiters: usize,
+    /// Serve gRPC over mutual TLS with this certificate (PEM); needs --tls-key and
+    /// --tls-ca. The operator mounts them from the Queue's Secret.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed the certificates clients must present.
+    #[arg(long, env = "SLUICE_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// Namespace of the Queue this broker serves: part of the audience of the tokens
     /// that open a queue with an access list.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -84,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
     options.storage.segment_bytes = args.segment_bytes;
     options.storage.disk_reserve_bytes = args.disk_reserve_bytes;
     options.storage.max_waiters = args.max_waiters;
+    if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
+        let files = sluice_broker::tls::TlsFiles { cert, key, ca };
+        options.tls = Some(files.server().context("TLS settings")?);
+    }
     if options.queues.iter().any(|q| !q.access.is_empty()) {
         // Tokens are checked with the API server (TokenReview): in a pod through
         // the broker's own ServiceAccount, elsewhere through KUBECONFIG.

@@ -85,6 +85,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
+    let tls = options.tls.clone();
     let broker = Broker::open(options, metrics.clone())?;
     metrics.attach(&broker);
     let ready = Arc::new(AtomicBool::new(false));
@@ -103,11 +104,20 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueuesServer<QueueService>>().await;
     let addr = grpc.local_addr().ok();
-    tracing::info!(?addr, queues = broker.queues().len(), "broker serving");
+    tracing::info!(
+        ?addr,
+        queues = broker.queues().len(),
+        tls = tls.is_some(),
+        "broker serving"
+    );
     ready.store(true, Ordering::Relaxed);
     let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
     let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .tcp_nodelay(true)
             // Large windows: h2 budgets the overhead of small DATA frames against
             // half the connection window, and gRPC messages of a queue are often tiny;

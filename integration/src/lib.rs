@@ -193,6 +193,19 @@ impl Broker {
         data_dir: PathBuf,
         extra_args: &[&str],
     ) -> Broker {
+        Broker::start_at(dir, config_toml, ordinal, data_dir, free_addr(), extra_args).await
+    }
+
+    /// Like [`start_with`](Self::start_with), serving on `addr` (a test that issues
+    /// the broker's certificate needs its address first).
+    pub async fn start_at(
+        dir: &Path,
+        config_toml: &str,
+        ordinal: u32,
+        data_dir: PathBuf,
+        addr: SocketAddr,
+        extra_args: &[&str],
+    ) -> Broker {
         let config = dir.join(format!("broker-{ordinal}.toml"));
         std::fs::write(&config, config_toml).unwrap();
         let mut b = Broker {
@@ -200,7 +213,7 @@ impl Broker {
                 child: None,
                 log: PathBuf::new(),
             },
-            addr: free_addr(),
+            addr,
             metrics: free_addr(),
             data_dir,
             config,
@@ -256,6 +269,11 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(dir: &Path, routes: &str) -> Sidecar {
+        Sidecar::start_with(dir, routes, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with more command-line arguments.
+    pub async fn start_with(dir: &Path, routes: &str, extra_args: &[&str]) -> Sidecar {
         let addr = free_addr();
         let metrics = free_addr();
         let mut cmd = Command::new(bin("sluice-sidecar"));
@@ -263,6 +281,7 @@ impl Sidecar {
             .arg(addr.to_string())
             .arg("--metrics-listen")
             .arg(metrics.to_string())
+            .args(extra_args)
             .env("SLUICE_ROUTES", routes);
         let proc = Proc::spawn(&mut cmd, dir.join(format!("sidecar-{}.log", addr.port())));
         wait_serving(addr).await;

@@ -609,7 +609,10 @@ async fn long_polls_beyond_the_waiter_limit_are_refused_until_one_returns() {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("--max-waiters"), "{refused:?}");
     let (first, second) = (polls.remove(0), polls.remove(0));
-    assert!(!first.is_finished() && !second.is_finished(), "the others wait");
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "the others wait"
+    );
     // A poll that does not wait takes no place, and a message wakes a waiter.
     assert_eq!(poll(0).await.unwrap(), 0);
     let mut producer = c.clone();
@@ -651,5 +654,8 @@ async fn default_logs_carry_no_message_content_or_token() {
     ack(&mut c, "work", vec![got[0].receipt.clone()]).await;
     let log = b.proc.log_text();
     assert!(!log.is_empty(), "the broker logged at its default level");
-    assert!(!log.contains("SECRET-"), "content or token in the log:\n{log}");
+    assert!(
+        !log.contains("SECRET-"),
+        "content or token in the log:\n{log}"
+    );
 }

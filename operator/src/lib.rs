@@ -5,6 +5,7 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod pki;
 pub mod resources;
 pub mod settings;
 pub mod webhook;

@@ -496,43 +496,15 @@ pub fn generate(
     sans: &[String],
     validity: Duration,
 ) -> Result<(String, String, String), WebhookError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let not_after = now + time::Duration::seconds(validity.as_secs() as i64);
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, "sluice-webhook-ca");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = now - time::Duration::hours(1);
-    ca.not_after = not_after + time::Duration::days(1);
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let mut leaf = CertificateParams::new(sans.to_vec())?;
-    leaf.distinguished_name.push(
-        DnType::CommonName,
-        sans.first()
-            .cloned()
-            .unwrap_or_else(|| "sluice-webhook".into()),
-    );
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    leaf.not_before = now - time::Duration::hours(1);
-    leaf.not_after = not_after;
-    let leaf_key = KeyPair::generate()?;
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
-    Ok((ca_cert.pem(), leaf_cert.pem(), leaf_key.serialize_pem()))
+    // The CA outlives its leaf by a day, so a leaf is never checked against an
+    // expired CA.
+    let ca = crate::pki::Ca::generate("sluice-webhook-ca", validity + Duration::from_secs(86_400))?;
+    let name = sans
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "sluice-webhook".into());
+    let leaf = ca.issue(&name, sans, crate::pki::Usage::Server, validity)?;
+    Ok((ca.cert_pem, leaf.cert_pem, leaf.key_pem))
 }
 
 impl SelfManaged {

@@ -32,6 +32,15 @@ struct Args {
     /// presented to that queue's brokers; the injection webhook mounts them.
     #[arg(long, env = "SLUICE_TOKEN_DIR")]
     token_dir: Option<std::path::PathBuf>,
+    /// Talk to brokers over mutual TLS with this client certificate (PEM); needs
+    /// --tls-key and --tls-ca. The injection webhook mounts them.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) that signed the brokers' certificates.
+    #[arg(long, env = "SLUICE_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     data_dir: PathBuf,
     #[arg(long, env = "SLUICE_LOG_JSON")]
@@ -64,7 +73,15 @@ async fn main() -> anyhow::Result<()> {
             "no routes: pass --route QUEUE=HOST:PORT or set SLUICE_ROUTES (or use --embedded)"
         );
     }
-    let router = sluice_sidecar::Router::with_tokens(routes, args.token_dir.as_deref());
+    let tls = match (args.tls_cert, args.tls_key, args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(sluice_broker::tls::TlsFiles { cert, key, ca }),
+        _ => None,
+    };
+    let security = sluice_sidecar::router::RouteSecurity {
+        token_dir: args.token_dir,
+        tls,
+    };
+    let router = sluice_sidecar::Router::secured(routes, &security).context("TLS settings")?;
     sluice_sidecar::run(router, grpc, Some(http), shutdown_signal())
         .await
         .context("sidecar failed")

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::credentials::Credentials;
+use sluice_broker::tls::{TlsError, TlsFiles};
 
 /// A client of one broker, presenting the route's credentials on every call.
 pub type BrokerClient = QueuesClient<InterceptedService<Channel, Credentials>>;
@@ -32,9 +33,18 @@ pub struct BrokerConn {
 }
 
 impl BrokerConn {
-    fn new(addr: SocketAddr, credentials: Credentials) -> Arc<Self> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a valid URI")
+    fn new(
+        addr: SocketAddr,
+        credentials: Credentials,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Arc<Self>, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .expect("a socket address is a valid URI");
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -43,13 +53,13 @@ impl BrokerConn {
             .initial_stream_window_size(sluice_broker::server::STREAM_WINDOW)
             .connect_lazy();
         let max = sluice_broker::server::MAX_REQUEST_BYTES;
-        Arc::new(BrokerConn {
+        Ok(Arc::new(BrokerConn {
             addr,
             client: QueuesClient::with_interceptor(channel, credentials)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             healthy: AtomicBool::new(false),
-        })
+        }))
     }
 
     pub fn client(&self) -> BrokerClient {
@@ -116,6 +126,9 @@ pub struct QueueRoute {
     pub queue: String,
     addrs: Vec<String>,
     credentials: Credentials,
+    /// Mutual TLS settings per host name of `addrs` (a broker's certificate is
+    /// checked against the name the route gives it); None for plaintext.
+    tls: Option<HashMap<String, ClientTlsConfig>>,
     layout: RwLock<Layout>,
     next: AtomicUsize,
     batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
@@ -128,18 +141,31 @@ impl QueueRoute {
         queue: String,
         addrs: Vec<String>,
         credentials: Credentials,
+        tls: Option<&TlsFiles>,
         metrics: Arc<crate::metrics::SidecarMetrics>,
-    ) -> Arc<Self> {
-        Arc::new(QueueRoute {
+    ) -> Result<Arc<Self>, TlsError> {
+        let tls = match tls {
+            None => None,
+            Some(files) => {
+                let mut by_host = HashMap::new();
+                for a in &addrs {
+                    let host = host_of(a);
+                    by_host.insert(host.to_string(), files.client(host)?);
+                }
+                Some(by_host)
+            }
+        };
+        Ok(Arc::new(QueueRoute {
             metrics,
             queue,
             addrs,
             credentials,
+            tls,
             layout: RwLock::new(Layout::default()),
             next: AtomicUsize::new(0),
             batchers: Mutex::new(HashMap::new()),
             changed: Notify::new(),
-        })
+        }))
     }
 
     /// Resolves the addresses and asks every broker for its partitions.
@@ -148,14 +174,14 @@ impl QueueRoute {
         let mut addrs = Vec::new();
         for a in &self.addrs {
             match tokio::net::lookup_host(a).await {
-                Ok(found) => addrs.extend(found),
+                Ok(found) => addrs.extend(found.map(|sa| (sa, host_of(a)))),
                 Err(e) => {
                     tracing::debug!(queue = %self.queue, addr = %a, error = %e, "cannot resolve broker address")
                 }
             }
         }
         addrs.sort();
-        addrs.dedup();
+        addrs.dedup_by_key(|(sa, _)| *sa);
         let known: HashMap<SocketAddr, Arc<BrokerConn>> = self
             .layout
             .read()
@@ -166,11 +192,16 @@ impl QueueRoute {
             .collect();
         let brokers: Vec<Arc<BrokerConn>> = addrs
             .iter()
-            .map(|a| {
-                known
-                    .get(a)
-                    .cloned()
-                    .unwrap_or_else(|| BrokerConn::new(*a, self.credentials.clone()))
+            .filter_map(|(a, host)| match known.get(a) {
+                Some(b) => Some(b.clone()),
+                None => {
+                    let tls = self.tls.as_ref().and_then(|t| t.get(*host));
+                    BrokerConn::new(*a, self.credentials.clone(), tls)
+                        .map_err(|e| {
+                            tracing::error!(queue = %self.queue, broker = %a, error = %e, "cannot set up the connection")
+                        })
+                        .ok()
+                }
             })
             .collect();
         let described = futures::future::join_all(brokers.iter().map(|b| {
@@ -408,6 +439,20 @@ async fn run_batcher(
     }
 }
 
+/// How the sidecar proves itself to brokers.
+#[derive(Debug, Clone, Default)]
+pub struct RouteSecurity {
+    /// Directory of per-queue ServiceAccount tokens.
+    pub token_dir: Option<std::path::PathBuf>,
+    /// Our certificate and key, and the CA of the brokers' certificates.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The host part of `host:port`.
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
 /// Every queue the sidecar may reach.
 pub struct Router {
     routes: BTreeMap<String, Arc<QueueRoute>>,
@@ -415,31 +460,37 @@ pub struct Router {
 }
 
 impl Router {
-    /// Routes that present no token.
+    /// Plaintext routes that present no token.
     pub fn new(routes: BTreeMap<String, Vec<String>>) -> Arc<Self> {
-        Self::with_tokens(routes, None)
+        Self::secured(routes, &RouteSecurity::default()).expect("nothing to load")
     }
 
-    /// Routes whose calls carry the token in `<token_dir>/<queue>`, where there is one.
-    pub fn with_tokens(
+    /// Routes whose calls carry the token in `<token_dir>/<queue>` (where there is
+    /// one), over mutual TLS when `tls` is given.
+    pub fn secured(
         routes: BTreeMap<String, Vec<String>>,
-        token_dir: Option<&std::path::Path>,
-    ) -> Arc<Self> {
+        security: &RouteSecurity,
+    ) -> Result<Arc<Self>, TlsError> {
         let metrics = Arc::new(crate::metrics::SidecarMetrics::default());
-        Arc::new(Router {
-            routes: routes
-                .into_iter()
-                .map(|(q, addrs)| {
-                    let credentials = match token_dir {
-                        Some(dir) if dir.join(&q).exists() => Credentials::from_file(dir.join(&q)),
-                        _ => Credentials::none(),
-                    };
-                    let route = QueueRoute::new(q.clone(), addrs, credentials, metrics.clone());
-                    (q, route)
-                })
-                .collect(),
+        let mut built = BTreeMap::new();
+        for (q, addrs) in routes {
+            let credentials = match &security.token_dir {
+                Some(dir) if dir.join(&q).exists() => Credentials::from_file(dir.join(&q)),
+                _ => Credentials::none(),
+            };
+            let route = QueueRoute::new(
+                q.clone(),
+                addrs,
+                credentials,
+                security.tls.as_ref(),
+                metrics.clone(),
+            )?;
+            built.insert(q, route);
+        }
+        Ok(Arc::new(Router {
+            routes: built,
             metrics,
-        })
+        }))
     }
 
     /// Describes every broker once, then keeps refreshing in the background.
