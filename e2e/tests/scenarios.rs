@@ -5,6 +5,7 @@
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -16,6 +17,7 @@ use sluice_e2e::harness::{
 };
 use sluice_proto::v1::{self, queues_client::QueuesClient};
 use std::sync::Arc;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn queue_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("sluice.dev", "v1alpha1", "Queue");
@@ -830,15 +832,50 @@ async fn sa_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String
         .token
 }
 
-/// Enqueues one message straight to a broker, with `token` as bearer if given.
-async fn enqueue_to_broker(
+/// A direct client of a broker the way a sidecar of `ns` is one: mutual TLS with the
+/// namespace's sidecar certificate, checking the broker's name against the data
+/// plane's CA.
+async fn broker_client(
+    client: &Client,
+    ns: &str,
+    queue: &str,
     addr: &str,
+    with_certificate: bool,
+) -> Result<QueuesClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let secret = |ns: &str, name: &str| {
+        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let name = name.to_string();
+        async move {
+            api.get(&name)
+                .await
+                .expect("certificate Secret")
+                .data
+                .expect("data")
+        }
+    };
+    let ca = secret("sluice-system", "sluice-data-plane-ca").await;
+    let mine = secret(ns, "sluice-sidecar-tls").await;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca["ca.crt"].0))
+        .domain_name(format!("sluice-{queue}.{ns}.svc.cluster.local"));
+    if with_certificate {
+        tls = tls.identity(Identity::from_pem(&mine["tls.crt"].0, &mine["tls.key"].0));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await?;
+    Ok(QueuesClient::new(channel))
+}
+
+/// Enqueues one message with `token` as bearer if given.
+async fn enqueue_to_broker(
+    client: &mut QueuesClient<tonic::transport::Channel>,
     queue: &str,
     token: Option<&str>,
 ) -> Result<(), tonic::Status> {
-    let mut client = QueuesClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect to the broker");
     let mut req = tonic::Request::new(v1::EnqueueRequest {
         queue: queue.into(),
         message: Some(v1::NewMessage {
@@ -855,9 +892,9 @@ async fn enqueue_to_broker(
 }
 
 #[test]
-fn access_list_admits_listed_service_accounts_and_refuses_others() {
+fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
     isolated(
-        "access_list_admits_listed_service_accounts_and_refuses_others",
+        "mutual_tls_and_access_list_admit_only_listed_sidecars",
         WorldOptions::default(),
         |w: Arc<World>| async move {
             let client = w.client.clone();
@@ -914,10 +951,29 @@ fn access_list_admits_listed_service_accounts_and_refuses_others() {
             let teller_token = sa_token(&client, ns, "teller", audience).await;
             let intruder_token = sa_token(&client, ns, "intruder", audience).await;
             let elsewhere = sa_token(&client, ns, "teller", "sluice.dev/bank/other").await;
-            enqueue_to_broker(&broker, "ledger", Some(&teller_token))
+            // Mutual TLS first: without the sidecars' certificate, or in plaintext,
+            // nothing gets as far as the token check.
+            let no_cert = match broker_client(&client, ns, "ledger", &broker, false).await {
+                Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
+                    .await
+                    .is_err(),
+                Err(_) => true,
+            };
+            assert!(no_cert, "a TLS client without a certificate got in");
+            let plain = match QueuesClient::connect(format!("http://{broker}")).await {
+                Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
+                    .await
+                    .is_err(),
+                Err(_) => true,
+            };
+            assert!(plain, "a plaintext client got in");
+            let mut broker = broker_client(&client, ns, "ledger", &broker, true)
+                .await
+                .expect("mutual TLS with the sidecars' certificate");
+            enqueue_to_broker(&mut broker, "ledger", Some(&teller_token))
                 .await
                 .expect("the listed account gets in");
-            let denied = enqueue_to_broker(&broker, "ledger", Some(&intruder_token))
+            let denied = enqueue_to_broker(&mut broker, "ledger", Some(&intruder_token))
                 .await
                 .unwrap_err();
             assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
@@ -927,13 +983,13 @@ fn access_list_admits_listed_service_accounts_and_refuses_others() {
                 ("another queue's token", Some(elsewhere.as_str())),
                 ("garbage", Some("not-a-jwt")),
             ] {
-                let e = enqueue_to_broker(&broker, "ledger", token)
+                let e = enqueue_to_broker(&mut broker, "ledger", token)
                     .await
                     .unwrap_err();
                 assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e:?}");
             }
             // The dead-letter queue is guarded by the same list.
-            let e = enqueue_to_broker(&broker, "ledger.dlq", Some(&intruder_token))
+            let e = enqueue_to_broker(&mut broker, "ledger.dlq", Some(&intruder_token))
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");

@@ -42,6 +42,8 @@ pub enum Error {
         "ClusterRoleBinding {0} (for the brokers' TokenReviews) does not exist; the chart creates it"
     )]
     TokenReviewBindingMissing(String),
+    #[error("data-plane certificates: {0}")]
+    Certs(#[from] crate::certs::CertError),
 }
 
 /// Lets the brokers of a Queue with an access list review callers' tokens: their
@@ -90,6 +92,8 @@ pub struct Context {
     pub pdb: ApiResource,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Issues the brokers' certificates; None when the data plane runs without TLS.
+    pub certs: Option<Arc<crate::certs::DataPlaneCerts>>,
 }
 
 /// Finds which PodDisruptionBudget version the server serves (policy/v1 from
@@ -333,7 +337,20 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
             &Patch::Apply(resources::service(q)),
         )
         .await?;
-    let desired = resources::stateful_set(q, &ctx.defaults, replicas, &rendered.hash);
+    let mut desired = resources::stateful_set(q, &ctx.defaults, replicas, &rendered.hash);
+    if let Some(certs) = &ctx.certs {
+        let secret = resources::tls_secret_name(&name);
+        let fingerprint = certs
+            .broker_secret(
+                &name,
+                &ns,
+                &secret,
+                resources::owned_meta(q, secret.clone()),
+                &ctx.defaults.cluster_domain,
+            )
+            .await?;
+        resources::with_tls(&mut desired, &name, &fingerprint);
+    }
     let applied = sts_api
         .patch(&sts_name, &pp, &Patch::Apply(&desired))
         .await?;

@@ -1,6 +1,7 @@
 //! Sluice control plane: the `Queue` CRD, its reconciler, leader election, metrics
 //! and the sidecar-injection webhook. The binary is `sluice-operator`.
 
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod leader;

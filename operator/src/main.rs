@@ -77,6 +77,13 @@ struct RunArgs {
     /// brokers of Queues with `spec.access` join, so they can review callers' tokens.
     #[arg(long, env = "SLUICE_TOKEN_REVIEW_BINDING")]
     token_review_binding: Option<String>,
+    /// Mutual TLS between sidecars and brokers, with certificates the operator
+    /// issues from a CA it keeps in --data-plane-ca-secret.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    data_plane_tls: bool,
+    /// Secret (in --namespace) holding the data plane's CA.
+    #[arg(long, default_value = "sluice-data-plane-ca")]
+    data_plane_ca_secret: String,
     #[arg(long, default_value = "50m")]
     sidecar_cpu_request: String,
     #[arg(long, default_value = "32Mi")]
@@ -167,6 +174,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id()))
     });
 
+    let certs = a.data_plane_tls.then(|| {
+        Arc::new(sluice_operator::certs::DataPlaneCerts::new(
+            client.clone(),
+            &a.namespace,
+            &a.data_plane_ca_secret,
+        ))
+    });
+
     // /metrics, /healthz, /readyz
     let listener = tokio::net::TcpListener::bind(a.metrics_listen).await?;
     info!(addr = %a.metrics_listen, "metrics listening");
@@ -221,8 +236,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 cpu_request: a.sidecar_cpu_request.clone(),
                 memory_request: a.sidecar_memory_request.clone(),
                 memory_limit: a.sidecar_memory_limit.clone(),
+                tls: a.data_plane_tls,
             },
             metrics: metrics.clone(),
+            certs: certs.clone(),
         });
         let addr = a.webhook_listen;
         tokio::spawn(async move {
@@ -244,6 +261,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         pdb: controller::pdb_resource(&client).await?,
         recorder: controller::recorder(client.clone(), Some(identity.clone())),
         metrics: metrics.clone(),
+        certs,
     });
     info!(pdb = %ctx.pdb.api_version, "PodDisruptionBudget version served");
 

@@ -3,7 +3,6 @@
 
 use crate::crd::Queue;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
@@ -11,6 +10,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::core::v1::{SecretVolumeSource, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -44,6 +44,13 @@ pub fn pdb_name(queue: &str) -> String {
 pub fn broker_sa_name(queue: &str) -> String {
     format!("sluice-{queue}-broker")
 }
+/// Secret of the brokers' serving certificate.
+pub fn tls_secret_name(queue: &str) -> String {
+    format!("sluice-{queue}-tls")
+}
+/// Where the brokers and sidecars find their certificate, key and CA.
+pub const TLS_DIR: &str = "/etc/sluice-tls";
+pub const TLS_HASH_ANNOTATION: &str = "sluice.dev/tls-hash";
 /// Address the sidecar routes to.
 pub fn address(queue: &str, ns: &str, cluster_domain: &str) -> String {
     format!("{}.{ns}.svc.{cluster_domain}:{GRPC_PORT}", svc_name(queue))
@@ -125,6 +132,60 @@ pub fn with_broker_subject(
         api_group: None,
     });
     Some(binding)
+}
+
+/// The metadata of an object owned by the Queue (for objects built elsewhere).
+pub fn owned_meta(q: &Queue, name: String) -> ObjectMeta {
+    meta(q, name)
+}
+
+/// The environment that points a broker or sidecar at the certificate files in
+/// [`TLS_DIR`].
+pub fn tls_env() -> Vec<EnvVar> {
+    [
+        ("SLUICE_TLS_CERT", "tls.crt"),
+        ("SLUICE_TLS_KEY", "tls.key"),
+        ("SLUICE_TLS_CA", "ca.crt"),
+    ]
+    .into_iter()
+    .map(|(name, file)| EnvVar {
+        name: name.into(),
+        value: Some(format!("{TLS_DIR}/{file}")),
+        ..Default::default()
+    })
+    .collect()
+}
+
+/// Serves the brokers over mutual TLS with the Queue's certificate Secret;
+/// `fingerprint` (of the certificate) rolls them when it is issued again.
+pub fn with_tls(sts: &mut StatefulSet, queue: &str, fingerprint: &str) {
+    let template = &mut sts.spec.as_mut().expect("built with a spec").template;
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(TLS_HASH_ANNOTATION.into(), fingerprint.into());
+    let pod = template.spec.as_mut().expect("built with a pod spec");
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(tls_secret_name(queue)),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let c = &mut pod.containers[0];
+    c.env.get_or_insert_with(Vec::new).extend(tls_env());
+    c.volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: "tls".into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
 }
 
 pub fn config_map(q: &Queue, toml: &str) -> ConfigMap {
@@ -406,6 +467,39 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             token_review_binding: None,
         }
+    }
+
+    #[test]
+    fn tls_mounts_the_queue_certificate_and_points_the_broker_at_it() {
+        let mut sts = stateful_set(&queue("{}"), &defaults(), 1, "h");
+        with_tls(&mut sts, "orders", "abc");
+        let t = sts.spec.unwrap().template;
+        assert_eq!(
+            t.metadata.unwrap().annotations.unwrap()[TLS_HASH_ANNOTATION],
+            "abc"
+        );
+        let pod = t.spec.unwrap();
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "tls")
+            .unwrap();
+        assert_eq!(
+            vol.secret.unwrap().secret_name.as_deref(),
+            Some("sluice-orders-tls")
+        );
+        let c = &pod.containers[0];
+        let env = c.env.as_ref().unwrap();
+        assert!(env.iter().any(|e| e.name == "SLUICE_TLS_CERT"
+            && e.value.as_deref() == Some("/etc/sluice-tls/tls.crt")));
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == TLS_DIR)
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub const SIDECAR_METRICS_PORT: i32 = 9191;
 /// Where the sidecar finds its per-queue ServiceAccount tokens.
 pub const TOKEN_DIR: &str = "/var/run/secrets/sluice.dev/tokens";
 pub const TOKEN_VOLUME: &str = "sluice-tokens";
+pub const TLS_VOLUME: &str = "sluice-tls";
 /// Lifetime asked of the projected tokens; the kubelet renews them at 80 %.
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
@@ -72,6 +73,8 @@ pub struct InjectConfig {
     pub cpu_request: String,
     pub memory_request: String,
     pub memory_limit: String,
+    /// Mount the namespace's sidecar certificate and talk TLS to the brokers.
+    pub tls: bool,
 }
 
 /// Access decision for one queue named by a pod.
@@ -237,14 +240,32 @@ pub fn mutate(
             "capabilities": {"drop": ["ALL"]},
         },
     });
+    let mut sidecar = sidecar;
+    let mut volumes = vec![];
+    if cfg.tls {
+        // The namespace's client certificate (the webhook issues it before answering).
+        let env = sidecar["env"].as_array_mut().expect("env is a list");
+        env.extend(resources::tls_env().into_iter().map(|e| json!(e)));
+        sidecar["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts are a list")
+            .push(json!({"name": TLS_VOLUME, "mountPath": resources::TLS_DIR, "readOnly": true}));
+        volumes.push(json!({"name": TLS_VOLUME, "secret": {"secretName": crate::certs::SIDECAR_SECRET, "defaultMode": 0o444}}));
+    }
     let mut patch = vec![json!({"op": "add", "path": "/spec/containers/-", "value": sidecar})];
     // Readable by the sidecar whatever user the app runs as; mounted in no other
     // container.
-    let volume =
-        json!({"name": TOKEN_VOLUME, "projected": {"sources": tokens, "defaultMode": 0o444}});
+    volumes.insert(
+        0,
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": tokens, "defaultMode": 0o444}}),
+    );
     match pod.pointer("/spec/volumes").and_then(|v| v.as_array()) {
-        Some(_) => patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
-        None => patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+        Some(_) => {
+            for volume in volumes {
+                patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+            }
+        }
+        None => patch.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
     }
     let addr = json!({"name": "SLUICE_ADDR", "value": format!("127.0.0.1:{SIDECAR_GRPC_PORT}")});
     for (i, c) in containers.iter().enumerate() {
@@ -280,6 +301,8 @@ pub struct Handler {
     pub client: Client,
     pub cfg: InjectConfig,
     pub metrics: Arc<Metrics>,
+    /// Issues the sidecars' client certificate of a namespace (with `cfg.tls`).
+    pub certs: Option<Arc<crate::certs::DataPlaneCerts>>,
 }
 
 pub fn router(h: Arc<Handler>) -> Router {
@@ -357,6 +380,23 @@ async fn handle(State(h): State<Arc<Handler>>, body: axum::body::Bytes) -> axum:
             };
             decisions.insert((q.namespace.clone(), q.queue.clone()), d);
         }
+    }
+    // The sidecar mounts the namespace's client certificate: make sure it exists
+    // before the pod does. Refusing the pod (and letting its controller retry) is
+    // better than creating one whose sidecar cannot start.
+    if h.cfg.tls
+        && ann.get(INJECT_ANNOTATION).map(|s| s.as_str()) == Some("true")
+        && let Some(certs) = &h.certs
+        && let Err(e) = certs.sidecar_secret(&ns).await
+    {
+        h.metrics.webhook("error");
+        warn!(error = %e, %ns, "could not issue the sidecars' certificate");
+        return axum::Json(
+            json!({"apiVersion": api_version, "kind": "AdmissionReview", "response": {
+                "uid": uid, "allowed": false,
+                "status": {"code": 503, "message": format!("sluice: could not issue the sidecar certificate for namespace {ns}: {e}")}
+            }}),
+        );
     }
     let m = mutate(&pod, &ns, &h.cfg, &|q| {
         decisions
@@ -717,6 +757,7 @@ mod tests {
             cpu_request: "50m".into(),
             memory_request: "32Mi".into(),
             memory_limit: "128Mi".into(),
+            tls: true,
         }
     }
 
@@ -791,6 +832,19 @@ mod tests {
                 .any(|e| e["name"] == "SLUICE_TOKEN_DIR" && e["value"] == TOKEN_DIR)
         );
         assert!(cs[0].get("volumeMounts").is_none());
+        // The namespace's client certificate, mounted in the sidecar.
+        assert_eq!(
+            out["spec"]["volumes"][1]["secret"]["secretName"],
+            crate::certs::SIDECAR_SECRET
+        );
+        assert_eq!(side["volumeMounts"][1]["mountPath"], resources::TLS_DIR);
+        assert!(
+            side["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "SLUICE_TLS_CA")
+        );
         // Injecting the result again is a no-op.
         let again = mutate(&out, "shop", &cfg(), &|_| Access::Allowed);
         assert_eq!(again.skipped, Some("already-injected"));

@@ -43,3 +43,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sluice.tokenReviewBinding" -}}
 {{- printf "%s-broker-token-review" (include "sluice.fullname" .) -}}
 {{- end -}}
+{{- define "sluice.dataPlaneCaSecret" -}}
+{{- printf "%s-data-plane-ca" (include "sluice.fullname" .) -}}
+{{- end -}}
