@@ -906,14 +906,12 @@ fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
                     serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
                 sas.create(&PostParams::default(), &sa).await.unwrap();
             }
-            apply_queue(
-                &client,
-                ns,
-                "ledger",
+            // A one-broker Queue open to the ServiceAccount `allowed` only.
+            let ledger = |allowed: &str| {
                 json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
-                       "access": {"serviceAccounts": [{"name": "teller"}]}}),
-            )
-            .await;
+                       "access": {"serviceAccounts": [{"name": allowed}]}})
+            };
+            apply_queue(&client, ns, "ledger", ledger("teller")).await;
             let brokers = queue_ready(&client, ns, "ledger", 1).await;
             let pod_spec = brokers[0].spec.as_ref().unwrap();
             assert_eq!(
@@ -996,14 +994,7 @@ fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
 
             // Taking the teller off the list: the brokers roll with the new list and
             // the teller's sidecar is refused with PERMISSION_DENIED, not left hanging.
-            apply_queue(
-                &client,
-                ns,
-                "ledger",
-                json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
-                       "access": {"serviceAccounts": [{"name": "auditor"}]}}),
-            )
-            .await;
+            apply_queue(&client, ns, "ledger", ledger("auditor")).await;
             eventually("the teller refused after the access change", || async {
                 let r = app(
                     &w,
