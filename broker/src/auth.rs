@@ -42,7 +42,9 @@ pub struct Authenticator {
     client: kube::Client,
     /// The namespace of the queues this broker serves (part of the audience).
     namespace: String,
-    cache: Mutex<HashMap<(String, String), (Verdict, Instant)>>,
+    /// Token -> (the queue it was reviewed for, the verdict, until when it holds).
+    /// Keyed by the token alone so a hit allocates nothing.
+    cache: Mutex<HashMap<String, (String, Verdict, Instant)>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -90,43 +92,44 @@ impl Authenticator {
         &self.namespace
     }
 
-    /// Lets the call through if the queue is open to everyone, or if `token` is a
-    /// ServiceAccount token for this queue's audience of an account on its list.
+    /// Lets the call to a queue with an access list through if `token` is a
+    /// ServiceAccount token for this queue's audience of an account on the list.
     pub async fn authorize(&self, queue: &Queue, token: Option<&str>) -> Result<(), BrokerError> {
         let allowed = &queue.settings.access;
-        if allowed.is_empty() {
-            return Ok(());
-        }
-        let audience = sluice_config::token_audience(&self.namespace, queue.name());
         let token = token.ok_or_else(|| {
             BrokerError::Unauthenticated(format!(
-                "queue {} admits only listed ServiceAccounts: send `authorization: Bearer <token>` with a token for audience {audience}",
-                queue.name()
+                "queue {} admits only listed ServiceAccounts: send `authorization: Bearer <token>` with a token for audience {}",
+                queue.name(),
+                sluice_config::token_audience(&self.namespace, queue.name())
             ))
         })?;
-        match self.verdict(&audience, token).await? {
+        // A queue and its dead-letter queue share an audience, and a verdict.
+        let name = queue.name();
+        let base = name.strip_suffix(sluice_config::DLQ_SUFFIX).unwrap_or(name);
+        match self.verdict(base, token).await? {
             Verdict::ServiceAccount(sa) if allowed.contains(&sa) => Ok(()),
             Verdict::ServiceAccount(who) | Verdict::Other(who) => {
                 Err(BrokerError::PermissionDenied(format!(
-                    "{who} may not use queue {}: its access list is {}",
-                    queue.name(),
+                    "{who} may not use queue {name}: its access list is {}",
                     allowed.join(", ")
                 )))
             }
             Verdict::Refused(why) => Err(BrokerError::Unauthenticated(format!(
-                "token refused for audience {audience}: {why}"
+                "token refused for audience {}: {why}",
+                sluice_config::token_audience(&self.namespace, base)
             ))),
         }
     }
 
-    async fn verdict(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError> {
-        let key = (audience.to_string(), token.to_string());
-        if let Some((v, until)) = self.cache.lock().unwrap().get(&key)
+    async fn verdict(&self, base: &str, token: &str) -> Result<Verdict, BrokerError> {
+        if let Some((queue, v, until)) = self.cache.lock().unwrap().get(token)
+            && queue == base
             && Instant::now() < *until
         {
             return Ok(v.clone());
         }
-        let verdict = self.review(audience, token).await?;
+        let audience = sluice_config::token_audience(&self.namespace, base);
+        let verdict = self.review(&audience, token).await?;
         let ttl = match verdict {
             Verdict::Refused(_) => REFUSED_TTL,
             _ => ACCEPTED_TTL,
@@ -135,7 +138,10 @@ impl Authenticator {
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(key, (verdict.clone(), Instant::now() + ttl));
+        cache.insert(
+            token.to_string(),
+            (base.to_string(), verdict.clone(), Instant::now() + ttl),
+        );
         Ok(verdict)
     }
 

@@ -923,23 +923,25 @@ fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
             // The teller's app, through its injected sidecar and projected token.
             let teller = app_pod_as(&client, ns, "teller-app", "ledger", "teller").await;
             assert_eq!(container_names(&teller), ["app", "sluice-sidecar"]);
-            let produced = app(
-                &w,
-                ns,
-                "teller-app",
-                &[
-                    "produce",
-                    "--queue",
-                    "ledger",
-                    "--count",
-                    "100",
-                    "--prefix",
-                    "t",
-                    "--retries",
-                    "0",
-                ],
-            )
-            .await;
+            // One attempt per message: a refusal shows as `failed` with its code.
+            let produce = |count: &'static str, prefix: &'static str| {
+                let w = w.clone();
+                async move {
+                    let args = [
+                        "produce",
+                        "--queue",
+                        "ledger",
+                        "--count",
+                        count,
+                        "--prefix",
+                        prefix,
+                        "--retries",
+                        "0",
+                    ];
+                    app(&w, ns, "teller-app", &args).await
+                }
+            };
+            let produced = produce("100", "t").await;
             assert_eq!(produced["acked"], 100, "{produced}");
 
             // Straight to the broker, with tokens the API server issues.
@@ -996,23 +998,7 @@ fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
             // the teller's sidecar is refused with PERMISSION_DENIED, not left hanging.
             apply_queue(&client, ns, "ledger", ledger("auditor")).await;
             eventually("the teller refused after the access change", || async {
-                let r = app(
-                    &w,
-                    ns,
-                    "teller-app",
-                    &[
-                        "produce",
-                        "--queue",
-                        "ledger",
-                        "--count",
-                        "1",
-                        "--prefix",
-                        "late",
-                        "--retries",
-                        "0",
-                    ],
-                )
-                .await;
+                let r = produce("1", "late").await;
                 (r["failed"] == 1 && r["last_error"] == "PermissionDenied").then_some(())
             })
             .await;

@@ -197,7 +197,7 @@ pub fn mutate(
         }
     }
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    let sidecar = json!({
+    let mut sidecar = json!({
         "name": SIDECAR_NAME,
         "image": cfg.sidecar_image,
         "imagePullPolicy": cfg.image_pull_policy,
@@ -240,7 +240,6 @@ pub fn mutate(
             "capabilities": {"drop": ["ALL"]},
         },
     });
-    let mut sidecar = sidecar;
     let mut volumes = vec![];
     if cfg.tls {
         // The namespace's client certificate (the webhook issues it before answering).
