@@ -180,37 +180,6 @@ impl Agent {
             .join(format!("{container}.log"))
     }
 
-    /// The netns and the environment of a running container, for `exec`.
-    fn exec_context(
-        &self,
-        ns: &str,
-        pod: &str,
-        container: &str,
-    ) -> Option<(String, Vec<(String, String)>)> {
-        let st = self.state.lock().unwrap();
-        let p = st.pods.values().find(|p| p.ns == ns && p.name == pod)?;
-        let c = p.containers.iter().find(|c| c.spec.name == container)?;
-        Some((p.netns.clone(), c.env.clone()))
-    }
-
-    /// A command that runs `argv` in the network of a pod with the environment of
-    /// one of its containers (like `kubectl exec`, without the mounts).
-    pub fn exec(&self, ns: &str, pod: &str, container: &str, argv: &[String]) -> Result<Command> {
-        let (netns, env) = self
-            .exec_context(ns, pod, container)
-            .ok_or_else(|| Error::Pod {
-                pod: format!("{ns}/{pod}"),
-                detail: format!("no running container {container}"),
-            })?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &netns])
-            .args(argv)
-            .env_clear()
-            .envs(env)
-            .stdin(Stdio::null());
-        Ok(cmd)
-    }
-
     /// Sends a signal to a container's process (e.g. SIGKILL to crash it).
     pub fn signal(&self, ns: &str, pod: &str, container: &str, sig: i32) -> Result<()> {
         let st = self.state.lock().unwrap();

@@ -1,6 +1,8 @@
 //! The e2e world and the helpers tests use.
 //!
-//! Every scenario runs in a world of its own: the test re-executes itself under
+//! A scenario runs either on a cluster a KUBECONFIG points at (`SLUICE_E2E_KUBECONFIG`:
+//! the chart is installed with the images named by `SLUICE_E2E_IMAGE_REGISTRY` and
+//! `SLUICE_E2E_IMAGE_TAG`), or, by default, in a world of its own on this machine: the test re-executes itself under
 //! `unshare --net --mount --pid --fork`, so that the control plane (etcd, API server,
 //! controller-manager, scheduler), the operator, the agent's pods and the cluster DNS
 //! all live in a network namespace the test created (nothing listens outside it), the
@@ -12,10 +14,10 @@ use crate::dns::DnsServer;
 use crate::error::{Error, Result, io_at};
 use crate::net;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
@@ -60,25 +62,41 @@ where
     F: FnOnce(std::sync::Arc<World>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    if std::env::var(WORLD_ENV).as_deref() != Ok("1") {
-        outer(name);
-        return;
-    }
+    let remote = std::env::var_os(REMOTE_ENV).map(PathBuf::from);
+    let _lock = match &remote {
+        // A scenario of its own on that cluster; one at a time (they share the chart).
+        Some(_) => {
+            let lock = world_lock();
+            install_tools();
+            Some(lock)
+        }
+        None if std::env::var(WORLD_ENV).as_deref() != Ok("1") => {
+            outer(name);
+            return;
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let world = std::sync::Arc::new(World::start(opts).await.expect("start the e2e world"));
+        let world = match remote {
+            Some(kubeconfig) => World::on_cluster(&kubeconfig, name).await,
+            None => World::start(opts).await,
+        };
+        let world = std::sync::Arc::new(world.expect("start the e2e world"));
         body(world.clone()).await;
+        world.finish().await;
         drop(world);
     });
     rt.shutdown_timeout(Duration::from_secs(2));
 }
 
-fn outer(name: &str) {
-    // One world at a time on this machine: each runs a whole control plane.
+/// One world (or one scenario on a shared cluster) at a time on this machine: each
+/// local world runs a whole control plane; scenarios on a cluster share the chart.
+fn world_lock() -> std::fs::File {
     let lock_path = std::env::temp_dir().join("sluice-e2e.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -89,7 +107,20 @@ fn outer(name: &str) {
     // SAFETY: flock(2) on a file descriptor we own; released when `lock` drops.
     let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
     assert_eq!(rc, 0, "flock {}", lock_path.display());
+    lock
+}
 
+/// helm and kubectl (scripts/k8s/install-tools.sh is idempotent).
+fn install_tools() {
+    let st = Command::new(repo_root().join("scripts/k8s/install-tools.sh"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("run scripts/k8s/install-tools.sh");
+    assert!(st.success(), "scripts/k8s/install-tools.sh failed");
+}
+
+fn outer(name: &str) {
+    let _lock = world_lock();
     let st = Command::new(repo_root().join("scripts/k8s/install-deps.sh"))
         .stdout(Stdio::null())
         .status()
@@ -152,42 +183,74 @@ fn outer(name: &str) {
 
 /// The ClusterRoleBinding the operator adds restricted Queues' brokers to.
 pub const TOKEN_REVIEW_BINDING: &str = "sluice-e2e-token-review";
+/// Set to a kubeconfig: the scenarios run on that cluster instead of a local world.
+pub const REMOTE_ENV: &str = "SLUICE_E2E_KUBECONFIG";
+/// The chart's release and namespace when the chart is installed by the harness.
+pub const RELEASE: &str = "sluice";
+pub const SYSTEM_NAMESPACE: &str = "sluice-system";
 
 #[derive(Debug, Clone)]
 pub struct WorldOptions {
     /// Start the operator as a process (with its webhook reached by URL) and install
     /// the CRD. Scenario 1 installs them with Helm instead.
     pub operator: bool,
+    /// Treat the local world as a cluster reached only through its KUBECONFIG, as
+    /// `SLUICE_E2E_KUBECONFIG` does: the chart installs the operator, namespaces get
+    /// a per-run suffix, a crash is a pod deleted without grace, and nothing on the
+    /// node is looked at. This is how the real-cluster path is tested here.
+    pub as_remote: bool,
 }
 
 impl Default for WorldOptions {
     fn default() -> Self {
-        WorldOptions { operator: true }
+        WorldOptions {
+            operator: true,
+            as_remote: false,
+        }
     }
 }
 
-/// A control plane, the node agent, the cluster DNS and (optionally) the operator,
-/// inside the test's namespaces.
+/// What runs on this machine for a local world: the node agent and the cluster DNS
+/// (the control plane's processes are listed in `<dir>/k8s/pids`).
+struct LocalNode {
+    agent: Agent,
+    dns: Option<DnsServer>,
+}
+
+/// How the world reaches a cluster it only has a KUBECONFIG for.
+struct RemoteView {
+    /// Appended to namespace names: a shared cluster hosts many runs.
+    suffix: String,
+    registry: String,
+    tag: String,
+    namespaces: std::sync::Mutex<Vec<String>>,
+}
+
+/// How a container was made to crash (see [`World::crash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// Its process got SIGKILL; the kubelet (here: the agent) restarts it in place.
+    InPlace,
+    /// Its pod was deleted without grace (the closest the Kubernetes API comes to a
+    /// crash); its controller makes a new one.
+    Recreated,
+}
+
+/// A cluster for one scenario: by default a control plane, the node agent, the
+/// cluster DNS and (optionally) the operator inside the test's namespaces; or a
+/// cluster a KUBECONFIG points at.
 pub struct World {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub client: Client,
-    pub agent: Agent,
-    pub api_port: u16,
     pub operator: Option<Operator>,
-    dns: Option<DnsServer>,
+    local: Option<LocalNode>,
+    remote: Option<RemoteView>,
 }
 
 impl World {
     pub async fn start(opts: WorldOptions) -> Result<World> {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        init_tracing();
         let run = std::env::var("SLUICE_E2E_RUN").unwrap_or_else(|_| "local".into());
         let dir = std::env::temp_dir().join(format!("sluice-e2e-{run}"));
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -235,20 +298,126 @@ impl World {
             },
         )
         .await?;
+        let remote = opts.as_remote.then(|| RemoteView {
+            suffix: run_suffix(),
+            registry: String::new(),
+            tag: "e2e".into(),
+            namespaces: Default::default(),
+        });
         let mut world = World {
             dir,
             kubeconfig,
             client,
-            agent,
-            api_port,
             operator: None,
-            dns: Some(dns),
+            local: Some(LocalNode {
+                agent,
+                dns: Some(dns),
+            }),
+            remote,
         };
-        if opts.operator {
+        if opts.as_remote {
+            world.install_chart().await;
+        } else if opts.operator {
             install_crd(&world.client).await;
             world.operator = Some(world.start_operator().await);
         }
         Ok(world)
+    }
+
+    /// A world on the cluster `kubeconfig` points at, with the chart installed from
+    /// this checkout and the images `SLUICE_E2E_IMAGE_REGISTRY` (a prefix such as
+    /// `ghcr.io/acme/`, default none) and `SLUICE_E2E_IMAGE_TAG` (default 0.1.0) name.
+    pub async fn on_cluster(kubeconfig: &Path, scenario: &str) -> Result<World> {
+        init_tracing();
+        let dir = std::env::temp_dir().join(format!("sluice-e2e-{scenario}"));
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let client = client_from(kubeconfig).await?;
+        let world = World {
+            dir,
+            kubeconfig: kubeconfig.to_path_buf(),
+            client,
+            operator: None,
+            local: None,
+            remote: Some(RemoteView {
+                suffix: run_suffix(),
+                registry: std::env::var("SLUICE_E2E_IMAGE_REGISTRY").unwrap_or_default(),
+                tag: std::env::var("SLUICE_E2E_IMAGE_TAG").unwrap_or_else(|_| "0.1.0".into()),
+                namespaces: Default::default(),
+            }),
+        };
+        world.install_chart().await;
+        Ok(world)
+    }
+
+    /// The node agent, when this world runs its pods on this machine and may look
+    /// at them there (local processes, volume directories).
+    pub fn node(&self) -> Option<&Agent> {
+        match (&self.local, &self.remote) {
+            (Some(l), None) => Some(&l.agent),
+            _ => None,
+        }
+    }
+
+    /// The name a scenario's namespace `base` has in this world: unique per run on a
+    /// shared cluster.
+    pub fn ns(&self, base: &str) -> String {
+        match &self.remote {
+            Some(r) => format!("{base}-{}", r.suffix),
+            None => base.to_string(),
+        }
+    }
+
+    /// The image of one of Sluice's binaries (`sluice-broker`, `sluice-e2e-app`...).
+    pub fn image(&self, name: &str) -> String {
+        match &self.remote {
+            Some(r) => format!("{}{name}:{}", r.registry, r.tag),
+            // The agent maps any image named after a binary to that binary.
+            None => format!("{name}:e2e"),
+        }
+    }
+
+    /// `helm upgrade --install` of charts/sluice as release `sluice` in
+    /// `sluice-system`, with this world's images; waits until the operator pod is
+    /// Ready. Returns helm's output.
+    pub async fn install_chart(&self) -> String {
+        let image = |component: &str| {
+            let full = self.image(&format!("sluice-{component}"));
+            let (repo, tag) = full.rsplit_once(':').expect("image with a tag");
+            [
+                "--set".to_string(),
+                format!("{component}.image.repository={repo}"),
+                "--set".to_string(),
+                format!("{component}.image.tag={tag}"),
+            ]
+        };
+        let out = Command::new(tool("helm"))
+            .args(["upgrade", "--install", RELEASE])
+            .arg(repo_root().join("charts/sluice"))
+            .args(["--namespace", SYSTEM_NAMESPACE, "--create-namespace"])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(image("operator"))
+            .args(image("broker"))
+            .args(image("sidecar"))
+            .args(["--set", "operator.logFormat=text"])
+            .output()
+            .expect("run helm");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "helm upgrade --install: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sys: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        eventually("operator pod Ready", || async {
+            let list = sys
+                .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
+                .await
+                .ok()?;
+            list.items.iter().any(pod_ready).then_some(())
+        })
+        .await;
+        stdout
     }
 
     /// The operator as a process in the world; its webhook is registered by URL.
@@ -304,20 +473,98 @@ impl World {
         op
     }
 
-    /// A namespace whose pods get the sidecar injected (when the operator runs).
+    /// A namespace whose pods get the sidecar injected: labelled for the operator
+    /// process's webhook in a local world; any namespace not opted out for the
+    /// chart's. Namespaces of a remote world are deleted when the scenario passes.
     pub async fn app_namespace(&self, name: &str) {
-        namespace(&self.client, name, json!({"sluice-e2e/inject": "true"})).await;
+        match &self.remote {
+            Some(r) => {
+                namespace(&self.client, name, json!({})).await;
+                r.namespaces.lock().unwrap().push(name.to_string());
+            }
+            None => namespace(&self.client, name, json!({"sluice-e2e/inject": "true"})).await,
+        }
     }
+
+    /// Crashes a running container: SIGKILL to its process where the node is ours,
+    /// else its pod deleted without grace.
+    pub async fn crash(&self, ns: &str, pod: &str, container: &str) -> Crash {
+        match self.node() {
+            Some(agent) => {
+                agent
+                    .signal(ns, pod, container, libc::SIGKILL)
+                    .expect("SIGKILL the container");
+                Crash::InPlace
+            }
+            None => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                let now = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                pods.delete(pod, &now).await.expect("delete the pod now");
+                Crash::Recreated
+            }
+        }
+    }
+
+    /// After a passing scenario: a remote world deletes the namespaces it made.
+    pub async fn finish(&self) {
+        let Some(r) = &self.remote else { return };
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let names = r.namespaces.lock().unwrap().clone();
+        for ns in names {
+            let _ = api.delete(&ns, &DeleteParams::default()).await;
+        }
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A short suffix unique to this run (namespace names on a shared cluster).
+fn run_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:x}", (std::process::id() as u64) << 32 | nanos as u64)
+        .chars()
+        .rev()
+        .take(6)
+        .collect()
+}
+
+/// Whether a pod's Ready condition is True.
+pub fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 impl Drop for World {
     fn drop(&mut self) {
+        let Some(mut local) = self.local.take() else {
+            if std::thread::panicking() {
+                eprintln!("==== e2e scenario failed on the cluster; its namespaces are kept ====");
+            }
+            return;
+        };
         if std::thread::panicking() {
             eprintln!(
                 "==== e2e world {} failed; logs follow ====",
                 self.dir.display()
             );
-            self.agent.dump_logs(40);
+            local.agent.dump_logs(40);
             for f in [
                 "kube-apiserver",
                 "kube-controller-manager",
@@ -332,11 +579,11 @@ impl Drop for World {
                 }
             }
         }
-        self.dns.take();
+        local.dns.take();
         if let Some(op) = &mut self.operator {
             op.stop();
         }
-        self.agent.shutdown();
+        local.agent.shutdown();
         // The control plane dies with the world's PID namespace anyway; kill it now
         // (cluster.sh stop would wait on zombies: nothing reaps in here but us).
         let pids = std::fs::read_to_string(self.dir.join("k8s/pids")).unwrap_or_default();
@@ -568,5 +815,148 @@ impl Drop for Operator {
         if std::thread::panicking() {
             self.dump(60);
         }
+    }
+}
+
+/// The port `sluice-e2e-app serve` listens on in the scenarios' app pods.
+pub const APP_PORT: u16 = 8088;
+
+impl World {
+    /// GETs `path` on `port` of a pod through the API server's pod proxy (how a test
+    /// reaches pods on any cluster): the body of a 2xx answer, else None.
+    pub async fn pod_get(&self, ns: &str, pod: &str, port: u16, path: &str) -> Option<String> {
+        let req = http::Request::get(proxy_path(ns, pod, port, path))
+            .body(Vec::new())
+            .ok()?;
+        self.client.request_text(req).await.ok()
+    }
+
+    /// An app pod annotated for injection into `queues`, running `sluice-e2e-app
+    /// serve` as ServiceAccount `service_account`; waits until it is Ready (the
+    /// sidecar is ready only when its brokers are reachable). A pod created before the
+    /// webhook answers (the chart's `failurePolicy: Ignore`) comes back without the
+    /// sidecar: it is deleted and created again.
+    pub async fn app_pod(&self, ns: &str, name: &str, queues: &str, service_account: &str) -> Pod {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": queues}},
+            "spec": {
+                "containers": [{
+                    "name": "app",
+                    "image": self.image("sluice-e2e-app"),
+                    "args": ["serve", "--listen", format!("0.0.0.0:{APP_PORT}")],
+                    "ports": [{"name": "jobs", "containerPort": APP_PORT}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": APP_PORT}, "periodSeconds": 1}
+                }],
+                "serviceAccountName": service_account,
+                "terminationGracePeriodSeconds": 5
+            }
+        }))
+        .expect("app pod");
+        let created = eventually(&format!("app pod {name} created with the sidecar"), || {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            async move {
+                let created = pods.create(&PostParams::default(), &pod).await.ok()?;
+                let injected = created
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.containers.iter().any(|c| c.name == "sluice-sidecar"));
+                if injected {
+                    return Some(created);
+                }
+                let now = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                let _ = pods.delete(name, &now).await;
+                eventually("the plain pod gone", || async {
+                    pods.get_opt(name).await.ok()?.is_none().then_some(())
+                })
+                .await;
+                None
+            }
+        })
+        .await;
+        eventually(
+            &format!("app pod {name} Ready (sidecar ready: brokers reachable)"),
+            || async { pods.get(name).await.ok().filter(pod_ready).map(|_| ()) },
+        )
+        .await;
+        created
+    }
+
+    /// Starts `sluice-e2e-app <args>` as a job of the app pod's job server.
+    pub async fn app_job(&self, ns: &str, pod: &str, args: &[&str]) -> AppJob {
+        let body = serde_json::to_vec(&json!({ "args": args })).expect("job args");
+        let req = http::Request::post(proxy_path(ns, pod, APP_PORT, "/jobs"))
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("job request");
+        let answer = self
+            .client
+            .request_text(req)
+            .await
+            .unwrap_or_else(|e| panic!("start sluice-e2e-app {args:?} in {ns}/{pod}: {e}"));
+        let id = serde_json::from_str::<Value>(&answer)
+            .ok()
+            .and_then(|v| v["id"].as_u64())
+            .unwrap_or_else(|| panic!("job server answered {answer:?}"));
+        AppJob {
+            client: self.client.clone(),
+            path: proxy_path(ns, pod, APP_PORT, &format!("/jobs/{id}")),
+            id,
+            what: format!("sluice-e2e-app {args:?} in {ns}/{pod}"),
+        }
+    }
+
+    /// Runs `sluice-e2e-app <args>` in the app pod and returns its JSON result.
+    pub async fn app(&self, ns: &str, pod: &str, args: &[&str]) -> Value {
+        self.app_job(ns, pod, args).await.result().await
+    }
+}
+
+fn proxy_path(ns: &str, pod: &str, port: u16, path: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy{path}")
+}
+
+/// A command running in an app pod's job server.
+pub struct AppJob {
+    client: Client,
+    path: String,
+    pub id: u64,
+    what: String,
+}
+
+impl AppJob {
+    /// `{"done", "acked", "result", "error"}`, or None if the pod did not answer.
+    pub async fn status(&self) -> Option<Value> {
+        let req = http::Request::get(&self.path).body(Vec::new()).ok()?;
+        let text = self.client.request_text(req).await.ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Messages the job has had acknowledged so far (0 while the pod does not answer).
+    pub async fn acked(&self) -> u64 {
+        self.status()
+            .await
+            .and_then(|s| s["acked"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits for the job to end; its JSON result (panics if it failed).
+    pub async fn result(&self) -> Value {
+        let status = eventually_within(
+            &format!("{} to finish", self.what),
+            Duration::from_secs(600),
+            || async { self.status().await.filter(|s| s["done"] == true) },
+        )
+        .await;
+        assert!(
+            status["error"].is_null(),
+            "{} failed: {}",
+            self.what,
+            status["error"]
+        );
+        status["result"].clone()
     }
 }

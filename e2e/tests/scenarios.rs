@@ -1,7 +1,11 @@
 //! End-to-end scenarios: a real control plane, the operator, the node agent running
 //! the pods as local processes, cluster DNS; brokers that store and deliver messages
 //! and an injected sidecar that an app talks to. Each test runs in a world of its own
-//! (network, mount and PID namespaces; see sluice_e2e::harness and docs/e2e.md).
+//! (network, mount and PID namespaces; see sluice_e2e::harness and docs/e2e.md), or
+//! on the cluster `SLUICE_E2E_KUBECONFIG` points at. They reach the cluster through
+//! its API only (the app pods' job servers through the pod proxy); the checks that
+//! look at this machine's node (volume directories, processes, direct connections
+//! to broker pod IPs) run where the node is ours.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -13,7 +17,8 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice_e2e::harness::{
-    World, WorldOptions, eventually, eventually_within, http_get_at, isolated, repo_root, tool,
+    Crash, REMOTE_ENV, SYSTEM_NAMESPACE, World, WorldOptions, eventually, eventually_within,
+    isolated, pod_ready,
 };
 use sluice_proto::v1::{self, queues_client::QueuesClient};
 use std::sync::Arc;
@@ -49,13 +54,6 @@ fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
                 c["message"].as_str().unwrap_or("").to_string(),
             )
         })
-}
-
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Waits until the Queue reports Ready=True with `replicas` ready brokers and every
@@ -97,53 +95,34 @@ async fn queue_ready(client: &Client, ns: &str, name: &str, replicas: usize) -> 
     .await
 }
 
-/// Runs the test app in a pod's network with its app container's environment and
-/// returns its JSON result line.
-async fn app(world: &World, ns: &str, pod: &str, args: &[&str]) -> Value {
-    let mut argv = vec!["sluice-e2e-app".to_string()];
-    argv.extend(args.iter().map(|s| s.to_string()));
-    let out = world
-        .agent
-        .exec(ns, pod, "app", &argv)
-        .expect("exec in the app pod")
-        .output()
-        .await
-        .expect("run sluice-e2e-app");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "sluice-e2e-app {args:?} failed: {stdout}\n{stderr}"
-    );
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("app output {line:?}: {e}\n{stderr}"))
+/// Through the app pod `pod`'s sidecar: `count` messages `<prefix>-<i>` into `orders`,
+/// every one acknowledged. Returns the producer's result.
+async fn produce_all(w: &World, ns: &str, pod: &str, prefix: &str, count: u64) -> Value {
+    let n = count.to_string();
+    let args = [
+        "produce", "--queue", "orders", "--count", &n, "--prefix", prefix,
+    ];
+    let produced = w.app(ns, pod, &args).await;
+    assert_eq!(produced["acked"], count, "{produced}");
+    assert_eq!(produced["failed"], 0, "{produced}");
+    produced
 }
 
-/// An app pod annotated for injection, running `sluice-e2e-app idle`.
-async fn app_pod(client: &Client, ns: &str, name: &str, queues: &str) -> Pod {
-    app_pod_as(client, ns, name, queues, "default").await
+/// Dequeues and acks from `orders` until every `<prefix>-<i>` (i < count) was
+/// received. Returns the consumer's result.
+async fn consume_all(w: &World, ns: &str, pod: &str, prefix: &str, count: u64) -> Value {
+    let n = count.to_string();
+    let args = [
+        "consume", "--queue", "orders", "--count", &n, "--prefix", prefix,
+    ];
+    let consumed = w.app(ns, pod, &args).await;
+    assert_eq!(consumed["missing"], 0, "{consumed}");
+    consumed
 }
 
-/// An app pod annotated for injection, running as ServiceAccount `sa`.
-async fn app_pod_as(client: &Client, ns: &str, name: &str, queues: &str, sa: &str) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": queues}},
-        "spec": {"containers": [{"name": "app", "image": "sluice-e2e-app:e2e", "command": ["sluice-e2e-app", "idle"]}],
-                 "serviceAccountName": sa,
-                 "terminationGracePeriodSeconds": 5}
-    }))
-    .unwrap();
-    let created = pods
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("create app pod");
-    eventually(
-        &format!("app pod {name} Ready (sidecar ready: brokers reachable)"),
-        || async { pods.get(name).await.ok().filter(pod_ready).map(|_| ()) },
-    )
-    .await;
-    created
+async fn round_trip(w: &World, ns: &str, pod: &str, prefix: &str, count: u64) {
+    produce_all(w, ns, pod, prefix, count).await;
+    consume_all(w, ns, pod, prefix, count).await;
 }
 
 fn container_names(p: &Pod) -> Vec<String> {
@@ -161,65 +140,67 @@ fn queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes() {
     isolated(
         "queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "shop";
-            let brokers = three_broker_orders(&w, ns).await;
-
-            // Every broker has its own IP and answers its readiness endpoint there.
-            let mut ips: Vec<String> = brokers
-                .iter()
-                .map(|p| p.status.as_ref().unwrap().pod_ip.clone().expect("pod IP"))
-                .collect();
-            ips.sort();
-            ips.dedup();
-            assert_eq!(ips.len(), 3, "three distinct pod IPs: {ips:?}");
-            for ip in &ips {
-                let (code, _) = http_get_at(ip, 9090, "/readyz")
-                    .await
-                    .expect("broker /readyz");
-                assert_eq!(code, 200);
-            }
-
-            // Each claim is bound to a volume the agent provisioned, and the broker
-            // wrote its partitions there (the PVC really is its /var/lib/sluice).
-            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-            let pvs: Api<PersistentVolume> = Api::all(client.clone());
-            for i in 0..3 {
-                let pvc = pvcs
-                    .get(&format!("data-sluice-orders-{i}"))
-                    .await
-                    .expect("claim");
-                assert_eq!(pvc.status.as_ref().unwrap().phase.as_deref(), Some("Bound"));
-                let pv = pvs
-                    .get(pvc.spec.as_ref().unwrap().volume_name.as_ref().unwrap())
-                    .await
-                    .unwrap();
-                let dir = pv.spec.unwrap().host_path.unwrap().path;
-                let entries = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-                assert!(
-                    entries > 0,
-                    "broker {i} wrote nothing into its volume {dir}"
-                );
-            }
-
-            // The Queue's status tells the truth.
-            let q =
-                serde_json::to_value(queue_api(&client, ns).get("orders").await.unwrap()).unwrap();
-            assert_eq!(q.pointer("/status/readyReplicas"), Some(&json!(3)));
-            let (status, reason, _) = condition(&q, "Progressing").unwrap();
-            assert_eq!(
-                (status.as_str(), reason.as_str()),
-                ("False", "RolloutComplete"),
-                "{q}"
-            );
-            let endpoints = q
-                .pointer("/status/endpoints")
-                .and_then(|e| e.as_array())
-                .unwrap();
-            assert_eq!(endpoints.len(), 3);
-        },
+        queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes_in,
     );
+}
+
+async fn queue_with_three_replicas_runs_three_ready_brokers_on_bound_volumes_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    let brokers = three_broker_orders(&w, ns).await;
+
+    // Every broker has its own IP and answers its readiness endpoint on it.
+    let mut ips: Vec<String> = brokers
+        .iter()
+        .map(|p| p.status.as_ref().unwrap().pod_ip.clone().expect("pod IP"))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "three distinct pod IPs: {ips:?}");
+    for p in &brokers {
+        let name = p.name_any();
+        let ready = w.pod_get(ns, &name, 9090, "/readyz").await;
+        assert!(ready.is_some(), "{name} answers /readyz on its pod IP");
+    }
+
+    // Each claim is bound to a volume (here: one the agent provisioned, into which
+    // the broker wrote its partitions: the PVC really is its /var/lib/sluice).
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    for i in 0..3 {
+        let pvc = pvcs
+            .get(&format!("data-sluice-orders-{i}"))
+            .await
+            .expect("claim");
+        assert_eq!(pvc.status.as_ref().unwrap().phase.as_deref(), Some("Bound"));
+        let pv = pvs
+            .get(pvc.spec.as_ref().unwrap().volume_name.as_ref().unwrap())
+            .await
+            .unwrap();
+        if w.node().is_some() {
+            let dir = pv.spec.unwrap().host_path.unwrap().path;
+            let entries = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            assert!(
+                entries > 0,
+                "broker {i} wrote nothing into its volume {dir}"
+            );
+        }
+    }
+
+    // The Queue's status tells the truth.
+    let q = serde_json::to_value(queue_api(&client, ns).get("orders").await.unwrap()).unwrap();
+    assert_eq!(q.pointer("/status/readyReplicas"), Some(&json!(3)));
+    let (status, reason, _) = condition(&q, "Progressing").unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RolloutComplete"),
+        "{q}"
+    );
+    let endpoints = q
+        .pointer("/status/endpoints")
+        .and_then(|e| e.as_array())
+        .unwrap();
+    assert_eq!(endpoints.len(), 3);
 }
 
 #[test]
@@ -227,67 +208,50 @@ fn injected_sidecar_carries_ten_thousand_messages() {
     isolated(
         "injected_sidecar_carries_ten_thousand_messages",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "shop";
-            three_broker_orders(&w, ns).await;
-
-            let created = app_pod(&client, ns, "app", "orders").await;
-            assert_eq!(
-                container_names(&created),
-                ["app", "sluice-sidecar"],
-                "sidecar injected"
-            );
-            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let pod = pods.get("app").await.unwrap();
-            let statuses = pod.status.unwrap().container_statuses.unwrap();
-            assert!(
-                statuses.iter().all(|s| s.ready),
-                "both containers ready: {statuses:?}"
-            );
-            let env = created.spec.unwrap().containers[0]
-                .env
-                .clone()
-                .unwrap_or_default();
-            assert!(
-                env.iter().any(|e| e.name == "SLUICE_ADDR"),
-                "SLUICE_ADDR injected into the app"
-            );
-
-            let produced = app(
-                &w,
-                ns,
-                "app",
-                &[
-                    "produce", "--queue", "orders", "--count", "10000", "--prefix", "m",
-                ],
-            )
-            .await;
-            assert_eq!(produced["acked"], 10000, "{produced}");
-            assert_eq!(produced["failed"], 0, "{produced}");
-            let before = app(&w, ns, "app", &["stats", "--queue", "orders"]).await;
-            assert_eq!(before["ready"], 10000, "stats after enqueue: {before}");
-
-            let consumed = app(
-                &w,
-                ns,
-                "app",
-                &[
-                    "consume", "--queue", "orders", "--prefix", "m", "--count", "10000",
-                ],
-            )
-            .await;
-            assert_eq!(consumed["missing"], 0, "{consumed}");
-            assert_eq!(consumed["unique"], 10000, "{consumed}");
-            assert!(consumed["acked"].as_u64().unwrap() >= 10000, "{consumed}");
-
-            let after = app(&w, ns, "app", &["stats", "--queue", "orders"]).await;
-            assert_eq!(after["ready"], 0, "{after}");
-            assert_eq!(after["in_flight"], 0, "{after}");
-            assert_eq!(after["enqueued_total"], 10000, "{after}");
-            assert_eq!(after["acked_total"], 10000, "{after}");
-        },
+        injected_sidecar_carries_ten_thousand_messages_in,
     );
+}
+
+async fn injected_sidecar_carries_ten_thousand_messages_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    three_broker_orders(&w, ns).await;
+
+    let created = w.app_pod(ns, "app", "orders", "default").await;
+    assert_eq!(
+        container_names(&created),
+        ["app", "sluice-sidecar"],
+        "sidecar injected"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods.get("app").await.unwrap();
+    let statuses = pod.status.unwrap().container_statuses.unwrap();
+    assert!(
+        statuses.iter().all(|s| s.ready),
+        "both containers ready: {statuses:?}"
+    );
+    let env = created.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "SLUICE_ADDR"),
+        "SLUICE_ADDR injected into the app"
+    );
+
+    produce_all(&w, ns, "app", "m", 10_000).await;
+    let before = w.app(ns, "app", &["stats", "--queue", "orders"]).await;
+    assert_eq!(before["ready"], 10000, "stats after enqueue: {before}");
+
+    let consumed = consume_all(&w, ns, "app", "m", 10_000).await;
+    assert_eq!(consumed["unique"], 10000, "{consumed}");
+    assert!(consumed["acked"].as_u64().unwrap() >= 10000, "{consumed}");
+
+    let after = w.app(ns, "app", &["stats", "--queue", "orders"]).await;
+    assert_eq!(after["ready"], 0, "{after}");
+    assert_eq!(after["in_flight"], 0, "{after}");
+    assert_eq!(after["enqueued_total"], 10000, "{after}");
+    assert_eq!(after["acked_total"], 10000, "{after}");
 }
 
 /// The name of the volume bound to a claim.
@@ -297,34 +261,59 @@ async fn volume_of(client: &Client, ns: &str, claim: &str) -> String {
     pvc.spec.unwrap().volume_name.expect("claim bound")
 }
 
-fn line_count(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
     isolated(
         "brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "shop";
-            let before = three_broker_orders(&w, ns).await;
-            let uid1 = before
-                .iter()
-                .find(|p| p.name_any() == "sluice-orders-1")
-                .unwrap()
-                .uid();
-            let pv1 = volume_of(&client, ns, "data-sluice-orders-1").await;
-            let pv2 = volume_of(&client, ns, "data-sluice-orders-2").await;
-            app_pod(&client, ns, "app", "orders").await;
+        brokers_deleted_and_killed_during_traffic,
+    );
+}
 
-            // Traffic: a producer records every acknowledged message.
-            let acked = w.dir.join("acked.txt");
-            let argv: Vec<String> = [
-                "sluice-e2e-app",
+/// Scenario 4 with the local world seen as a cluster reached only by its KUBECONFIG
+/// (`WorldOptions::as_remote`): the chart installs the operator, the "kill" deletes
+/// the pod without grace, and only the API is used. What `SLUICE_E2E_KUBECONFIG`
+/// does on a real cluster, exercised here.
+#[test]
+fn through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message() {
+    if std::env::var_os(REMOTE_ENV).is_some() {
+        eprintln!("on a real cluster already: the scenario above covers this");
+        return;
+    }
+    isolated(
+        "through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message",
+        WorldOptions {
+            operator: false,
+            as_remote: true,
+        },
+        brokers_deleted_and_killed_during_traffic,
+    );
+}
+
+async fn brokers_deleted_and_killed_during_traffic(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    let before = three_broker_orders(&w, ns).await;
+    let uid_of = |pods: &[Pod], name: &str| {
+        pods.iter()
+            .find(|p| p.name_any() == name)
+            .map(|p| p.uid())
+            .unwrap()
+    };
+    let (uid1, uid2) = (
+        uid_of(&before, "sluice-orders-1"),
+        uid_of(&before, "sluice-orders-2"),
+    );
+    let pv1 = volume_of(&client, ns, "data-sluice-orders-1").await;
+    let pv2 = volume_of(&client, ns, "data-sluice-orders-2").await;
+    w.app_pod(ns, "app", "orders", "default").await;
+
+    // Traffic: a producer job remembers every acknowledged message.
+    let producer = w
+        .app_job(
+            ns,
+            "app",
+            &[
                 "produce",
                 "--queue",
                 "orders",
@@ -334,60 +323,43 @@ fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
                 "k",
                 "--concurrency",
                 "16",
-                "--acked-file",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([acked.display().to_string()])
-            .collect();
-            let producer = w.agent.exec(ns, "app", "app", &argv).unwrap().output();
-            let producer = tokio::spawn(producer);
-            eventually("traffic flowing", || async {
-                (line_count(&acked) >= 2000).then_some(())
-            })
-            .await;
+            ],
+        )
+        .await;
+    eventually("traffic flowing", || async {
+        (producer.acked().await >= 2000).then_some(())
+    })
+    .await;
 
-            // Delete one broker pod (SIGTERM, grace) and SIGKILL another mid-traffic.
-            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-            pods.delete("sluice-orders-1", &DeleteParams::default())
-                .await
-                .expect("delete broker pod");
-            w.agent
-                .signal(ns, "sluice-orders-2", "broker", libc::SIGKILL)
-                .expect("SIGKILL broker");
-            let at_kill = line_count(&acked);
+    // Delete one broker pod (SIGTERM, grace) and crash another mid-traffic.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.delete("sluice-orders-1", &DeleteParams::default())
+        .await
+        .expect("delete broker pod");
+    let crash = w.crash(ns, "sluice-orders-2", "broker").await;
+    let at_kill = producer.acked().await;
 
-            let out = producer.await.unwrap().expect("producer ran");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "producer: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let produced: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-            let n_acked = line_count(&acked);
-            assert_eq!(
-                produced["acked"].as_u64().unwrap() as usize,
-                n_acked,
-                "{produced}"
-            );
-            assert!(
-                n_acked > at_kill,
-                "traffic went on after the kills: {produced}"
-            );
+    let produced = producer.result().await;
+    let n_acked = produced["acked"].as_u64().unwrap();
+    assert!(
+        n_acked > at_kill,
+        "traffic went on after the kills: {produced}"
+    );
 
-            // Both come back, on the same volumes: a new pod for the deleted one, a
-            // restarted container in the killed one.
-            let after = queue_ready(&client, ns, "orders", 3).await;
-            let p1 = after
-                .iter()
-                .find(|p| p.name_any() == "sluice-orders-1")
-                .unwrap();
-            assert_ne!(p1.uid(), uid1, "sluice-orders-1 was recreated");
-            let p2 = after
-                .iter()
-                .find(|p| p.name_any() == "sluice-orders-2")
-                .unwrap();
+    // Both come back, on the same volumes: a new pod for the deleted one; the
+    // crashed one restarted in place (SIGKILL) or recreated (deleted without grace).
+    let after = queue_ready(&client, ns, "orders", 3).await;
+    assert_ne!(
+        uid_of(&after, "sluice-orders-1"),
+        uid1,
+        "sluice-orders-1 was recreated"
+    );
+    let p2 = after
+        .iter()
+        .find(|p| p.name_any() == "sluice-orders-2")
+        .unwrap();
+    match crash {
+        Crash::InPlace => {
             let restarts = p2
                 .status
                 .as_ref()
@@ -396,35 +368,32 @@ fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
                 .as_ref()
                 .unwrap()[0]
                 .restart_count;
+            assert_eq!(p2.uid(), uid2, "the killed broker kept its pod");
             assert!(restarts >= 1, "the killed broker was restarted in place");
-            assert_eq!(volume_of(&client, ns, "data-sluice-orders-1").await, pv1);
-            assert_eq!(volume_of(&client, ns, "data-sluice-orders-2").await, pv2);
-            eventually("app pod Ready again", || async {
-                pods.get("app").await.ok().filter(pod_ready).map(|_| ())
-            })
-            .await;
+        }
+        Crash::Recreated => assert_ne!(p2.uid(), uid2, "sluice-orders-2 was recreated"),
+    }
+    assert_eq!(volume_of(&client, ns, "data-sluice-orders-1").await, pv1);
+    assert_eq!(volume_of(&client, ns, "data-sluice-orders-2").await, pv2);
+    eventually("app pod Ready again", || async {
+        pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+    })
+    .await;
 
-            // Every acknowledged message is delivered (at least once).
-            let consumed = app(
-                &w,
-                ns,
-                "app",
-                &[
-                    "consume",
-                    "--queue",
-                    "orders",
-                    "--expect-file",
-                    &acked.display().to_string(),
-                ],
-            )
-            .await;
-            assert_eq!(
-                consumed["missing"], 0,
-                "acknowledged messages lost: {consumed}"
-            );
-            assert_eq!(consumed["expected"].as_u64().unwrap() as usize, n_acked);
-        },
+    // Every acknowledged message is delivered (at least once).
+    let producer_id = producer.id.to_string();
+    let consumed = w
+        .app(
+            ns,
+            "app",
+            &["consume", "--queue", "orders", "--expect-job", &producer_id],
+        )
+        .await;
+    assert_eq!(
+        consumed["missing"], 0,
+        "acknowledged messages lost: {consumed}"
     );
+    assert_eq!(consumed["expected"].as_u64().unwrap(), n_acked);
 }
 
 #[test]
@@ -432,106 +401,110 @@ fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy() {
     isolated(
         "deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "shop";
-            w.app_namespace(ns).await;
-            apply_queue(
-                &client,
-                ns,
-                "kept",
-                json!({"replicas": 1, "partitions": 1, "deletionPolicy": "Retain"}),
-            )
-            .await;
-            apply_queue(
-                &client,
-                ns,
-                "gone",
-                json!({"replicas": 2, "partitions": 2, "deletionPolicy": "Delete"}),
-            )
-            .await;
-            queue_ready(&client, ns, "kept", 1).await;
-            queue_ready(&client, ns, "gone", 2).await;
-            let pvs: Api<PersistentVolume> = Api::all(client.clone());
-            let kept_pv = volume_of(&client, ns, "data-sluice-kept-0").await;
-            let mut gone_pvs = Vec::new();
-            for i in 0..2 {
-                gone_pvs.push(volume_of(&client, ns, &format!("data-sluice-gone-{i}")).await);
-            }
-            let dir_of = |pv: PersistentVolume| pv.spec.unwrap().host_path.unwrap().path;
-            let kept_dir = dir_of(pvs.get(&kept_pv).await.unwrap());
-            let mut gone_dirs = Vec::new();
-            for pv in &gone_pvs {
-                gone_dirs.push(dir_of(pvs.get(pv).await.unwrap()));
-            }
-
-            let queues = queue_api(&client, ns);
-            for q in ["kept", "gone"] {
-                queues
-                    .delete(q, &DeleteParams::default())
-                    .await
-                    .expect("delete Queue");
-            }
-            let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-            let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
-            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-            for q in ["kept", "gone"] {
-                let sel = ListParams::default().labels(&format!("sluice.dev/queue={q}"));
-                eventually(&format!("everything Queue {q} owned is gone"), || async {
-                    let gone = queues.get_opt(q).await.ok()?.is_none()
-                        && sts.list(&sel).await.ok()?.items.is_empty()
-                        && svcs.list(&sel).await.ok()?.items.is_empty()
-                        && cms.list(&sel).await.ok()?.items.is_empty()
-                        && pods.list(&sel).await.ok()?.items.is_empty();
-                    gone.then_some(())
-                })
-                .await;
-            }
-            // Retain: the claim, its volume and the data stay.
-            let kept = pvcs
-                .get("data-sluice-kept-0")
-                .await
-                .expect("retained claim");
-            assert_eq!(kept.status.unwrap().phase.as_deref(), Some("Bound"));
-            assert!(pvs.get_opt(&kept_pv).await.unwrap().is_some());
-            assert!(
-                std::fs::read_dir(&kept_dir).unwrap().count() > 0,
-                "retained data"
-            );
-            // Delete: claims, volumes and their directories go.
-            eventually("the Delete queue's claims and volumes are gone", || async {
-                for i in 0..2 {
-                    if pvcs
-                        .get_opt(&format!("data-sluice-gone-{i}"))
-                        .await
-                        .ok()?
-                        .is_some()
-                    {
-                        return None;
-                    }
-                }
-                for pv in &gone_pvs {
-                    if pvs.get_opt(pv).await.ok()?.is_some() {
-                        return None;
-                    }
-                }
-                gone_dirs
-                    .iter()
-                    .all(|d| !std::path::Path::new(d).exists())
-                    .then_some(())
-            })
-            .await;
-            // No broker process of either queue is left on the node.
-            for p in ["sluice-kept-0", "sluice-gone-0", "sluice-gone-1"] {
-                assert!(
-                    w.agent.pod_ip(ns, p).is_none(),
-                    "{p} still running on the node"
-                );
-            }
-        },
+        deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy_in,
     );
+}
+
+async fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    apply_queue(
+        &client,
+        ns,
+        "kept",
+        json!({"replicas": 1, "partitions": 1, "deletionPolicy": "Retain"}),
+    )
+    .await;
+    apply_queue(
+        &client,
+        ns,
+        "gone",
+        json!({"replicas": 2, "partitions": 2, "deletionPolicy": "Delete"}),
+    )
+    .await;
+    queue_ready(&client, ns, "kept", 1).await;
+    queue_ready(&client, ns, "gone", 2).await;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let kept_pv = volume_of(&client, ns, "data-sluice-kept-0").await;
+    let mut gone_pvs = Vec::new();
+    for i in 0..2 {
+        gone_pvs.push(volume_of(&client, ns, &format!("data-sluice-gone-{i}")).await);
+    }
+    // Where the node is ours, the volumes' directories are looked at too.
+    let dir_of = |pv: PersistentVolume| w.node().map(|_| pv.spec.unwrap().host_path.unwrap().path);
+    let kept_dir = dir_of(pvs.get(&kept_pv).await.unwrap());
+    let mut gone_dirs = Vec::new();
+    for pv in &gone_pvs {
+        gone_dirs.extend(dir_of(pvs.get(pv).await.unwrap()));
+    }
+
+    let queues = queue_api(&client, ns);
+    for q in ["kept", "gone"] {
+        queues
+            .delete(q, &DeleteParams::default())
+            .await
+            .expect("delete Queue");
+    }
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    for q in ["kept", "gone"] {
+        let sel = ListParams::default().labels(&format!("sluice.dev/queue={q}"));
+        eventually(&format!("everything Queue {q} owned is gone"), || async {
+            let gone = queues.get_opt(q).await.ok()?.is_none()
+                && sts.list(&sel).await.ok()?.items.is_empty()
+                && svcs.list(&sel).await.ok()?.items.is_empty()
+                && cms.list(&sel).await.ok()?.items.is_empty()
+                && pods.list(&sel).await.ok()?.items.is_empty();
+            gone.then_some(())
+        })
+        .await;
+    }
+    // Retain: the claim, its volume and the data stay.
+    let kept = pvcs
+        .get("data-sluice-kept-0")
+        .await
+        .expect("retained claim");
+    assert_eq!(kept.status.unwrap().phase.as_deref(), Some("Bound"));
+    assert!(pvs.get_opt(&kept_pv).await.unwrap().is_some());
+    if let Some(dir) = &kept_dir {
+        assert!(std::fs::read_dir(dir).unwrap().count() > 0, "retained data");
+    }
+    // Delete: claims, volumes and their directories go.
+    eventually("the Delete queue's claims and volumes are gone", || async {
+        for i in 0..2 {
+            if pvcs
+                .get_opt(&format!("data-sluice-gone-{i}"))
+                .await
+                .ok()?
+                .is_some()
+            {
+                return None;
+            }
+        }
+        for pv in &gone_pvs {
+            if pvs.get_opt(pv).await.ok()?.is_some() {
+                return None;
+            }
+        }
+        gone_dirs
+            .iter()
+            .all(|d| !std::path::Path::new(d).exists())
+            .then_some(())
+    })
+    .await;
+    // No broker process of either queue is left on the node.
+    if let Some(agent) = w.node() {
+        for p in ["sluice-kept-0", "sluice-gone-0", "sluice-gone-1"] {
+            assert!(
+                agent.pod_ip(ns, p).is_none(),
+                "{p} still running on the node"
+            );
+        }
+    }
 }
 
 #[test]
@@ -539,28 +512,34 @@ fn setting_and_replica_changes_roll_out_while_the_queue_serves() {
     isolated(
         "setting_and_replica_changes_roll_out_while_the_queue_serves",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "shop";
-            w.app_namespace(ns).await;
-            let spec = |replicas: u32, vt: &str| json!({"replicas": replicas, "partitions": 6, "delivery": {"visibilityTimeout": vt}});
-            apply_queue(&client, ns, "orders", spec(2, "30s")).await;
-            let before = queue_ready(&client, ns, "orders", 2).await;
-            app_pod(&client, ns, "app", "orders").await;
-            let d = app(&w, ns, "app", &["describe", "--queue", "orders"]).await;
-            assert_eq!(d["visibility_timeout_ms"], 30_000, "{d}");
-            let hash = |p: &Pod| {
-                p.annotations()
-                    .get("sluice.dev/config-hash")
-                    .cloned()
-                    .unwrap_or_default()
-            };
-            let old_hash = hash(&before[0]);
+        setting_and_replica_changes_roll_out_while_the_queue_serves_in,
+    );
+}
 
-            // Traffic during the rollout.
-            let acked = w.dir.join("acked-rollout.txt");
-            let argv: Vec<String> = [
-                "sluice-e2e-app",
+async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    let spec = |replicas: u32, vt: &str| json!({"replicas": replicas, "partitions": 6, "delivery": {"visibilityTimeout": vt}});
+    apply_queue(&client, ns, "orders", spec(2, "30s")).await;
+    let before = queue_ready(&client, ns, "orders", 2).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+    let d = w.app(ns, "app", &["describe", "--queue", "orders"]).await;
+    assert_eq!(d["visibility_timeout_ms"], 30_000, "{d}");
+    let hash = |p: &Pod| {
+        p.annotations()
+            .get("sluice.dev/config-hash")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let old_hash = hash(&before[0]);
+
+    // Traffic during the rollout.
+    let producer = w
+        .app_job(
+            ns,
+            "app",
+            &[
                 "produce",
                 "--queue",
                 "orders",
@@ -570,251 +549,149 @@ fn setting_and_replica_changes_roll_out_while_the_queue_serves() {
                 "r",
                 "--concurrency",
                 "8",
-                "--acked-file",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([acked.display().to_string()])
-            .collect();
-            let producer = tokio::spawn(w.agent.exec(ns, "app", "app", &argv).unwrap().output());
+            ],
+        )
+        .await;
 
-            apply_queue(&client, ns, "orders", spec(3, "45s")).await;
-            let queues = queue_api(&client, ns);
-            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-            // Status tells the truth throughout: sampled until the rollout completes.
-            let saw_rolling_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            eventually_within(
-                "rollout complete",
-                std::time::Duration::from_secs(300),
-                || {
-                    let (queues, pods) = (queues.clone(), pods.clone());
-                    let (saw, old_hash) = (saw_rolling_out.clone(), old_hash.clone());
-                    async move {
-                        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
-                        let generation = q.pointer("/metadata/generation")?.as_i64()?;
-                        if q.pointer("/status/observedGeneration")?.as_i64()? != generation {
-                            return None;
-                        }
-                        let (ready, _, msg) = condition(&q, "Ready")?;
-                        let (progressing, preason, _) = condition(&q, "Progressing")?;
-                        let ready_n = q.pointer("/status/readyReplicas")?.as_u64()?;
-                        let list = pods
-                            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
-                            .await
-                            .ok()?;
-                        let really_ready =
-                            list.items.iter().filter(|p| pod_ready(p)).count() as u64;
-                        if ready == "True" {
-                            assert_eq!(ready_n, 3, "Ready=True claims all brokers ready: {q}");
-                        } else {
-                            assert!(!msg.is_empty(), "Ready=False says why: {q}");
-                        }
-                        assert!(ready_n <= 3, "{q}");
-                        if progressing == "True" {
-                            assert_eq!(preason, "RollingOut", "{q}");
-                            saw.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        let all_new = list.items.len() == 3
-                            && list
-                                .items
-                                .iter()
-                                .all(|p| hash(p) != old_hash && pod_ready(p));
-                        let done = ready == "True"
-                            && progressing == "False"
-                            && preason == "RolloutComplete";
-                        if done {
-                            assert!(
-                                all_new,
-                                "RolloutComplete only once every pod runs the new settings: {q}"
-                            );
-                        }
-                        (done && really_ready == 3).then_some(())
-                    }
-                },
-            )
-            .await;
-            assert!(
-                saw_rolling_out.load(std::sync::atomic::Ordering::Relaxed),
-                "Progressing=True (RollingOut) was reported during the rollout"
-            );
-            let after = queue_ready(&client, ns, "orders", 3).await;
-            for p in &before {
-                let now = after.iter().find(|a| a.name_any() == p.name_any()).unwrap();
-                assert_ne!(now.uid(), p.uid(), "{} was replaced", p.name_any());
+    apply_queue(&client, ns, "orders", spec(3, "45s")).await;
+    let queues = queue_api(&client, ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    // Status tells the truth throughout: sampled until the rollout completes.
+    let saw_rolling_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    eventually_within(
+        "rollout complete",
+        std::time::Duration::from_secs(300),
+        || {
+            let (queues, pods) = (queues.clone(), pods.clone());
+            let (saw, old_hash) = (saw_rolling_out.clone(), old_hash.clone());
+            async move {
+                let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+                let generation = q.pointer("/metadata/generation")?.as_i64()?;
+                if q.pointer("/status/observedGeneration")?.as_i64()? != generation {
+                    return None;
+                }
+                let (ready, _, msg) = condition(&q, "Ready")?;
+                let (progressing, preason, _) = condition(&q, "Progressing")?;
+                let ready_n = q.pointer("/status/readyReplicas")?.as_u64()?;
+                let list = pods
+                    .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+                    .await
+                    .ok()?;
+                let really_ready = list.items.iter().filter(|p| pod_ready(p)).count() as u64;
+                if ready == "True" {
+                    assert_eq!(ready_n, 3, "Ready=True claims all brokers ready: {q}");
+                } else {
+                    assert!(!msg.is_empty(), "Ready=False says why: {q}");
+                }
+                assert!(ready_n <= 3, "{q}");
+                if progressing == "True" {
+                    assert_eq!(preason, "RollingOut", "{q}");
+                    saw.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let all_new = list.items.len() == 3
+                    && list
+                        .items
+                        .iter()
+                        .all(|p| hash(p) != old_hash && pod_ready(p));
+                let done =
+                    ready == "True" && progressing == "False" && preason == "RolloutComplete";
+                if done {
+                    assert!(
+                        all_new,
+                        "RolloutComplete only once every pod runs the new settings: {q}"
+                    );
+                }
+                (done && really_ready == 3).then_some(())
             }
-
-            // The queue kept serving through the rollout, and serves with the new settings.
-            let out = producer.await.unwrap().expect("producer ran");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "producer: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let produced: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-            assert!(produced["acked"].as_u64().unwrap() > 0, "{produced}");
-            eventually("app pod Ready again", || async {
-                pods.get("app").await.ok().filter(pod_ready).map(|_| ())
-            })
-            .await;
-            let d = eventually("brokers describe the new settings", || async {
-                let d = app(&w, ns, "app", &["describe", "--queue", "orders"]).await;
-                (d["visibility_timeout_ms"] == 45_000).then_some(d)
-            })
-            .await;
-            assert_eq!(d["partitions"], 6, "{d}");
-            let produced = app(
-                &w,
-                ns,
-                "app",
-                &[
-                    "produce", "--queue", "orders", "--count", "1000", "--prefix", "after",
-                ],
-            )
-            .await;
-            assert_eq!(produced["acked"], 1000, "{produced}");
-            let consumed = app(
-                &w,
-                ns,
-                "app",
-                &[
-                    "consume", "--queue", "orders", "--prefix", "after", "--count", "1000",
-                ],
-            )
-            .await;
-            assert_eq!(consumed["missing"], 0, "{consumed}");
         },
+    )
+    .await;
+    assert!(
+        saw_rolling_out.load(std::sync::atomic::Ordering::Relaxed),
+        "Progressing=True (RollingOut) was reported during the rollout"
     );
+    let after = queue_ready(&client, ns, "orders", 3).await;
+    for p in &before {
+        let now = after.iter().find(|a| a.name_any() == p.name_any()).unwrap();
+        assert_ne!(now.uid(), p.uid(), "{} was replaced", p.name_any());
+    }
+
+    // The queue kept serving through the rollout, and serves with the new settings.
+    let produced = producer.result().await;
+    assert!(produced["acked"].as_u64().unwrap() > 0, "{produced}");
+    eventually("app pod Ready again", || async {
+        pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+    })
+    .await;
+    let d = eventually("brokers describe the new settings", || async {
+        let d = w.app(ns, "app", &["describe", "--queue", "orders"]).await;
+        (d["visibility_timeout_ms"] == 45_000).then_some(d)
+    })
+    .await;
+    assert_eq!(d["partitions"], 6, "{d}");
+    round_trip(&w, ns, "app", "after", 1000).await;
 }
 
 #[test]
 fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects() {
     isolated(
         "helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects",
-        WorldOptions { operator: false },
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let out = std::process::Command::new(tool("helm"))
-                .args(["install", "sluice"])
-                .arg(repo_root().join("charts/sluice"))
-                .args([
-                    "--namespace",
-                    "sluice-system",
-                    "--create-namespace",
-                    "--kubeconfig",
-                ])
-                .arg(&w.kubeconfig)
-                .args([
-                    "--set",
-                    "operator.image.tag=e2e",
-                    "--set",
-                    "broker.image.tag=e2e",
-                    "--set",
-                    "sidecar.image.tag=e2e",
-                    "--set",
-                    "operator.logFormat=text",
-                ])
-                .output()
-                .expect("run helm");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "helm install: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(stdout.contains("STATUS: deployed"), "{stdout}");
-
-            // The operator runs as a pod of the agent and comes up Ready.
-            let sys: Api<Pod> = Api::namespaced(client.clone(), "sluice-system");
-            let op = eventually("operator pod Ready", || async {
-                let list = sys
-                    .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
-                    .await
-                    .ok()?;
-                list.items.into_iter().find(pod_ready)
-            })
-            .await;
-            let c = &op.spec.as_ref().unwrap().containers[0];
-            assert_eq!(c.image.as_deref(), Some("sluice-operator:e2e"));
-            let ip = op
-                .status
-                .as_ref()
-                .unwrap()
-                .pod_ip
-                .clone()
-                .expect("operator pod IP");
-            eventually("the operator in the pod is the leader", || async {
-                let (code, body) = http_get_at(&ip, 8080, "/metrics").await?;
-                (code == 200
-                    && body
-                        .lines()
-                        .any(|l| l.starts_with("sluice_operator_leader") && l.ends_with(" 1")))
-                .then_some(())
-            })
-            .await;
-
-            // It reconciles Queues with the chart's RBAC and in-cluster config...
-            let ns = "shop";
-            w.app_namespace(ns).await;
-            apply_queue(
-                &client,
-                ns,
-                "orders",
-                json!({"replicas": 1, "partitions": 2}),
-            )
-            .await;
-            queue_ready(&client, ns, "orders", 1).await;
-
-            // ... and the API server reaches its webhook through the chart's Service
-            // (failurePolicy Ignore: until the caBundle is in, pods come back plain).
-            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let mut attempt = 0;
-            let name = eventually("a pod injected through the chart's webhook", || {
-                attempt += 1;
-                let (pods, name) = (pods.clone(), format!("app-{attempt}"));
-                async move {
-                    let pod: Pod = serde_json::from_value(json!({
-                        "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "orders"}},
-                        "spec": {"containers": [{"name": "app", "image": "sluice-e2e-app:e2e", "command": ["sluice-e2e-app", "idle"]}],
-                                 "terminationGracePeriodSeconds": 2}
-                    }))
-                    .unwrap();
-                    let created = pods.create(&PostParams::default(), &pod).await.ok()?;
-                    if container_names(&created).contains(&"sluice-sidecar".to_string()) {
-                        return Some(name);
-                    }
-                    let _ = pods.delete(&name, &DeleteParams::default()).await;
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    None
-                }
-            })
-            .await;
-            eventually("injected app pod Ready", || async {
-                pods.get(&name).await.ok().filter(pod_ready).map(|_| ())
-            })
-            .await;
-            let produced = app(
-                &w,
-                ns,
-                &name,
-                &[
-                    "produce", "--queue", "orders", "--count", "500", "--prefix", "h",
-                ],
-            )
-            .await;
-            assert_eq!(produced["acked"], 500, "{produced}");
-            let consumed = app(
-                &w,
-                ns,
-                &name,
-                &[
-                    "consume", "--queue", "orders", "--prefix", "h", "--count", "500",
-                ],
-            )
-            .await;
-            assert_eq!(consumed["missing"], 0, "{consumed}");
+        WorldOptions {
+            operator: false,
+            as_remote: false,
         },
+        helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_in,
     );
+}
+
+async fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_in(w: Arc<World>) {
+    let client = w.client.clone();
+    // On a cluster the world has installed it already: this upgrades in place.
+    let helm = w.install_chart().await;
+    assert!(helm.contains("STATUS: deployed"), "{helm}");
+
+    // The operator runs as a pod (of the agent, here) and comes up Ready.
+    let sys: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let op = eventually("operator pod Ready", || async {
+        let list = sys
+            .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
+            .await
+            .ok()?;
+        list.items.into_iter().find(pod_ready)
+    })
+    .await;
+    let c = &op.spec.as_ref().unwrap().containers[0];
+    assert_eq!(c.image, Some(w.image("sluice-operator")));
+    let op_name = op.name_any();
+    eventually("the operator in the pod is the leader", || async {
+        let body = w
+            .pod_get(SYSTEM_NAMESPACE, &op_name, 8080, "/metrics")
+            .await?;
+        body.lines()
+            .any(|l| l.starts_with("sluice_operator_leader") && l.ends_with(" 1"))
+            .then_some(())
+    })
+    .await;
+
+    // It reconciles Queues with the chart's RBAC and in-cluster config...
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    apply_queue(
+        &client,
+        ns,
+        "orders",
+        json!({"replicas": 1, "partitions": 2}),
+    )
+    .await;
+    queue_ready(&client, ns, "orders", 1).await;
+
+    // ... and the API server reaches its webhook through the chart's Service
+    // (failurePolicy Ignore: until the caBundle is in, pods come back plain, and
+    // `app_pod` creates them again).
+    let name = "app";
+    let created = w.app_pod(ns, name, "orders", "default").await;
+    assert_eq!(container_names(&created), ["app", "sluice-sidecar"]);
+    round_trip(&w, ns, name, "h", 500).await;
 }
 
 /// A token of ServiceAccount `sa` for `audience`, from the API server.
@@ -896,112 +773,126 @@ fn mutual_tls_and_access_list_admit_only_listed_sidecars() {
     isolated(
         "mutual_tls_and_access_list_admit_only_listed_sidecars",
         WorldOptions::default(),
-        |w: Arc<World>| async move {
-            let client = w.client.clone();
-            let ns = "bank";
-            w.app_namespace(ns).await;
-            let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-            for name in ["teller", "intruder"] {
-                let sa: ServiceAccount =
-                    serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-                sas.create(&PostParams::default(), &sa).await.unwrap();
-            }
-            // A one-broker Queue open to the ServiceAccount `allowed` only.
-            let ledger = |allowed: &str| {
-                json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
-                       "access": {"serviceAccounts": [{"name": allowed}]}})
-            };
-            apply_queue(&client, ns, "ledger", ledger("teller")).await;
-            let brokers = queue_ready(&client, ns, "ledger", 1).await;
-            let pod_spec = brokers[0].spec.as_ref().unwrap();
-            assert_eq!(
-                pod_spec.service_account_name.as_deref(),
-                Some("sluice-ledger-broker"),
-                "the brokers run as their own ServiceAccount"
-            );
-
-            // The teller's app, through its injected sidecar and projected token.
-            let teller = app_pod_as(&client, ns, "teller-app", "ledger", "teller").await;
-            assert_eq!(container_names(&teller), ["app", "sluice-sidecar"]);
-            // One attempt per message: a refusal shows as `failed` with its code.
-            let produce = |count: &'static str, prefix: &'static str| {
-                let w = w.clone();
-                async move {
-                    let args = [
-                        "produce",
-                        "--queue",
-                        "ledger",
-                        "--count",
-                        count,
-                        "--prefix",
-                        prefix,
-                        "--retries",
-                        "0",
-                    ];
-                    app(&w, ns, "teller-app", &args).await
-                }
-            };
-            let produced = produce("100", "t").await;
-            assert_eq!(produced["acked"], 100, "{produced}");
-
-            // Straight to the broker, with tokens the API server issues.
-            let ip = brokers[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
-            let broker = format!("{ip}:7171");
-            let audience = "sluice.dev/bank/ledger";
-            let teller_token = sa_token(&client, ns, "teller", audience).await;
-            let intruder_token = sa_token(&client, ns, "intruder", audience).await;
-            let elsewhere = sa_token(&client, ns, "teller", "sluice.dev/bank/other").await;
-            // Mutual TLS first: without the sidecars' certificate, or in plaintext,
-            // nothing gets as far as the token check.
-            let no_cert = match broker_client(&client, ns, "ledger", &broker, false).await {
-                Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
-                    .await
-                    .is_err(),
-                Err(_) => true,
-            };
-            assert!(no_cert, "a TLS client without a certificate got in");
-            let plain = match QueuesClient::connect(format!("http://{broker}")).await {
-                Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
-                    .await
-                    .is_err(),
-                Err(_) => true,
-            };
-            assert!(plain, "a plaintext client got in");
-            let mut broker = broker_client(&client, ns, "ledger", &broker, true)
-                .await
-                .expect("mutual TLS with the sidecars' certificate");
-            enqueue_to_broker(&mut broker, "ledger", Some(&teller_token))
-                .await
-                .expect("the listed account gets in");
-            let denied = enqueue_to_broker(&mut broker, "ledger", Some(&intruder_token))
-                .await
-                .unwrap_err();
-            assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-            assert!(denied.message().contains("bank/intruder"), "{denied:?}");
-            for (what, token) in [
-                ("no token", None),
-                ("another queue's token", Some(elsewhere.as_str())),
-                ("garbage", Some("not-a-jwt")),
-            ] {
-                let e = enqueue_to_broker(&mut broker, "ledger", token)
-                    .await
-                    .unwrap_err();
-                assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e:?}");
-            }
-            // The dead-letter queue is guarded by the same list.
-            let e = enqueue_to_broker(&mut broker, "ledger.dlq", Some(&intruder_token))
-                .await
-                .unwrap_err();
-            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-
-            // Taking the teller off the list: the brokers roll with the new list and
-            // the teller's sidecar is refused with PERMISSION_DENIED, not left hanging.
-            apply_queue(&client, ns, "ledger", ledger("auditor")).await;
-            eventually("the teller refused after the access change", || async {
-                let r = produce("1", "late").await;
-                (r["failed"] == 1 && r["last_error"] == "PermissionDenied").then_some(())
-            })
-            .await;
-        },
+        mutual_tls_and_access_list_admit_only_listed_sidecars_in,
     );
+}
+
+async fn mutual_tls_and_access_list_admit_only_listed_sidecars_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("bank");
+    w.app_namespace(ns).await;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    for name in ["teller", "intruder"] {
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        sas.create(&PostParams::default(), &sa).await.unwrap();
+    }
+    // A one-broker Queue open to the ServiceAccount `allowed` only.
+    let ledger = |allowed: &str| {
+        json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
+               "access": {"serviceAccounts": [{"name": allowed}]}})
+    };
+    apply_queue(&client, ns, "ledger", ledger("teller")).await;
+    let brokers = queue_ready(&client, ns, "ledger", 1).await;
+    let pod_spec = brokers[0].spec.as_ref().unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("sluice-ledger-broker"),
+        "the brokers run as their own ServiceAccount"
+    );
+
+    // The teller's app, through its injected sidecar and projected token.
+    let teller = w.app_pod(ns, "teller-app", "ledger", "teller").await;
+    assert_eq!(container_names(&teller), ["app", "sluice-sidecar"]);
+    // One attempt per message: a refusal shows as `failed` with its code.
+    let produce = |count: &'static str, prefix: &'static str| {
+        let w = w.clone();
+        async move {
+            let args = [
+                "produce",
+                "--queue",
+                "ledger",
+                "--count",
+                count,
+                "--prefix",
+                prefix,
+                "--retries",
+                "0",
+            ];
+            w.app(ns, "teller-app", &args).await
+        }
+    };
+    let produced = produce("100", "t").await;
+    assert_eq!(produced["acked"], 100, "{produced}");
+
+    // Straight to the broker, with tokens the API server issues (from this machine:
+    // where the node is ours, its pod IPs are reachable).
+    if w.node().is_some() {
+        direct_to_the_broker(&client, ns, &brokers[0]).await;
+    }
+
+    // Taking the teller off the list: the brokers roll with the new list and
+    // the teller's sidecar is refused with PERMISSION_DENIED, not left hanging.
+    apply_queue(&client, ns, "ledger", ledger("auditor")).await;
+    eventually("the teller refused after the access change", || async {
+        let r = produce("1", "late").await;
+        (r["failed"] == 1 && r["last_error"] == "PermissionDenied").then_some(())
+    })
+    .await;
+}
+
+/// A client straight to the ledger broker `broker`: mutual TLS comes first, then the
+/// access list decides by the token's ServiceAccount and audience.
+async fn direct_to_the_broker(client: &Client, ns: &str, broker: &Pod) {
+    let ip = broker.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let broker = format!("{ip}:7171");
+    let audience = &format!("sluice.dev/{ns}/ledger");
+    let teller_token = sa_token(client, ns, "teller", audience).await;
+    let intruder_token = sa_token(client, ns, "intruder", audience).await;
+    let elsewhere = sa_token(client, ns, "teller", &format!("sluice.dev/{ns}/other")).await;
+    // Mutual TLS first: without the sidecars' certificate, or in plaintext,
+    // nothing gets as far as the token check.
+    let no_cert = match broker_client(client, ns, "ledger", &broker, false).await {
+        Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(no_cert, "a TLS client without a certificate got in");
+    let plain = match QueuesClient::connect(format!("http://{broker}")).await {
+        Ok(mut c) => enqueue_to_broker(&mut c, "ledger", Some(&teller_token))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(plain, "a plaintext client got in");
+    let mut broker = broker_client(client, ns, "ledger", &broker, true)
+        .await
+        .expect("mutual TLS with the sidecars' certificate");
+    enqueue_to_broker(&mut broker, "ledger", Some(&teller_token))
+        .await
+        .expect("the listed account gets in");
+    let denied = enqueue_to_broker(&mut broker, "ledger", Some(&intruder_token))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains(&format!("{ns}/intruder")),
+        "{denied:?}"
+    );
+    for (what, token) in [
+        ("no token", None),
+        ("another queue's token", Some(elsewhere.as_str())),
+        ("garbage", Some("not-a-jwt")),
+    ] {
+        let e = enqueue_to_broker(&mut broker, "ledger", token)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e:?}");
+    }
+    // The dead-letter queue is guarded by the same list.
+    let e = enqueue_to_broker(&mut broker, "ledger.dlq", Some(&intruder_token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }

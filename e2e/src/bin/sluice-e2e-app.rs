@@ -1,17 +1,35 @@
 //! A test application for the e2e suite: it talks to the Sluice sidecar at
-//! `SLUICE_ADDR` (injected by the webhook) the way an app would, and prints one JSON
-//! line of results for the test to check.
+//! `SLUICE_ADDR` (injected by the webhook) the way an app would.
 //!
-//!   sluice-e2e-app idle                              # an app container that waits
+//! In the app pods of the scenarios it runs `serve`: a small HTTP job server that the
+//! tests reach through the API server's pod proxy
+//! (`/api/v1/namespaces/<ns>/pods/<pod>:8088/proxy/...`), so the same tests drive it
+//! on the local control plane and on any cluster a KUBECONFIG points at, without
+//! `kubectl exec`:
+//!
+//!   POST /jobs {"args": ["produce", "--queue", "Q", ...]}  -> {"id": N}
+//!   GET  /jobs/N    -> {"done": bool, "acked": n, "result": {...} | null, "error": "..." | null}
+//!   GET  /healthz   -> ok (the pod's readiness probe)
+//!
+//! The same commands run once from a shell, printing one JSON line:
+//!
 //!   sluice-e2e-app produce --queue Q --count N --prefix P [--acked-file F]
-//!   sluice-e2e-app consume --queue Q --prefix P --count N | --expect-file F
+//!   sluice-e2e-app consume --queue Q --prefix P --count N | --expect-file F | --expect-job J
 //!   sluice-e2e-app stats --queue Q
+//!   sluice-e2e-app describe --queue Q
 
 use anyhow::{Context, bail};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 use sluice_proto::v1::{self, queues_client::QueuesClient};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -24,13 +42,25 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// A job's command line, as POSTed to `/jobs`.
+#[derive(Parser)]
+#[command(name = "job")]
+struct JobLine {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Wait for SIGTERM.
-    Idle,
+    /// Serve jobs over HTTP until SIGTERM.
+    Serve {
+        #[arg(long, default_value = "0.0.0.0:8088")]
+        listen: String,
+    },
     /// Enqueue `count` messages with bodies `<prefix>-<i>`, `concurrency` at a time;
-    /// each acknowledged body is appended to `acked_file`. A failed enqueue is retried
-    /// (up to `retries` times) and, if it never succeeds, counted as failed.
+    /// each acknowledged body is remembered by the job (and appended to `acked_file`).
+    /// A failed enqueue is retried (up to `retries` times) and, if it never
+    /// succeeds, counted as failed.
     Produce {
         #[arg(long)]
         queue: String,
@@ -55,6 +85,9 @@ enum Cmd {
         count: Option<u64>,
         #[arg(long)]
         expect_file: Option<std::path::PathBuf>,
+        /// Expect what the produce job with this id (of this server) had acknowledged.
+        #[arg(long)]
+        expect_job: Option<u64>,
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
     },
@@ -70,6 +103,31 @@ enum Cmd {
     },
 }
 
+/// One run of a command: what it has acknowledged so far, and how it ended.
+#[derive(Default)]
+struct Job {
+    acked: AtomicU64,
+    bodies: Mutex<Vec<String>>,
+    outcome: Mutex<Option<Result<Value, String>>>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    next: AtomicU64,
+    all: Mutex<HashMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    fn get(&self, id: u64) -> Option<Arc<Job>> {
+        self.all.lock().unwrap().get(&id).cloned()
+    }
+}
+
+struct Server {
+    addr: String,
+    jobs: Jobs,
+}
+
 async fn connect(addr: &str) -> anyhow::Result<QueuesClient<Channel>> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
@@ -83,14 +141,94 @@ async fn connect(addr: &str) -> anyhow::Result<QueuesClient<Channel>> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Idle => {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            println!("idle: SLUICE_ADDR={}", cli.addr);
-            term.recv().await;
-            println!("idle: SIGTERM");
+        Cmd::Serve { listen } => serve(cli.addr, &listen).await,
+        cmd => {
+            let result = run(&cli.addr, cmd, &Job::default(), &Jobs::default()).await?;
+            println!("{result}");
             Ok(())
         }
+    }
+}
+
+async fn serve(addr: String, listen: &str) -> anyhow::Result<()> {
+    let state = Arc::new(Server {
+        addr,
+        jobs: Jobs::default(),
+    });
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/jobs", post(start_job))
+        .route("/jobs/{id}", get(job_status))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    println!("serving jobs on {listen}; sidecar at {}", state.addr);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            term.recv().await;
+        })
+        .await?;
+    println!("serve: SIGTERM");
+    Ok(())
+}
+
+async fn start_job(
+    State(server): State<Arc<Server>>,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let args: Vec<String> = body["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cmd = match JobLine::try_parse_from(std::iter::once("job".to_string()).chain(args)) {
+        Ok(JobLine {
+            cmd: Cmd::Serve { .. },
+        }) => return bad_request("a job cannot serve".into()),
+        Ok(line) => line.cmd,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let id = server.jobs.next.fetch_add(1, Ordering::Relaxed);
+    let job = Arc::new(Job::default());
+    server.jobs.all.lock().unwrap().insert(id, job.clone());
+    tokio::spawn(async move {
+        let outcome = run(&server.addr, cmd, &job, &server.jobs).await;
+        *job.outcome.lock().unwrap() = Some(outcome.map_err(|e| format!("{e:#}")));
+    });
+    (StatusCode::ACCEPTED, Json(json!({ "id": id })))
+}
+
+fn bad_request(why: String) -> (StatusCode, Json<Value>) {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": why })))
+}
+
+async fn job_status(
+    State(server): State<Arc<Server>>,
+    Path(id): Path<u64>,
+) -> (StatusCode, Json<Value>) {
+    let Some(job) = server.jobs.get(id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no job {id}") })),
+        );
+    };
+    let acked = job.acked.load(Ordering::Relaxed);
+    let body = match &*job.outcome.lock().unwrap() {
+        None => json!({"done": false, "acked": acked, "result": null, "error": null}),
+        Some(Ok(v)) => json!({"done": true, "acked": acked, "result": v, "error": null}),
+        Some(Err(e)) => json!({"done": true, "acked": acked, "result": null, "error": e}),
+    };
+    (StatusCode::OK, Json(body))
+}
+
+async fn run(addr: &str, cmd: Cmd, job: &Job, jobs: &Jobs) -> anyhow::Result<Value> {
+    match cmd {
+        Cmd::Serve { .. } => bail!("serve is not a job"),
         Cmd::Produce {
             queue,
             count,
@@ -99,92 +237,24 @@ async fn main() -> anyhow::Result<()> {
             retries,
             acked_file,
         } => {
-            let client = connect(&cli.addr).await?;
-            let file = match &acked_file {
-                Some(p) => Some(std::sync::Arc::new(std::sync::Mutex::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .with_context(|| format!("open {}", p.display()))?,
-                ))),
-                None => None,
-            };
-            let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let mut tasks = Vec::new();
-            for _ in 0..concurrency.max(1) {
-                let (mut client, next, file, queue, prefix) = (
-                    client.clone(),
-                    next.clone(),
-                    file.clone(),
-                    queue.clone(),
-                    prefix.clone(),
-                );
-                tasks.push(tokio::spawn(async move {
-                    let (mut acked, mut failed, mut errors) = (0u64, 0u64, 0u64);
-                    let mut last_error: Option<String> = None;
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= count {
-                            break;
-                        }
-                        let body = format!("{prefix}-{i}");
-                        let mut ok = false;
-                        for attempt in 0..=retries {
-                            let req = v1::EnqueueRequest {
-                                queue: queue.clone(),
-                                message: Some(v1::NewMessage {
-                                    body: body.clone().into_bytes().into(),
-                                    ..Default::default()
-                                }),
-                                partition: None,
-                            };
-                            match client.enqueue(req).await {
-                                Ok(_) => {
-                                    ok = true;
-                                    break;
-                                }
-                                Err(e) => {
-                                    errors += 1;
-                                    last_error = Some(format!("{:?}", e.code()));
-                                    if errors <= 3 {
-                                        eprintln!("enqueue {body} (attempt {attempt}): {e}");
-                                    }
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                }
-                            }
-                        }
-                        if ok {
-                            acked += 1;
-                            if let Some(f) = &file {
-                                let _ = writeln!(f.lock().unwrap(), "{body}");
-                            }
-                        } else {
-                            failed += 1;
-                        }
-                    }
-                    (acked, failed, errors, last_error)
-                }));
-            }
-            let (mut acked, mut failed, mut errors, mut last_error) = (0, 0, 0, None);
-            for t in tasks {
-                let (a, f, e, l) = t.await?;
-                acked += a;
-                failed += f;
-                errors += e;
-                last_error = last_error.or(l);
-            }
-            println!(
-                "{}",
-                serde_json::json!({"acked": acked, "failed": failed, "errors": errors, "last_error": last_error})
-            );
-            Ok(())
+            produce(
+                addr,
+                job,
+                &queue,
+                count,
+                &prefix,
+                concurrency,
+                retries,
+                acked_file,
+            )
+            .await
         }
         Cmd::Consume {
             queue,
             prefix,
             count,
             expect_file,
+            expect_job,
             timeout_s,
         } => {
             let mut expected: HashSet<String> = HashSet::new();
@@ -196,107 +266,193 @@ async fn main() -> anyhow::Result<()> {
                     std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
                 expected.extend(text.lines().filter(|l| !l.is_empty()).map(String::from));
             }
+            if let Some(id) = expect_job {
+                let other = jobs.get(id).with_context(|| format!("no job {id}"))?;
+                expected.extend(other.bodies.lock().unwrap().iter().cloned());
+            }
             if expected.is_empty() {
-                bail!("nothing expected: give --prefix and --count, or --expect-file");
+                bail!("nothing expected: give --prefix and --count, --expect-file or --expect-job");
             }
-            let mut client = connect(&cli.addr).await?;
-            let mut seen: HashSet<String> = HashSet::new();
-            let (mut received, mut acked, mut errors) = (0u64, 0u64, 0u64);
-            let start = Instant::now();
-            while !expected.iter().all(|e| seen.contains(e))
-                && start.elapsed() < Duration::from_secs(timeout_s)
-            {
-                let req = v1::DequeueRequest {
-                    queue: queue.clone(),
-                    max_messages: 256,
-                    wait_ms: 1000,
-                    visibility_timeout_ms: 30_000,
-                };
-                let msgs = match client.dequeue(req).await {
-                    Ok(r) => r.into_inner().messages,
-                    Err(e) => {
-                        errors += 1;
-                        if errors <= 3 {
-                            eprintln!("dequeue: {e}");
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
-                received += msgs.len() as u64;
-                let receipts: Vec<String> = msgs.iter().map(|m| m.receipt.clone()).collect();
-                for m in msgs {
-                    seen.insert(String::from_utf8_lossy(&m.body).to_string());
-                }
-                if receipts.is_empty() {
-                    continue;
-                }
-                match client
-                    .ack(v1::AckRequest {
-                        queue: queue.clone(),
-                        receipts,
-                    })
-                    .await
-                {
-                    Ok(r) => {
-                        acked += r
-                            .into_inner()
-                            .results
-                            .iter()
-                            .filter(|r| r.code == 0)
-                            .count() as u64
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        eprintln!("ack: {e}");
-                    }
-                }
-            }
-            let mut missing: Vec<&String> =
-                expected.iter().filter(|e| !seen.contains(*e)).collect();
-            missing.sort();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "expected": expected.len(), "received": received, "unique": seen.len(),
-                    "acked": acked, "errors": errors, "missing": missing.len(),
-                    "missing_sample": missing.iter().take(10).collect::<Vec<_>>(),
-                })
-            );
-            Ok(())
+            consume(addr, job, &queue, expected, Duration::from_secs(timeout_s)).await
         }
         Cmd::Describe { queue } => {
-            let mut client = connect(&cli.addr).await?;
+            let mut client = connect(addr).await?;
             let d = client
                 .describe(v1::DescribeRequest { queue })
                 .await
                 .context("describe")?
                 .into_inner();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "partitions": d.partitions, "visibility_timeout_ms": d.visibility_timeout_ms,
-                    "max_deliveries": d.max_deliveries, "fsync": d.fsync,
-                })
-            );
-            Ok(())
+            Ok(json!({
+                "partitions": d.partitions, "visibility_timeout_ms": d.visibility_timeout_ms,
+                "max_deliveries": d.max_deliveries, "fsync": d.fsync,
+            }))
         }
         Cmd::Stats { queue } => {
-            let mut client = connect(&cli.addr).await?;
+            let mut client = connect(addr).await?;
             let s = client
                 .stats(v1::StatsRequest { queue })
                 .await
                 .context("stats")?
                 .into_inner();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed,
-                    "enqueued_total": s.enqueued_total, "acked_total": s.acked_total,
-                    "redelivered_total": s.redelivered_total,
-                })
-            );
-            Ok(())
+            Ok(json!({
+                "ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed,
+                "enqueued_total": s.enqueued_total, "acked_total": s.acked_total,
+                "redelivered_total": s.redelivered_total,
+            }))
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    addr: &str,
+    job: &Job,
+    queue: &str,
+    count: u64,
+    prefix: &str,
+    concurrency: usize,
+    retries: u32,
+    acked_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<Value> {
+    let client = connect(addr).await?;
+    let mut file = match &acked_file {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("open {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (mut acked, mut failed, mut errors) = (0u64, 0u64, 0u64);
+    let mut last_error: Option<String> = None;
+    // Up to `concurrency` enqueues in flight, driven by this one task.
+    let one = |i: u64| {
+        let mut client = client.clone();
+        async move {
+            let body = format!("{prefix}-{i}");
+            let mut errors = Vec::new();
+            let mut last_code = None;
+            for attempt in 0..=retries {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let req = v1::EnqueueRequest {
+                    queue: queue.to_string(),
+                    message: Some(v1::NewMessage {
+                        body: body.clone().into_bytes().into(),
+                        ..Default::default()
+                    }),
+                    partition: None,
+                };
+                match client.enqueue(req).await {
+                    Ok(_) => return (body, true, errors, last_code),
+                    Err(e) => {
+                        errors.push(format!("enqueue {body} (attempt {attempt}): {e}"));
+                        last_code = Some(format!("{:?}", e.code()));
+                    }
+                }
+            }
+            (body, false, errors, last_code)
+        }
+    };
+    let mut issued = 0u64;
+    let mut running = futures::stream::FuturesUnordered::new();
+    while issued < count && running.len() < concurrency.max(1) {
+        running.push(one(issued));
+        issued += 1;
+    }
+    while let Some((body, ok, errs, code)) = futures::StreamExt::next(&mut running).await {
+        for e in errs {
+            errors += 1;
+            if errors <= 3 {
+                eprintln!("{e}");
+            }
+        }
+        last_error = code.or(last_error);
+        if ok {
+            acked += 1;
+            if let Some(f) = &mut file {
+                let _ = writeln!(f, "{body}");
+            }
+            job.bodies.lock().unwrap().push(body);
+            job.acked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            failed += 1;
+        }
+        if issued < count {
+            running.push(one(issued));
+            issued += 1;
+        }
+    }
+    Ok(json!({"acked": acked, "failed": failed, "errors": errors, "last_error": last_error}))
+}
+
+async fn consume(
+    addr: &str,
+    job: &Job,
+    queue: &str,
+    expected: HashSet<String>,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let mut client = connect(addr).await?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let (mut received, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    while !expected.iter().all(|e| seen.contains(e)) && start.elapsed() < timeout {
+        let req = v1::DequeueRequest {
+            queue: queue.to_string(),
+            max_messages: 256,
+            wait_ms: 1000,
+            visibility_timeout_ms: 30_000,
+        };
+        let msgs = match client.dequeue(req).await {
+            Ok(r) => r.into_inner().messages,
+            Err(e) => {
+                errors += 1;
+                if errors <= 3 {
+                    eprintln!("dequeue: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        received += msgs.len() as u64;
+        let receipts: Vec<String> = msgs.iter().map(|m| m.receipt.clone()).collect();
+        for m in msgs {
+            seen.insert(String::from_utf8_lossy(&m.body).to_string());
+        }
+        if receipts.is_empty() {
+            continue;
+        }
+        match client
+            .ack(v1::AckRequest {
+                queue: queue.to_string(),
+                receipts,
+            })
+            .await
+        {
+            Ok(r) => {
+                let n = r
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|r| r.code == 0)
+                    .count();
+                job.acked.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("ack: {e}");
+            }
+        }
+    }
+    let mut missing: Vec<&String> = expected.iter().filter(|e| !seen.contains(*e)).collect();
+    missing.sort();
+    Ok(json!({
+        "expected": expected.len(), "received": received, "unique": seen.len(),
+        "acked": job.acked.load(Ordering::Relaxed), "errors": errors, "missing": missing.len(),
+        "missing_sample": missing.iter().take(10).collect::<Vec<_>>(),
+    }))
 }
