@@ -896,3 +896,78 @@ async fn direct_to_the_broker(client: &Client, ns: &str, broker: &Pod) {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }
+
+/// The node agent itself, on what the scenarios lean on: a failing liveness probe
+/// restarts the container, and a pod cut off the network turns unready and back.
+#[test]
+fn node_agent_restarts_unlive_containers_and_unreadies_pods_cut_off() {
+    isolated(
+        "node_agent_restarts_unlive_containers_and_unreadies_pods_cut_off",
+        WorldOptions {
+            operator: false,
+            as_remote: false,
+        },
+        node_agent_probes,
+    );
+}
+
+async fn node_agent_probes(w: Arc<World>) {
+    let Some(agent) = w.node() else {
+        eprintln!("the node is not ours: nothing to check here");
+        return;
+    };
+    let ns = "probes";
+    w.app_namespace(ns).await;
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), ns);
+    let serving = |name: &str, probe_port: u16, liveness: bool| -> Pod {
+        let probe = json!({"httpGet": {"path": "/healthz", "port": probe_port},
+                           "periodSeconds": 1, "failureThreshold": 1});
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "containers": [{
+                    "name": "app",
+                    "image": w.image("sluice-e2e-app"),
+                    "args": ["serve", "--listen", "0.0.0.0:8088"],
+                    "readinessProbe": probe,
+                    "livenessProbe": if liveness { probe.clone() } else { Value::Null },
+                }],
+                "terminationGracePeriodSeconds": 1
+            }
+        }))
+        .unwrap()
+    };
+    // Probed where nothing listens: never ready, killed and restarted over and over.
+    pods.create(&PostParams::default(), &serving("unlive", 9999, true))
+        .await
+        .unwrap();
+    // Probed (for readiness only) where it serves: ready, until its link goes down.
+    pods.create(&PostParams::default(), &serving("cut", 8088, false))
+        .await
+        .unwrap();
+    let restarts = eventually("the unlive container restarted twice", || async {
+        let p = pods.get("unlive").await.ok()?;
+        let s = p.status?.container_statuses?.into_iter().next()?;
+        (s.restart_count >= 2).then_some(s)
+    })
+    .await;
+    assert!(!restarts.ready, "never ready: {restarts:?}");
+    let last = restarts.last_state.and_then(|s| s.terminated);
+    assert!(last.is_some(), "its last run ended (terminated state kept)");
+
+    let ready = |want: bool| {
+        let pods = pods.clone();
+        async move {
+            eventually(&format!("pod cut Ready={want}"), || async {
+                let p = pods.get("cut").await.ok()?;
+                (pod_ready(&p) == want).then_some(())
+            })
+            .await
+        }
+    };
+    ready(true).await;
+    agent.set_network(ns, "cut", false).unwrap();
+    ready(false).await;
+    agent.set_network(ns, "cut", true).unwrap();
+    ready(true).await;
+}
