@@ -598,8 +598,10 @@ impl PartitionState {
     // ---- recovery -----------------------------------------------------------
 
     /// Applies one record read back from the log. Leases do not survive a restart:
-    /// a message in flight at the crash is visible again at once.
-    pub fn replay(&mut self, now: u64, rec: Record, loc: Location, cache: bool) {
+    /// a message in flight at the crash is visible again at once. Bodies are not
+    /// cached: most records of a long log are settled later in it, and copying every
+    /// body out of the segment buffer costs more than reading back the few delivered.
+    pub fn replay(&mut self, now: u64, rec: Record, loc: Location) {
         match rec {
             Record::Enqueue(e) => {
                 if self.entries.contains_key(&e.seq) {
@@ -614,14 +616,6 @@ impl PartitionState {
                         .push_back((e.enqueued_at_ms + window, e.dedup_id.clone()));
                 }
                 let body_len = e.body.len() as u64;
-                // Copy: a slice would pin the whole segment buffer read for recovery.
-                let content = cache.then(|| {
-                    Arc::new(Content {
-                        body: Bytes::copy_from_slice(&e.body),
-                        attributes: e.attributes,
-                        dedup_id: e.dedup_id,
-                    })
-                });
                 let key = (!e.key.is_empty()).then(|| Arc::from(e.key.as_str()));
                 self.insert(
                     now,
@@ -631,7 +625,7 @@ impl PartitionState {
                     e.visible_at_ms,
                     key,
                     body_len,
-                    content,
+                    None,
                 );
                 self.counters.enqueued += 1;
             }

@@ -28,6 +28,73 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A partition after replay: its id, state and log segments.
+type Recovered = (u32, PartitionState, Vec<u64>);
+
+/// Replays the logs of the partitions `owned`, on as many threads as there are cores
+/// (partitions are independent; replay is CPU-bound on a warm page cache). Returns
+/// each partition's state and segment list, in `owned` order.
+fn recover_partitions(
+    dir: &Path,
+    settings: &Arc<QueueSettings>,
+    owned: &[u32],
+    budget: &Arc<CacheBudget>,
+    observer: &Arc<dyn LogObserver>,
+    now: u64,
+) -> Result<Vec<Recovered>, BrokerError> {
+    let one = |id: u32| -> Result<Recovered, BrokerError> {
+        let pdir = dir.join(&settings.name).join(id.to_string());
+        let mut st = PartitionState::new(settings.clone(), budget.clone());
+        let started = std::time::Instant::now();
+        let (segments, report) = recover(&pdir, observer.as_ref(), |rec, loc| {
+            st.replay(now, rec, loc)
+        })?;
+        st.finish_replay();
+        if report.records > 0 {
+            let snap = st.snapshot();
+            tracing::info!(
+                queue = %settings.name, partition = id, segments = report.segments,
+                records = report.records, messages = snap.messages, damaged = report.damage.len(),
+                torn_tail_bytes = report.torn_tail, took_ms = started.elapsed().as_millis() as u64,
+                "recovered partition"
+            );
+        }
+        for (segment, offset, why) in &report.damage {
+            tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
+        }
+        Ok((id, st, segments))
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(owned.len());
+    if threads <= 1 {
+        return owned.iter().map(|&id| one(id)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, Result<Recovered, BrokerError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&id) = owned.get(i) else { break };
+                        done.push((i, one(id)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a recovery thread panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Attributes a dead-lettered message carries.
 pub const ATTR_DLQ_SOURCE_ID: &str = "sluice-dlq-source-id";
 pub const ATTR_DLQ_DELIVERIES: &str = "sluice-dlq-deliveries";
@@ -453,28 +520,10 @@ impl Queue {
             .collect();
         let ready = Arc::new(Notify::new());
         let now = now_ms();
+        let recovered = recover_partitions(dir, &settings, &owned, &budget, &observer, now)?;
         let mut opened = Vec::new();
-        for &id in &owned {
+        for (id, st, segments) in recovered {
             let pdir = dir.join(&settings.name).join(id.to_string());
-            let mut st = PartitionState::new(settings.clone(), budget.clone());
-            let started = std::time::Instant::now();
-            let (segments, report) = recover(&pdir, observer.as_ref(), |rec, loc| {
-                st.replay(now, rec, loc, true)
-            })?;
-            st.finish_replay();
-            let snap = st.snapshot();
-            let level_info = report.records > 0;
-            if level_info {
-                tracing::info!(
-                    queue = %settings.name, partition = id, segments = report.segments,
-                    records = report.records, messages = snap.messages, damaged = report.damage.len(),
-                    torn_tail_bytes = report.torn_tail, took_ms = started.elapsed().as_millis() as u64,
-                    "recovered partition"
-                );
-            }
-            for (segment, offset, why) in &report.damage {
-                tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
-            }
             let log = LogWriter::open(
                 &pdir,
                 &segments,

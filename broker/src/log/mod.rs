@@ -129,10 +129,16 @@ pub fn recover(
         segments: ids.len(),
         ..Default::default()
     };
+    // One buffer for every segment: a fresh allocation per segment would fault in
+    // (and zero) every page of it again.
+    let mut buf: Vec<u8> = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
         let path = segment_path(dir, id);
-        let data =
-            Bytes::from(std::fs::read(&path).map_err(|e| LogError::io("reading", &path, e))?);
+        buf.clear();
+        File::open(&path)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+            .map_err(|e| LogError::io("reading", &path, e))?;
+        let data = Bytes::from(std::mem::take(&mut buf));
         report.bytes += data.len() as u64;
         let is_last = i + 1 == ids.len();
         let mut pos = 0usize;
@@ -172,8 +178,13 @@ pub fn recover(
                 }
             }
         }
-        if good_end < data.len() {
-            let cut = (data.len() - good_end) as u64;
+        let data_len = data.len();
+        // Back into the buffer, unless `apply` kept a slice of it.
+        if let Ok(unique) = data.try_into_mut() {
+            buf = unique.into();
+        }
+        if good_end < data_len {
+            let cut = (data_len - good_end) as u64;
             observer.damage(id, good_end as u64, "torn tail");
             if is_last {
                 report.torn_tail = cut;
