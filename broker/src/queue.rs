@@ -28,8 +28,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A partition after replay: its id, state and log segments.
-type Recovered = (u32, PartitionState, Vec<u64>);
+/// A partition after replay: its id, state, log segments and where the last one's
+/// records end.
+type Recovered = (u32, PartitionState, Vec<u64>, u64);
 
 /// Replays the logs of the partitions `owned`, on as many threads as there are cores
 /// (partitions are independent; replay is CPU-bound on a warm page cache). Returns
@@ -62,7 +63,7 @@ fn recover_partitions(
         for (segment, offset, why) in &report.damage {
             tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
         }
-        Ok((id, st, segments))
+        Ok((id, st, segments, report.end))
     };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -522,11 +523,12 @@ impl Queue {
         let now = now_ms();
         let recovered = recover_partitions(dir, &settings, &owned, &budget, &observer, now)?;
         let mut opened = Vec::new();
-        for (id, st, segments) in recovered {
+        for (id, st, segments, end) in recovered {
             let pdir = dir.join(&settings.name).join(id.to_string());
             let log = LogWriter::open(
                 &pdir,
                 &segments,
+                end,
                 LogOptions {
                     fsync: settings.fsync,
                     fsync_interval: settings.fsync_interval,

@@ -1,6 +1,8 @@
 //! The `sluice.v1.Queues` gRPC service of the broker: request validation, then the
 //! queue operations.
 
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use sluice_config::{MAX_DELAY, MAX_VISIBILITY_TIMEOUT};
 use sluice_proto::Receipt;
 use sluice_proto::v1::{self, queues_server::Queues};
@@ -458,6 +460,15 @@ impl SubscriptionBackend for Arc<Queue> {
 }
 
 type Fetch = Pin<Box<dyn std::future::Future<Output = Result<Vec<v1::Message>, Status>> + Send>>;
+type Settling = Pin<
+    Box<dyn std::future::Future<Output = Result<v1::subscribe_response::Response, Status>> + Send>,
+>;
+
+/// Acks and nacks of one subscription settling at once. Each waits for its fsync (and,
+/// through the sidecar, a broker round trip): settled one after another, they would
+/// cap a subscription at one settle per fsync; in flight together, the broker covers
+/// them with one group commit.
+const MAX_SETTLING: usize = 64;
 
 /// Reads the `start` message of a Subscribe stream.
 pub async fn subscription_start(
@@ -471,7 +482,8 @@ pub async fn subscription_start(
     }
 }
 
-/// Drives one Subscribe stream: deliveries as credit allows, acks and nacks inline.
+/// Drives one Subscribe stream: deliveries as credit allows, acks and nacks inline
+/// (up to [`MAX_SETTLING`] in flight, answered in the order they came).
 /// A fetch in progress is never cancelled (a cancelled remote fetch could strand
 /// leased messages), and messages delivered but unsettled when the stream ends are
 /// given back at once, as AMQP does with a closed channel's unacknowledged messages.
@@ -498,39 +510,50 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
         };
         let mut outstanding: HashSet<String> = HashSet::new();
         let mut fetch: Option<Fetch> = None;
+        let mut settling: FuturesOrdered<Settling> = FuturesOrdered::new();
         'stream: loop {
             if fetch.is_none() && credit > 0 {
                 let (b, max) = (backend.clone(), credit.min(backend.max_batch()) as usize);
                 fetch = Some(Box::pin(async move { b.fetch(max, visibility_ms).await }));
             }
             tokio::select! {
-                incoming = inbound.message() => {
-                    let reply = match incoming {
+                incoming = inbound.message(), if settling.len() < MAX_SETTLING => {
+                    match incoming {
                         Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
                             credit = (credit + u64::from(n)).min(MAX_CREDIT);
-                            Ok(None)
                         }
                         Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
                             for r in &a.receipts {
                                 outstanding.remove(r);
                             }
-                            backend.ack(a.receipts).await
-                                .map(|results| Some(Out::Ack(v1::AckResponse { results })))
+                            let b = backend.clone();
+                            settling.push_back(Box::pin(async move {
+                                let results = b.ack(a.receipts).await?;
+                                Ok(Out::Ack(v1::AckResponse { results }))
+                            }));
                         }
                         Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
                             for r in &n.receipts {
                                 outstanding.remove(r);
                             }
                             let delay = n.delay_ms.min(MAX_DELAY.as_millis() as u64);
-                            backend.nack(n.receipts, delay, n.dead_letter).await
-                                .map(|results| Some(Out::Nack(v1::NackResponse { results })))
+                            let b = backend.clone();
+                            settling.push_back(Box::pin(async move {
+                                let results = b.nack(n.receipts, delay, n.dead_letter).await?;
+                                Ok(Out::Nack(v1::NackResponse { results }))
+                            }));
                         }
-                        Ok(Some(_)) => Err(invalid("expected credit, ack or nack after start").into()),
+                        Ok(Some(_)) => {
+                            let e = invalid("expected credit, ack or nack after start");
+                            let _ = tx.send(Err(e.into())).await;
+                            break 'stream;
+                        }
                         Ok(None) | Err(_) => break 'stream,
-                    };
+                    }
+                }
+                Some(reply) = settling.next(), if !settling.is_empty() => {
                     match reply {
-                        Ok(None) => {}
-                        Ok(Some(out)) => {
+                        Ok(out) => {
                             if !send(out).await {
                                 break 'stream;
                             }
@@ -561,6 +584,8 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
                 }
             }
         }
+        // Settles already asked for still happen (their answers may have nobody to go to).
+        while settling.next().await.is_some() {}
         // A fetch still running may yet lease messages: give those back too.
         if let Some(f) = fetch
             && let Ok(messages) = f.await
