@@ -28,9 +28,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A partition after replay: its id, state, log segments and where the last one's
-/// records end.
-type Recovered = (u32, PartitionState, Vec<u64>, u64);
+/// A partition after replay.
+struct Recovered {
+    id: u32,
+    state: PartitionState,
+    segments: Vec<u64>,
+    /// Where the records of the last segment end.
+    end: u64,
+}
 
 /// Replays the logs of the partitions `owned`, on as many threads as there are cores
 /// (partitions are independent; replay is CPU-bound on a warm page cache). Returns
@@ -63,15 +68,17 @@ fn recover_partitions(
         for (segment, offset, why) in &report.damage {
             tracing::warn!(queue = %settings.name, partition = id, segment, offset, why, "damaged log record skipped");
         }
-        Ok((id, st, segments, report.end))
+        Ok(Recovered {
+            id,
+            state: st,
+            segments,
+            end: report.end,
+        })
     };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(owned.len());
-    if threads <= 1 {
-        return owned.iter().map(|&id| one(id)).collect();
-    }
     let next = AtomicUsize::new(0);
     let mut results: Vec<(usize, Result<Recovered, BrokerError>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
@@ -523,7 +530,13 @@ impl Queue {
         let now = now_ms();
         let recovered = recover_partitions(dir, &settings, &owned, &budget, &observer, now)?;
         let mut opened = Vec::new();
-        for (id, st, segments, end) in recovered {
+        for Recovered {
+            id,
+            state: st,
+            segments,
+            end,
+        } in recovered
+        {
             let pdir = dir.join(&settings.name).join(id.to_string());
             let log = LogWriter::open(
                 &pdir,

@@ -408,16 +408,21 @@ impl World {
             "helm upgrade --install: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.operator_pod().await;
+        stdout
+    }
+
+    /// The chart's operator pod, once one is Ready.
+    pub async fn operator_pod(&self) -> Pod {
         let sys: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         eventually("operator pod Ready", || async {
             let list = sys
                 .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
                 .await
                 .ok()?;
-            list.items.iter().any(pod_ready).then_some(())
+            list.items.into_iter().find(pod_ready)
         })
-        .await;
-        stdout
+        .await
     }
 
     /// The operator as a process in the world; its webhook is registered by URL.

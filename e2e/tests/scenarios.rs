@@ -651,15 +651,7 @@ async fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_
     assert!(helm.contains("STATUS: deployed"), "{helm}");
 
     // The operator runs as a pod (of the agent, here) and comes up Ready.
-    let sys: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    let op = eventually("operator pod Ready", || async {
-        let list = sys
-            .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
-            .await
-            .ok()?;
-        list.items.into_iter().find(pod_ready)
-    })
-    .await;
+    let op = w.operator_pod().await;
     let c = &op.spec.as_ref().unwrap().containers[0];
     assert_eq!(c.image, Some(w.image("sluice-operator")));
     let op_name = op.name_any();

@@ -158,6 +158,8 @@ pub fn recover(
         let mut pos = 0usize;
         // End of the last intact frame: where a torn tail would be cut.
         let mut good_end = 0usize;
+        // Whether only zeros follow `good_end` (the allocated, unwritten tail).
+        let mut zero_tail = true;
         while pos < data.len() {
             match read_frame(&data.slice(pos..)) {
                 Frame::Record(rec, n) => {
@@ -178,6 +180,7 @@ pub fn recover(
                         // The allocated tail: the records end here.
                         break;
                     }
+                    zero_tail = false;
                     // Look for the next intact frame; if there is none, this is the tail.
                     // A frame's length is never zero: positions whose four length bytes
                     // are zero (a zeroed stretch) are skipped without parsing.
@@ -196,6 +199,7 @@ pub fn recover(
                     }
                     match next {
                         Some(p) => {
+                            zero_tail = true;
                             let why = match read_frame(&data.slice(pos..)) {
                                 Frame::Corrupt(why) => why,
                                 _ => "truncated record",
@@ -210,7 +214,6 @@ pub fn recover(
             }
         }
         let data_len = data.len();
-        let zero_tail = all_zero(&data[good_end..]);
         // Back into the buffer, unless `apply` kept a slice of it.
         if let Ok(unique) = data.try_into_mut() {
             buf = unique.into();
@@ -341,7 +344,7 @@ impl LogWriter {
             .metadata()
             .map_err(|e| LogError::io("opening", &path, e))?
             .len();
-        let len = if segments.is_empty() { 0 } else { end };
+        let len = end;
         if segments.is_empty() {
             sync_dir(dir)?;
         }

@@ -13,8 +13,8 @@
 //!
 //! The same commands run once from a shell, printing one JSON line:
 //!
-//!   sluice-e2e-app produce --queue Q --count N --prefix P [--acked-file F]
-//!   sluice-e2e-app consume --queue Q --prefix P --count N | --expect-file F | --expect-job J
+//!   sluice-e2e-app produce --queue Q --count N --prefix P
+//!   sluice-e2e-app consume --queue Q --prefix P --count N | --expect-job J (jobs only)
 //!   sluice-e2e-app stats --queue Q
 //!   sluice-e2e-app describe --queue Q
 
@@ -27,7 +27,6 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use sluice_proto::v1::{self, queues_client::QueuesClient};
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +57,7 @@ enum Cmd {
         listen: String,
     },
     /// Enqueue `count` messages with bodies `<prefix>-<i>`, `concurrency` at a time;
-    /// each acknowledged body is remembered by the job (and appended to `acked_file`).
+    /// each acknowledged body is remembered by the job.
     /// A failed enqueue is retried (up to `retries` times) and, if it never
     /// succeeds, counted as failed.
     Produce {
@@ -72,8 +71,6 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 50)]
         retries: u32,
-        #[arg(long)]
-        acked_file: Option<std::path::PathBuf>,
     },
     /// Dequeue and ack until every expected body was received (or `timeout_s` passes).
     Consume {
@@ -83,8 +80,6 @@ enum Cmd {
         prefix: Option<String>,
         #[arg(long)]
         count: Option<u64>,
-        #[arg(long)]
-        expect_file: Option<std::path::PathBuf>,
         /// Expect what the produce job with this id (of this server) had acknowledged.
         #[arg(long)]
         expect_job: Option<u64>,
@@ -235,25 +230,11 @@ async fn run(addr: &str, cmd: Cmd, job: &Job, jobs: &Jobs) -> anyhow::Result<Val
             prefix,
             concurrency,
             retries,
-            acked_file,
-        } => {
-            produce(
-                addr,
-                job,
-                &queue,
-                count,
-                &prefix,
-                concurrency,
-                retries,
-                acked_file,
-            )
-            .await
-        }
+        } => produce(addr, job, &queue, count, &prefix, concurrency, retries).await,
         Cmd::Consume {
             queue,
             prefix,
             count,
-            expect_file,
             expect_job,
             timeout_s,
         } => {
@@ -261,17 +242,12 @@ async fn run(addr: &str, cmd: Cmd, job: &Job, jobs: &Jobs) -> anyhow::Result<Val
             if let (Some(p), Some(n)) = (&prefix, count) {
                 expected.extend((0..n).map(|i| format!("{p}-{i}")));
             }
-            if let Some(f) = &expect_file {
-                let text =
-                    std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
-                expected.extend(text.lines().filter(|l| !l.is_empty()).map(String::from));
-            }
             if let Some(id) = expect_job {
                 let other = jobs.get(id).with_context(|| format!("no job {id}"))?;
                 expected.extend(other.bodies.lock().unwrap().iter().cloned());
             }
             if expected.is_empty() {
-                bail!("nothing expected: give --prefix and --count, --expect-file or --expect-job");
+                bail!("nothing expected: give --prefix and --count, or --expect-job");
             }
             consume(addr, job, &queue, expected, Duration::from_secs(timeout_s)).await
         }
@@ -312,20 +288,9 @@ async fn produce(
     prefix: &str,
     concurrency: usize,
     retries: u32,
-    acked_file: Option<std::path::PathBuf>,
 ) -> anyhow::Result<Value> {
     let client = connect(addr).await?;
-    let mut file = match &acked_file {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("open {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let (mut acked, mut failed, mut errors) = (0u64, 0u64, 0u64);
+    let (mut failed, mut errors) = (0u64, 0u64);
     let mut last_error: Option<String> = None;
     // Up to `concurrency` enqueues in flight, driven by this one task.
     let one = |i: u64| {
@@ -372,10 +337,6 @@ async fn produce(
         }
         last_error = code.or(last_error);
         if ok {
-            acked += 1;
-            if let Some(f) = &mut file {
-                let _ = writeln!(f, "{body}");
-            }
             job.bodies.lock().unwrap().push(body);
             job.acked.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -386,6 +347,7 @@ async fn produce(
             issued += 1;
         }
     }
+    let acked = job.acked.load(Ordering::Relaxed);
     Ok(json!({"acked": acked, "failed": failed, "errors": errors, "last_error": last_error}))
 }
 
