@@ -421,8 +421,9 @@ impl Queues for QueueService {
 /// or the sidecar's route to the brokers. One subscription loop serves both.
 #[tonic::async_trait]
 pub trait SubscriptionBackend: Send + Sync + 'static {
-    /// Leases up to `max` messages, waiting a while for the first.
-    async fn fetch(&self, max: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status>;
+    /// Leases messages, waiting a while for the first: at most `credit`, the
+    /// deliveries the client can still take (a backend may lease fewer per call).
+    async fn fetch(&self, credit: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status>;
     async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status>;
     async fn nack(
         &self,
@@ -430,13 +431,12 @@ pub trait SubscriptionBackend: Send + Sync + 'static {
         delay_ms: u64,
         dead_letter: bool,
     ) -> Result<Vec<v1::ReceiptResult>, Status>;
-    /// Most messages one fetch may ask for.
-    fn max_batch(&self) -> u64;
 }
 
 #[tonic::async_trait]
 impl SubscriptionBackend for Arc<Queue> {
-    async fn fetch(&self, max: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status> {
+    async fn fetch(&self, credit: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status> {
+        let max = credit.min(self.settings.max_batch as usize);
         Ok(self.dequeue(max, MAX_WAIT, visibility_ms).await?)
     }
     async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status> {
@@ -453,9 +453,6 @@ impl SubscriptionBackend for Arc<Queue> {
             dead_letter,
         };
         Ok(settle(self, &receipts, op).await?)
-    }
-    fn max_batch(&self) -> u64 {
-        u64::from(self.settings.max_batch)
     }
 }
 
@@ -513,8 +510,10 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
         let mut settling: FuturesOrdered<Settling> = FuturesOrdered::new();
         'stream: loop {
             if fetch.is_none() && credit > 0 {
-                let (b, max) = (backend.clone(), credit.min(backend.max_batch()) as usize);
-                fetch = Some(Box::pin(async move { b.fetch(max, visibility_ms).await }));
+                let (b, credit) = (backend.clone(), credit as usize);
+                fetch = Some(Box::pin(
+                    async move { b.fetch(credit, visibility_ms).await },
+                ));
             }
             tokio::select! {
                 incoming = inbound.message(), if settling.len() < MAX_SETTLING => {

@@ -5,12 +5,14 @@
 //! - [`router`]: broker discovery, partition ownership, per-partition batching.
 //! - [`credentials`]: the ServiceAccount token each route presents to its brokers.
 //! - [`service`]: the API, call by call.
+//! - [`subscription`]: Subscribe relayed over broker Subscribe streams.
 
 pub mod credentials;
 pub mod metrics;
 pub mod router;
 pub mod routes;
 pub mod service;
+pub mod subscription;
 
 use sluice_broker::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
 use sluice_proto::v1::queues_server::QueuesServer;

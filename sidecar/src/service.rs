@@ -4,7 +4,7 @@
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sluice_broker::service::{
-    SubscribeStream, SubscriptionBackend, spawn_subscription, subscription_start, validate_message,
+    SubscribeStream, spawn_subscription, subscription_start, validate_message,
 };
 use sluice_proto::v1::{self, queues_server::Queues};
 use sluice_proto::{Receipt, partition_for_key};
@@ -14,6 +14,7 @@ use std::time::Duration;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::router::{BrokerConn, CALL_TIMEOUT, QueueRoute, Router, is_transport_failure};
+use crate::subscription::RelayedSubscription;
 
 fn timed<T>(msg: T, extra: Duration) -> Request<T> {
     let mut r = Request::new(msg);
@@ -52,7 +53,7 @@ fn partition_of(
 }
 
 #[derive(Clone, Copy)]
-enum SettleOp {
+pub(crate) enum SettleOp {
     Ack,
     Nack { delay_ms: u64, dead_letter: bool },
     Extend { visibility_ms: u64 },
@@ -66,12 +67,15 @@ fn failed_result(receipt: &str, status: &Status) -> v1::ReceiptResult {
     }
 }
 
-/// Sends receipts to the brokers owning their partitions; answers in order.
-async fn settle(
+/// Sends receipts to the brokers owning their partitions; answers in order. Acks and
+/// nacks of a relayed subscription go inline on its stream to the owner when it has
+/// one, everything else as calls.
+pub(crate) async fn settle(
     route: &QueueRoute,
     queue: &str,
     receipts: Vec<String>,
     op: SettleOp,
+    relay: Option<&RelayedSubscription>,
 ) -> Result<Vec<v1::ReceiptResult>, Status> {
     if receipts.is_empty() {
         return Err(Status::invalid_argument("no receipts given"));
@@ -88,6 +92,9 @@ async fn settle(
         let batch: Vec<String> = idx.iter().map(|&i| receipts[i].clone()).collect();
         async move {
             let broker = route.owner(p)?;
+            if let Some(inline) = relay.and_then(|r| r.settle_inline(broker.addr, &batch, op)) {
+                return inline.await.map_err(|e| broker.failed(e));
+            }
             let mut c = broker.client();
             let q = queue.to_string();
             let out = match op {
@@ -239,7 +246,7 @@ async fn dequeue_any(
                                 delay_ms: 0,
                                 dead_letter: false,
                             };
-                            let _ = settle(&route, &queue, receipts, op).await;
+                            let _ = settle(&route, &queue, receipts, op, None).await;
                         }
                     }
                 });
@@ -253,51 +260,6 @@ async fn dequeue_any(
     match last_err {
         Some(e) if route.healthy_brokers().is_empty() => Err(e),
         _ => Ok(Vec::new()),
-    }
-}
-
-#[derive(Clone)]
-struct RoutedSubscription {
-    route: Arc<QueueRoute>,
-    queue: String,
-}
-
-#[tonic::async_trait]
-impl SubscriptionBackend for RoutedSubscription {
-    async fn fetch(&self, max: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status> {
-        let req = v1::DequeueRequest {
-            queue: self.queue.clone(),
-            max_messages: max as u32,
-            wait_ms: 20_000,
-            visibility_timeout_ms: visibility_ms,
-        };
-        dequeue_any(&self.route, req).await
-    }
-    async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status> {
-        settle(&self.route, &self.queue, receipts, SettleOp::Ack).await
-    }
-    async fn nack(
-        &self,
-        receipts: Vec<String>,
-        delay_ms: u64,
-        dead_letter: bool,
-    ) -> Result<Vec<v1::ReceiptResult>, Status> {
-        settle(
-            &self.route,
-            &self.queue,
-            receipts,
-            SettleOp::Nack {
-                delay_ms,
-                dead_letter,
-            },
-        )
-        .await
-    }
-    fn max_batch(&self) -> u64 {
-        self.route
-            .settings()
-            .map(|s| u64::from(s.max_batch))
-            .unwrap_or(100)
     }
 }
 
@@ -428,7 +390,7 @@ impl Queues for SidecarService {
     async fn ack(&self, req: Request<v1::AckRequest>) -> Result<Response<v1::AckResponse>, Status> {
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
-        let results = settle(&route, &r.queue, r.receipts, SettleOp::Ack).await?;
+        let results = settle(&route, &r.queue, r.receipts, SettleOp::Ack, None).await?;
         Ok(Response::new(v1::AckResponse { results }))
     }
 
@@ -442,7 +404,7 @@ impl Queues for SidecarService {
             delay_ms: r.delay_ms,
             dead_letter: r.dead_letter,
         };
-        let results = settle(&route, &r.queue, r.receipts, op).await?;
+        let results = settle(&route, &r.queue, r.receipts, op, None).await?;
         Ok(Response::new(v1::NackResponse { results }))
     }
 
@@ -460,7 +422,7 @@ impl Queues for SidecarService {
         let op = SettleOp::Extend {
             visibility_ms: r.visibility_timeout_ms,
         };
-        let results = settle(&route, &r.queue, r.receipts, op).await?;
+        let results = settle(&route, &r.queue, r.receipts, op, None).await?;
         Ok(Response::new(v1::ExtendVisibilityResponse { results }))
     }
 
@@ -478,10 +440,7 @@ impl Queues for SidecarService {
             0 => settings.visibility_timeout_ms,
             v => v,
         };
-        let backend = RoutedSubscription {
-            route,
-            queue: start.queue.clone(),
-        };
+        let backend = RelayedSubscription::new(route, start.queue.clone());
         Ok(Response::new(spawn_subscription(
             backend, &start, vis, inbound,
         )))
