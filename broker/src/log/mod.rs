@@ -3,13 +3,15 @@
 //! One writer thread per partition does group commit: it takes every append waiting
 //! for it, writes them with one `write`, and under `fsync: always` covers them all with
 //! one `fdatasync` before answering any. Segments are files named by a growing number;
-//! a segment is deleted once no unsettled message lives in it or an older one.
+//! a segment is deleted once no unsettled message lives in it or an older one (taken
+//! out of the log at once, its space freed in the background: [`reaper`]).
 //!
 //! The active segment is allocated ahead of the writes (`fallocate`, a step at a time),
 //! so that an append does not grow the file: its `fdatasync` then has no inode size to
 //! write, which on ext4 cuts its latency by about a third. The allocated, unwritten tail
 //! reads as zeros; a zero frame header (never a valid length) ends a segment's records.
 
+mod reaper;
 pub mod record;
 
 use bytes::Bytes;
@@ -332,6 +334,7 @@ impl LogWriter {
         observer: Arc<dyn LogObserver>,
         name: String,
     ) -> Result<LogWriter, LogError> {
+        reaper::delete_leftovers(dir);
         let active_id = segments.last().copied().unwrap_or(0);
         let path = segment_path(dir, active_id);
         let file = OpenOptions::new()
@@ -691,7 +694,7 @@ impl WriterThread {
                 .partition(|&&id| id < floor && id != active);
             for id in &gone {
                 let path = segment_path(&self.dir, *id);
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = reaper::delete(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "could not delete settled segment");
                 }
             }
@@ -891,6 +894,64 @@ mod tests {
             "{after:?}"
         );
         assert!(after.contains(&active));
+        // And their space is freed: no file is left on its way out.
+        for _ in 0..250 {
+            let leftovers = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let path = e.as_ref().unwrap().path();
+                    path.extension().is_some_and(|x| x == "deleting")
+                })
+                .count();
+            if leftovers == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("deleted segments were left on the volume");
+    }
+
+    #[tokio::test]
+    async fn a_segment_whose_deletion_a_crash_cut_short_is_not_replayed_and_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let w =
+            LogWriter::open(dir.path(), &[], 0, options(200), seen.clone(), "t".into()).unwrap();
+        for seq in 1..=6 {
+            let (tx, rx) = oneshot::channel();
+            w.append(frame(&enq(seq)), Some(tx));
+            rx.await.unwrap().unwrap();
+        }
+        w.close();
+        let (segments, _) = replay(dir.path(), &seen);
+        assert!(segments.len() >= 3, "{segments:?}");
+        // The crash came after the oldest segment was renamed out of the log, before
+        // its space was freed.
+        let oldest = segment_path(dir.path(), segments[0]);
+        let doomed = oldest.with_extension("deleting");
+        std::fs::rename(&oldest, &doomed).unwrap();
+        let mut recs = Vec::new();
+        let (left, report) = recover(dir.path(), &*seen, |r, _| recs.push(r)).unwrap();
+        assert_eq!(left, segments[1..]);
+        let first = 7 - recs.len() as u64;
+        assert!(first > 1, "the renamed segment was replayed: {recs:?}");
+        assert_eq!(recs, (first..=6).map(enq).collect::<Vec<_>>());
+        let _w = LogWriter::open(
+            dir.path(),
+            &left,
+            report.end,
+            options(200),
+            seen,
+            "t".into(),
+        )
+        .unwrap();
+        for _ in 0..250 {
+            if !doomed.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{} was left behind", doomed.display());
     }
 
     #[test]
