@@ -856,17 +856,22 @@ mod tests {
         assert_eq!(recs, (1..=50).map(enq).collect::<Vec<_>>());
     }
 
-    #[tokio::test]
-    async fn segments_roll_and_settled_ones_are_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let seen = Arc::new(Seen::default());
-        let w =
-            LogWriter::open(dir.path(), &[], 0, options(200), seen.clone(), "t".into()).unwrap();
+    /// A log of 200-byte segments holding enqueues 1 to 6, two or so per segment.
+    async fn six_records_over_segments(dir: &Path, seen: &Arc<Seen>) -> LogWriter {
+        let w = LogWriter::open(dir, &[], 0, options(200), seen.clone(), "t".into()).unwrap();
         for seq in 1..=6 {
             let (tx, rx) = oneshot::channel();
             w.append(frame(&enq(seq)), Some(tx));
             rx.await.unwrap().unwrap();
         }
+        w
+    }
+
+    #[tokio::test]
+    async fn segments_roll_and_settled_ones_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let w = six_records_over_segments(dir.path(), &seen).await;
         let before = list_segments(dir.path()).unwrap();
         assert!(before.len() >= 3, "{before:?}");
         w.delete_below(w.active_segment());
@@ -915,13 +920,7 @@ mod tests {
     async fn a_segment_whose_deletion_a_crash_cut_short_is_not_replayed_and_goes() {
         let dir = tempfile::tempdir().unwrap();
         let seen = Arc::new(Seen::default());
-        let w =
-            LogWriter::open(dir.path(), &[], 0, options(200), seen.clone(), "t".into()).unwrap();
-        for seq in 1..=6 {
-            let (tx, rx) = oneshot::channel();
-            w.append(frame(&enq(seq)), Some(tx));
-            rx.await.unwrap().unwrap();
-        }
+        let w = six_records_over_segments(dir.path(), &seen).await;
         w.close();
         let (segments, _) = replay(dir.path(), &seen);
         assert!(segments.len() >= 3, "{segments:?}");
