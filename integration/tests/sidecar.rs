@@ -417,6 +417,17 @@ async fn a_relayed_subscription_gives_back_what_it_holds_and_outlives_a_broker_r
         results[0].code, 0,
         "inline ack through the relay: {results:?}"
     );
+    sub.send(In::Nack(v1::NackRequest {
+        queue: "orders".into(),
+        receipts: vec![delivered[1].receipt.clone()],
+        delay_ms: 0,
+        dead_letter: false,
+    }))
+    .await;
+    match sub.next().await {
+        Out::Nack(n) => assert_eq!(n.results[0].code, 0, "inline nack through the relay: {n:?}"),
+        other => panic!("expected a nack answer, got {other:?}"),
+    }
     drop(sub);
     eventually(
         Duration::from_secs(10),
