@@ -93,7 +93,8 @@ pub(crate) async fn settle(
         async move {
             let broker = route.owner(p)?;
             if let Some(inline) = relay.and_then(|r| r.settle_inline(broker.addr, &batch, op)) {
-                return inline.await.map_err(|e| broker.failed(e));
+                // The stream's reader has judged the broker's health already.
+                return inline.await;
             }
             let mut c = broker.client();
             let q = queue.to_string();

@@ -218,17 +218,17 @@ impl Relay {
                         None => {}
                     }
                 }
-                Err(Status::unavailable(format!(
-                    "broker {} ended the subscription",
-                    st.broker.addr
-                )))
+                Ok(())
             };
-            let status: Status = read.await.unwrap_or_else(|e| e);
-            if deliveries.is_closed() {
-                // The app's subscription ended, and with it the relay: a normal end.
-                return;
-            }
-            let status = st.broker.failed(status);
+            // A stream the broker ended cleanly (it is shutting down, or the relay
+            // closed its side) says nothing about the broker's health; an error does.
+            let status = match read.await {
+                Ok(()) => {
+                    Status::unavailable(format!("broker {} ended the subscription", st.broker.addr))
+                }
+                Err(_) if deliveries.is_closed() => return,
+                Err(e) => st.broker.failed(e),
+            };
             let waiting = {
                 let mut inflight = st.inflight.lock().unwrap();
                 inflight.open = false;
@@ -239,7 +239,7 @@ impl Relay {
             }
             // A broker that refuses the subscription (not one that went away) is the
             // app's answer; the next fetch carries it there.
-            if !is_transport_failure(&status) {
+            if !is_transport_failure(&status) && !deliveries.is_closed() {
                 let _ = deliveries.send(Err(status));
             }
         });
