@@ -929,14 +929,19 @@ async fn node_agent_probes(w: Arc<World>) {
         }))
         .unwrap()
     };
+    // A namespace's first pods can be refused for a moment, until the controller
+    // manager has made the default ServiceAccount's token: create until admitted.
+    let create = |pod: Pod| {
+        let pods = pods.clone();
+        eventually("the pod admitted", move || {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            async move { pods.create(&PostParams::default(), &pod).await.ok() }
+        })
+    };
     // Probed where nothing listens: never ready, killed and restarted over and over.
-    pods.create(&PostParams::default(), &serving("unlive", 9999, true))
-        .await
-        .unwrap();
+    create(serving("unlive", 9999, true)).await;
     // Probed (for readiness only) where it serves: ready, until its link goes down.
-    pods.create(&PostParams::default(), &serving("cut", 8088, false))
-        .await
-        .unwrap();
+    create(serving("cut", 8088, false)).await;
     let restarts = eventually("the unlive container restarted twice", || async {
         let p = pods.get("unlive").await.ok()?;
         let s = p.status?.container_statuses?.into_iter().next()?;
