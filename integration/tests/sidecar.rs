@@ -2,9 +2,11 @@
 
 use sluice_integration::*;
 use sluice_proto::v1;
+use sluice_proto::v1::queues_client::QueuesClient;
 use std::collections::HashSet;
 use std::time::Duration;
 use tonic::Code;
+use tonic::transport::Channel;
 
 const TWO_BROKERS: &str = r#"
 [[queue]]
@@ -118,48 +120,27 @@ async fn subscribe_through_the_sidecar_draws_from_every_broker() {
             .await
             .unwrap();
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(v1::SubscribeRequest {
-        request: Some(In::Start(v1::SubscribeStart {
-            queue: "orders".into(),
-            visibility_timeout_ms: 0,
-            initial_credit: 10,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = app
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut sub = AppSubscription::start(&mut app, 0, 10).await;
     let mut seen = HashSet::new();
     let mut since_credit = 0;
     while seen.len() < 40 {
-        match stream.message().await.unwrap().unwrap().response {
-            Some(Out::Message(m)) => {
+        match sub.next().await {
+            Out::Message(m) => {
                 since_credit += 1;
                 assert!(since_credit <= 10, "more deliveries than credit");
                 seen.insert(body_str(&m));
-                tx.send(v1::SubscribeRequest {
-                    request: Some(In::Ack(v1::AckRequest {
-                        queue: "orders".into(),
-                        receipts: vec![m.receipt],
-                    })),
-                })
-                .await
-                .unwrap();
+                sub.send(In::Ack(v1::AckRequest {
+                    queue: "orders".into(),
+                    receipts: vec![m.receipt],
+                }))
+                .await;
             }
-            Some(Out::Ack(a)) => assert!(a.results.iter().all(|r| r.code == 0), "{a:?}"),
+            Out::Ack(a) => assert!(a.results.iter().all(|r| r.code == 0), "{a:?}"),
             other => panic!("{other:?}"),
         }
         if since_credit == 10 {
             since_credit = 0;
-            tx.send(v1::SubscribeRequest {
-                request: Some(In::Credit(10)),
-            })
-            .await
-            .unwrap();
+            sub.send(In::Credit(10)).await;
         }
     }
     eventually(Duration::from_secs(5), "all acks", || {
@@ -322,7 +303,7 @@ struct AppSubscription {
 
 impl AppSubscription {
     async fn start(
-        app: &mut tonic_client::QueuesClient,
+        app: &mut QueuesClient<Channel>,
         visibility_timeout_ms: u64,
         credit: u32,
     ) -> Self {
@@ -379,11 +360,6 @@ impl AppSubscription {
             other => panic!("expected an ack answer, got {other:?}"),
         }
     }
-}
-
-mod tonic_client {
-    pub type QueuesClient =
-        sluice_proto::v1::queues_client::QueuesClient<tonic::transport::Channel>;
 }
 
 /// The sidecar relays a Subscribe over broker Subscribe streams: what the brokers

@@ -10,7 +10,6 @@
 //! the brokers leased to this relay and it did not deliver is given back by the brokers
 //! when their streams close with the app's.
 
-use futures::StreamExt;
 use sluice_broker::service::SubscriptionBackend;
 use sluice_proto::v1;
 use sluice_proto::v1::subscribe_request::Request as In;
@@ -199,8 +198,8 @@ impl Relay {
                     .subscribe(UnboundedReceiverStream::new(rx))
                     .await?
                     .into_inner();
-                while let Some(answer) = answers.next().await {
-                    match answer?.response {
+                while let Some(answer) = answers.message().await? {
+                    match answer.response {
                         Some(Out::Message(m)) => {
                             let _ = st.granted.fetch_update(
                                 Ordering::Relaxed,
