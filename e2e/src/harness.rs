@@ -256,21 +256,30 @@ impl World {
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         net::setup_world()?;
         let state = dir.join("k8s");
-        let out = Command::new(repo_root().join("scripts/k8s/cluster.sh"))
-            .arg("start")
-            .arg(&state)
-            .env("SLUICE_K8S_BIND_ADDRESS", "0.0.0.0")
-            .env("SLUICE_K8S_ADVERTISE_ADDRESS", net::BRIDGE_IP.to_string())
-            .env("SLUICE_K8S_EXTRA_SANS", format!("IP:{}", net::BRIDGE_IP))
-            .env(
-                "SLUICE_K8S_APISERVER_ARGS",
-                "--enable-aggregator-routing=true",
-            )
-            .status()
-            .map_err(|e| Error::Command {
-                cmd: "cluster.sh start".into(),
-                detail: e.to_string(),
-            })?;
+        // cluster.sh picks free ports, and a parallel test can take one before the
+        // control plane binds it (seen in CI): then it stops and a fresh start picks anew.
+        let mut attempts = 0;
+        let out = loop {
+            attempts += 1;
+            let out = Command::new(repo_root().join("scripts/k8s/cluster.sh"))
+                .arg("start")
+                .arg(&state)
+                .env("SLUICE_K8S_BIND_ADDRESS", "0.0.0.0")
+                .env("SLUICE_K8S_ADVERTISE_ADDRESS", net::BRIDGE_IP.to_string())
+                .env("SLUICE_K8S_EXTRA_SANS", format!("IP:{}", net::BRIDGE_IP))
+                .env(
+                    "SLUICE_K8S_APISERVER_ARGS",
+                    "--enable-aggregator-routing=true",
+                )
+                .status()
+                .map_err(|e| Error::Command {
+                    cmd: "cluster.sh start".into(),
+                    detail: e.to_string(),
+                })?;
+            if out.success() || attempts == 3 {
+                break out;
+            }
+        };
         if !out.success() {
             return Err(Error::Command {
                 cmd: "cluster.sh start".into(),

@@ -199,7 +199,7 @@ for _ in $(seq 1 240); do
   for pid in $(cat "$state/pids"); do
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "a control-plane process ($pid) exited; logs in $state/logs:" >&2
-      tail -5 "$state"/logs/*.log >&2 || true
+      tail -n 5 "$state"/logs/*.log >&2 || true
       stop "$state"
       exit 1
     fi
