@@ -3,7 +3,10 @@
 use sluice_config::{DLQ_SUFFIX, QueueSettings, validate_queue_name};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 use crate::auth::Authenticator;
 use crate::error::BrokerError;
@@ -49,13 +52,34 @@ impl BrokerOptions {
 pub struct Broker {
     options: BrokerOptions,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Queues found at open whose logs are not replayed yet, by their name and their
+    /// dead-letter queue's name.
+    pending: Mutex<HashMap<String, Arc<Pending>>>,
+    /// Every queue found at open, in the order the recovery workers take them.
+    found: Vec<Arc<Pending>>,
+    /// Set by `close`: no replay starts after it.
+    closing: AtomicBool,
     budget: Arc<CacheBudget>,
     observer: Arc<dyn LogObserver>,
 }
 
+/// A queue of the data directory or the settings whose log is still to be replayed.
+struct Pending {
+    settings: QueueSettings,
+    /// Taken by the recovery worker or the call that replays it.
+    claimed: AtomicBool,
+    /// None until the replay ends; then whether it worked.
+    outcome: watch::Sender<Option<Result<(), String>>>,
+}
+
+/// How long a call to a queue still being recovered waits for it before it is told
+/// to try again (UNAVAILABLE).
+const RECOVERY_WAIT: Duration = Duration::from_secs(5);
+
 impl Broker {
-    /// Opens every configured queue (and, with auto-create, every queue found on
-    /// disk), recovering them from their logs.
+    /// Checks the configured queues and finds (with auto-create) the queues on disk;
+    /// their logs are replayed by [`recover`](Self::recover), and each queue is served
+    /// as soon as its own log is.
     pub fn open(
         options: BrokerOptions,
         observer: Arc<dyn LogObserver>,
@@ -66,39 +90,161 @@ impl Broker {
                 options.data_dir.display()
             ))
         })?;
-        let broker = Arc::new(Broker {
-            budget: CacheBudget::new(options.cache_bytes),
-            queues: RwLock::new(HashMap::new()),
-            observer,
-            options,
-        });
-        for q in broker.options.queues.clone() {
+        let mut found: Vec<QueueSettings> = Vec::new();
+        for q in &options.queues {
             q.validate()?;
-            if !q.access.is_empty() && broker.options.authenticator.is_none() {
+            if !q.access.is_empty() && options.authenticator.is_none() {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "queue {} admits only listed ServiceAccounts, but no Kubernetes API is configured to check tokens (in a pod: the broker's ServiceAccount token; elsewhere: KUBECONFIG)",
                     q.name
                 )));
             }
-            broker.add(q)?;
+            found.push(q.clone());
         }
-        if let Some(template) = broker.options.auto_create.clone() {
-            let entries = std::fs::read_dir(&broker.options.data_dir)
+        if let Some(template) = &options.auto_create {
+            let entries = std::fs::read_dir(&options.data_dir)
                 .map_err(|e| BrokerError::Unavailable(format!("listing data directory: {e}")))?;
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(DLQ_SUFFIX)
-                    && validate_queue_name(&name).is_ok()
-                    && broker.get(&name).is_none()
-                {
-                    broker.add(QueueSettings {
-                        name,
-                        ..template.clone()
-                    })?;
+            let mut names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| {
+                    !name.ends_with(DLQ_SUFFIX)
+                        && validate_queue_name(name).is_ok()
+                        && !found.iter().any(|q| &q.name == name)
+                })
+                .collect();
+            names.sort();
+            found.extend(names.into_iter().map(|name| QueueSettings {
+                name,
+                ..template.clone()
+            }));
+        }
+        let found: Vec<Arc<Pending>> = found
+            .into_iter()
+            .map(|settings| {
+                Arc::new(Pending {
+                    settings,
+                    claimed: AtomicBool::new(false),
+                    outcome: watch::Sender::new(None),
+                })
+            })
+            .collect();
+        let mut pending = HashMap::new();
+        for p in &found {
+            if p.settings.dead_letter {
+                pending.insert(p.settings.dead_letter_queue().name, p.clone());
+            }
+            pending.insert(p.settings.name.clone(), p.clone());
+        }
+        Ok(Arc::new(Broker {
+            budget: CacheBudget::new(options.cache_bytes),
+            queues: RwLock::new(HashMap::new()),
+            pending: Mutex::new(pending),
+            found,
+            closing: AtomicBool::new(false),
+            observer,
+            options,
+        }))
+    }
+
+    /// Replays the logs of the queues found at open, as many at a time as there are
+    /// cores (each queue replays its partitions in parallel too), in the order found;
+    /// a queue a call asks for is replayed at once instead of in its turn. Resolves
+    /// when every queue is served, or with the first queue that cannot be recovered.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), BrokerError> {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.min(self.found.len()) {
+            let broker = self.clone();
+            tasks.spawn_blocking(move || {
+                while let Some(p) = broker.claim_next() {
+                    broker.replay(&p)?;
                 }
+                Ok::<(), BrokerError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| BrokerError::Internal(format!("recovery worker: {e}")))??;
+        }
+        // Replays that calls started may still run.
+        for p in &self.found {
+            if let Err(why) = Self::outcome(p).await {
+                return Err(BrokerError::Unavailable(why));
             }
         }
-        Ok(broker)
+        Ok(())
+    }
+
+    fn claim_next(&self) -> Option<Arc<Pending>> {
+        if self.closing.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.found
+            .iter()
+            .find(|p| !p.claimed.swap(true, Ordering::AcqRel))
+            .cloned()
+    }
+
+    /// Replays one queue's log (blocking) and starts serving it.
+    fn replay(&self, p: &Pending) -> Result<(), BrokerError> {
+        let started = Instant::now();
+        match self.add(p.settings.clone()) {
+            Ok(queue) => {
+                let mut pending = self.pending.lock().unwrap();
+                pending.remove(queue.name());
+                if let Some(dlq) = &queue.dlq {
+                    pending.remove(dlq.name());
+                }
+                drop(pending);
+                tracing::info!(
+                    queue = queue.name(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "queue recovered; serving it"
+                );
+                p.outcome.send_replace(Some(Ok(())));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(queue = %p.settings.name, error = %e, "queue cannot be recovered");
+                p.outcome.send_replace(Some(Err(format!(
+                    "queue {} cannot be recovered: {e}",
+                    p.settings.name
+                ))));
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the end of a queue's replay.
+    async fn outcome(p: &Pending) -> Result<(), String> {
+        let mut rx = p.outcome.subscribe();
+        let done = rx.wait_for(Option::is_some).await;
+        match done.as_deref() {
+            Ok(Some(outcome)) => outcome.clone(),
+            _ => Err(format!("queue {} was never recovered", p.settings.name)),
+        }
+    }
+
+    /// Lets a call wait (a while) for a queue that is still being recovered; replays
+    /// it now if no worker has taken it yet.
+    async fn await_recovery(
+        self: &Arc<Self>,
+        p: Arc<Pending>,
+        name: &str,
+    ) -> Result<(), BrokerError> {
+        if !self.closing.load(Ordering::Relaxed) && !p.claimed.swap(true, Ordering::AcqRel) {
+            let broker = self.clone();
+            let queue = p.clone();
+            // Failures reach `recover` through the outcome.
+            tokio::task::spawn_blocking(move || broker.replay(&queue));
+        }
+        match tokio::time::timeout(RECOVERY_WAIT, Self::outcome(&p)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(BrokerError::Unavailable(why)),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "queue {name:?} is still being recovered from its log; try again shortly"
+            ))),
+        }
     }
 
     fn add(&self, settings: QueueSettings) -> Result<Arc<Queue>, BrokerError> {
@@ -122,7 +268,6 @@ impl Broker {
         self.queues.read().unwrap().get(name).cloned()
     }
 
-    /// The queue of this name, created with the template when auto-create is on.
     /// Lets a call with `token` use `queue`: always for a queue without an access
     /// list, otherwise when the token belongs to a listed ServiceAccount.
     pub async fn authorize(&self, queue: &Queue, token: Option<&str>) -> Result<(), BrokerError> {
@@ -137,8 +282,15 @@ impl Broker {
         }
     }
 
-    pub fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+    /// The queue of this name (once recovered), created with the template when
+    /// auto-create is on.
+    pub async fn queue(self: &Arc<Self>, name: &str) -> Result<Arc<Queue>, BrokerError> {
         validate_queue_name(name)?;
+        // Pending before open: a replay that ends opens the queue, then unlists it.
+        let pending = self.pending.lock().unwrap().get(name).cloned();
+        if let Some(p) = pending {
+            self.await_recovery(p, name).await?;
+        }
         if let Some(q) = self.get(name) {
             return Ok(q);
         }
@@ -176,8 +328,14 @@ impl Broker {
         self.options.ordinal
     }
 
-    /// Syncs and closes every log.
+    /// Syncs and closes every log (after the replays under way).
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        for p in &self.found {
+            if p.claimed.load(Ordering::Acquire) {
+                let _ = Self::outcome(p).await;
+            }
+        }
         for q in self.queues() {
             q.close().await;
         }

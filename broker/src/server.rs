@@ -77,7 +77,10 @@ pub fn incoming_nodelay(
 }
 
 /// Opens the broker and serves it on `grpc` (and `/metrics` on `http`) until
-/// `shutdown` resolves; then finishes in-flight calls and syncs the logs.
+/// `shutdown` resolves; then finishes in-flight calls and syncs the logs. Serving
+/// starts before the logs are replayed: each queue answers once its own log is, and
+/// readiness (HTTP `/readyz`, gRPC health) follows once every queue is. A queue that
+/// cannot be recovered stops the broker with that error.
 pub async fn run(
     options: BrokerOptions,
     grpc: TcpListener,
@@ -102,15 +105,19 @@ pub async fn run(
         ))
     });
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<QueuesServer<QueueService>>().await;
+    health.set_not_serving::<QueuesServer<QueueService>>().await;
     let addr = grpc.local_addr().ok();
     tracing::info!(
         ?addr,
-        queues = broker.queues().len(),
         tls = tls.is_some(),
-        "broker serving"
+        "broker serving; recovering queues"
     );
-    ready.store(true, Ordering::Relaxed);
+    let recovery_started = std::time::Instant::now();
+    let mut recovery = tokio::spawn({
+        let broker = broker.clone();
+        async move { broker.recover().await }
+    });
+    let mut recovering = true;
     let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -134,20 +141,45 @@ pub async fn run(
                 let _ = grpc_stopped.await;
             }),
     );
-    let result = tokio::select! {
-        r = &mut server => r,
-        _ = shutdown => {
-            tracing::info!("shutting down: finishing in-flight calls");
-            let _ = grpc_stop.send(());
-            // Long polls and subscriptions never end by themselves: give calls a
-            // grace period, then close the logs under whatever is left.
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!("grace period over: closing remaining streams");
-                    server.abort();
-                    Ok(Ok(()))
+    tokio::pin!(shutdown);
+    let mut failed: Option<BrokerError> = None;
+    let result = loop {
+        tokio::select! {
+            done = &mut recovery, if recovering => {
+                recovering = false;
+                match done.map_err(|e| BrokerError::Internal(format!("recovery: {e}"))).and_then(|r| r) {
+                    Ok(()) => {
+                        tracing::info!(
+                            queues = broker.queues().len(),
+                            took_ms = recovery_started.elapsed().as_millis() as u64,
+                            "every queue recovered; ready"
+                        );
+                        health.set_serving::<QueuesServer<QueueService>>().await;
+                        ready.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "recovery failed: stopping");
+                        failed = Some(e);
+                        let _ = grpc_stop.send(());
+                        server.abort();
+                        break Ok(Ok(()));
+                    }
                 }
+            }
+            r = &mut server => break r,
+            _ = &mut shutdown => {
+                tracing::info!("shutting down: finishing in-flight calls");
+                let _ = grpc_stop.send(());
+                // Long polls and subscriptions never end by themselves: give calls a
+                // grace period, then close the logs under whatever is left.
+                break match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::info!("grace period over: closing remaining streams");
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                };
             }
         }
     };
@@ -159,6 +191,9 @@ pub async fn run(
         let _ = t.await;
     }
     tracing::info!("broker stopped; logs synced");
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
     result.map_err(Into::into)
 }
 

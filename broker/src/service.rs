@@ -196,7 +196,7 @@ impl QueueService {
 
     /// The queue a call names, if the call may use it.
     async fn open(&self, name: &str, metadata: &MetadataMap) -> Result<Arc<Queue>, BrokerError> {
-        let q = self.broker.queue(name)?;
+        let q = self.broker.queue(name).await?;
         self.broker.authorize(&q, bearer_token(metadata)?).await?;
         Ok(q)
     }

@@ -89,6 +89,14 @@ impl Proc {
         }
     }
 
+    /// Whether the process has ended.
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_some(),
+            None => true,
+        }
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -206,9 +214,31 @@ impl Broker {
         addr: SocketAddr,
         extra_args: &[&str],
     ) -> Broker {
+        let mut b = Broker::unstarted(dir, config_toml, ordinal, data_dir, addr, extra_args);
+        b.restart().await;
+        b
+    }
+
+    /// Starts a broker like [`start`](Self::start), returning as soon as it accepts
+    /// connections: its queues may still be replaying their logs.
+    pub async fn start_recovering(dir: &Path, config_toml: &str, ordinal: u32) -> Broker {
+        let data_dir = dir.join(format!("data-{ordinal}"));
+        let mut b = Broker::unstarted(dir, config_toml, ordinal, data_dir, free_addr(), &[]);
+        b.spawn().await;
+        b
+    }
+
+    fn unstarted(
+        dir: &Path,
+        config_toml: &str,
+        ordinal: u32,
+        data_dir: PathBuf,
+        addr: SocketAddr,
+        extra_args: &[&str],
+    ) -> Broker {
         let config = dir.join(format!("broker-{ordinal}.toml"));
         std::fs::write(&config, config_toml).unwrap();
-        let mut b = Broker {
+        Broker {
             proc: Proc {
                 child: None,
                 log: PathBuf::new(),
@@ -221,13 +251,30 @@ impl Broker {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             ordinal,
             starts: 0,
-        };
-        b.restart().await;
-        b
+        }
     }
 
-    /// Starts the process again on the same data directory and ports.
+    /// Starts the process again on the same data directory and ports, and waits
+    /// until every queue is recovered (or the process has ended).
     pub async fn restart(&mut self) {
+        self.spawn().await;
+        let start = Instant::now();
+        while !self.proc.exited() && !self.ready() {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "broker on {} not ready within 120 s",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the broker's `/readyz` says every queue is recovered.
+    pub fn ready(&self) -> bool {
+        TcpStream::connect(self.metrics).is_ok() && http_get(self.metrics, "/readyz").0 == 200
+    }
+
+    async fn spawn(&mut self) {
         let mut cmd = Command::new(bin("sluice-broker"));
         cmd.arg("--data-dir")
             .arg(&self.data_dir)

@@ -150,3 +150,103 @@ async fn torn_tail_is_cut_and_everything_before_it_survives() {
     assert_eq!(bodies.len(), 51);
     assert!(bodies.contains("m0") && bodies.contains("m49") && bodies.contains("after"));
 }
+
+/// Each queue is served as soon as its own log is replayed, while another queue's
+/// replay is still under way, and readiness waits for every queue. The stuck replay
+/// is real: the other queue's segment is swapped for a named pipe, and reading it
+/// blocks until the test opens the pipe's other end.
+#[tokio::test]
+async fn a_queue_is_served_while_another_is_still_being_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[[queue]]
+name = "stuck"
+partitions = 1
+
+[[queue]]
+name = "quick"
+partitions = 1
+"#;
+    let mut b = Broker::start(dir.path(), config, 0).await;
+    let mut c = b.client().await;
+    enqueue(&mut c, "quick", msg("before the restart"))
+        .await
+        .unwrap();
+    drop(c);
+    b.proc.terminate().await;
+
+    let stuck_dir = b.data_dir.join("stuck").join("0");
+    let segments: Vec<_> = std::fs::read_dir(&stuck_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    assert_eq!(segments.len(), 1, "one segment in {}", stuck_dir.display());
+    let segment = segments[0].clone();
+    std::fs::remove_file(&segment).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&segment)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", segment.display());
+
+    let b = Broker::start_recovering(dir.path(), config, 0).await;
+    // A broker that replayed every log before serving would not even finish the
+    // HTTP/2 handshake here: the whole wait is bounded.
+    let (mut c, got) = tokio::time::timeout(Duration::from_secs(60), async {
+        let c = b.client().await;
+        let got = eventually(Duration::from_secs(60), "the quick queue", || {
+            let mut c = c.clone();
+            async move {
+                c.dequeue(sluice_proto::v1::DequeueRequest {
+                    queue: "quick".into(),
+                    max_messages: 10,
+                    wait_ms: 0,
+                    visibility_timeout_ms: 0,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().messages)
+                .filter(|m| !m.is_empty())
+            }
+        })
+        .await;
+        (c, got)
+    })
+    .await
+    .expect("the quick queue served while the stuck one replays");
+    assert_eq!(body_str(&got[0]), "before the restart");
+    let refused = enqueue(&mut c, "stuck", msg("too early"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("being recovered"),
+        "{}",
+        refused.message()
+    );
+    assert!(!b.ready(), "ready before every queue is recovered");
+
+    // Let the replay read an empty segment, and leave a regular file in its place
+    // for the log to go on with.
+    let blank = stuck_dir.join("blank");
+    std::fs::write(&blank, b"").unwrap();
+    let pipe = segment.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new().write(true).open(pipe).unwrap()
+    })
+    .await
+    .unwrap();
+    std::fs::rename(&blank, &segment).unwrap();
+    drop(writer);
+
+    eventually(Duration::from_secs(60), "readiness", || {
+        let ready = b.ready();
+        async move { ready.then_some(()) }
+    })
+    .await;
+    enqueue(&mut c, "stuck", msg("after")).await.unwrap();
+    let later = dequeue(&mut c, "stuck", 10, 1000).await;
+    assert_eq!(later.len(), 1);
+    assert_eq!(body_str(&later[0]), "after");
+}
