@@ -3,7 +3,7 @@
 use sluice_config::{DLQ_SUFFIX, QueueSettings, validate_queue_name};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -55,8 +55,11 @@ pub struct Broker {
     /// Queues found at open whose logs are not replayed yet, by their name and their
     /// dead-letter queue's name.
     pending: Mutex<HashMap<String, Arc<Pending>>>,
-    /// Every queue found at open, in the order the recovery workers take them.
+    /// Every queue found at open, smallest log first: the order the recovery worker
+    /// takes them in.
     found: Vec<Arc<Pending>>,
+    /// Replays that calls asked for, under way: the worker starts no other meanwhile.
+    asked: AtomicUsize,
     /// Set by `close`: no replay starts after it.
     closing: AtomicBool,
     budget: Arc<CacheBudget>,
@@ -119,6 +122,8 @@ impl Broker {
                 ..template.clone()
             }));
         }
+        // Smallest first: the most queues back soonest.
+        found.sort_by_cached_key(|q| log_bytes(&options.data_dir.join(&q.name)));
         let found: Vec<Arc<Pending>> = found
             .into_iter()
             .map(|settings| {
@@ -141,31 +146,28 @@ impl Broker {
             queues: RwLock::new(HashMap::new()),
             pending: Mutex::new(pending),
             found,
+            asked: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             observer,
             options,
         }))
     }
 
-    /// Replays the logs of the queues found at open, as many at a time as there are
-    /// cores (each queue replays its partitions in parallel too), in the order found;
-    /// a queue a call asks for is replayed at once instead of in its turn. Resolves
-    /// when every queue is served, or with the first queue that cannot be recovered.
+    /// Replays the logs of the queues found at open, one queue at a time (each replays
+    /// its partitions on every core), smallest first; a queue a call asks for is
+    /// replayed at once instead of in its turn, and the next queue in line waits for
+    /// it. Resolves when every queue is served, or with the first queue that cannot be
+    /// recovered.
     pub async fn recover(self: &Arc<Self>) -> Result<(), BrokerError> {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..workers.min(self.found.len()) {
-            let broker = self.clone();
-            tasks.spawn_blocking(move || {
-                while let Some(p) = broker.claim_next() {
-                    broker.replay(&p)?;
-                }
-                Ok::<(), BrokerError>(())
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done.map_err(|e| BrokerError::Internal(format!("recovery worker: {e}")))??;
-        }
+        let broker = self.clone();
+        tokio::task::spawn_blocking(move || {
+            while let Some(p) = broker.claim_next() {
+                broker.replay(&p)?;
+            }
+            Ok::<(), BrokerError>(())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("recovery worker: {e}")))??;
         // Replays that calls started may still run.
         for p in &self.found {
             if let Err(why) = Self::outcome(p).await {
@@ -176,6 +178,11 @@ impl Broker {
     }
 
     fn claim_next(&self) -> Option<Arc<Pending>> {
+        // A call waits for the queue it asked for: give that replay the cores. (A
+        // short sleep, not a condition variable: this happens only at start-up.)
+        while self.asked.load(Ordering::Acquire) > 0 && !self.closing.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if self.closing.load(Ordering::Relaxed) {
             return None;
         }
@@ -235,8 +242,12 @@ impl Broker {
         if !self.closing.load(Ordering::Relaxed) && !p.claimed.swap(true, Ordering::AcqRel) {
             let broker = self.clone();
             let queue = p.clone();
+            self.asked.fetch_add(1, Ordering::AcqRel);
             // Failures reach `recover` through the outcome.
-            tokio::task::spawn_blocking(move || broker.replay(&queue));
+            tokio::task::spawn_blocking(move || {
+                let _ = broker.replay(&queue);
+                broker.asked.fetch_sub(1, Ordering::AcqRel);
+            });
         }
         match tokio::time::timeout(RECOVERY_WAIT, Self::outcome(&p)).await {
             Ok(Ok(())) => Ok(()),
@@ -340,4 +351,19 @@ impl Broker {
             q.close().await;
         }
     }
+}
+
+/// Bytes of the segments under a queue's directory (0 when it has none yet).
+fn log_bytes(queue_dir: &std::path::Path) -> u64 {
+    let Ok(partitions) = std::fs::read_dir(queue_dir) else {
+        return 0;
+    };
+    partitions
+        .flatten()
+        .filter_map(|p| std::fs::read_dir(p.path()).ok())
+        .flat_map(|segments| segments.flatten())
+        .filter(|f| f.path().extension().is_some_and(|x| x == "log"))
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
