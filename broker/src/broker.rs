@@ -240,12 +240,18 @@ impl Broker {
         name: &str,
     ) -> Result<(), BrokerError> {
         if !self.closing.load(Ordering::Relaxed) && !p.claimed.swap(true, Ordering::AcqRel) {
-            let broker = self.clone();
-            let queue = p.clone();
             self.asked.fetch_add(1, Ordering::AcqRel);
-            // Failures reach `recover` through the outcome.
-            tokio::task::spawn_blocking(move || {
-                let _ = broker.replay(&queue);
+            let (broker, queue) = (self.clone(), p.clone());
+            let replay = tokio::task::spawn_blocking(move || broker.replay(&queue));
+            let (broker, queue) = (self.clone(), p.clone());
+            // Failures reach `recover` through the outcome; so does a panic.
+            tokio::spawn(async move {
+                if let Err(e) = replay.await {
+                    queue.outcome.send_replace(Some(Err(format!(
+                        "replaying queue {}: {e}",
+                        queue.settings.name
+                    ))));
+                }
                 broker.asked.fetch_sub(1, Ordering::AcqRel);
             });
         }
