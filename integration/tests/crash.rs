@@ -250,3 +250,37 @@ partitions = 1
     assert_eq!(later.len(), 1);
     assert_eq!(body_str(&later[0]), "after");
 }
+
+/// A queue whose log cannot be read stops the broker with that error, although
+/// the broker takes calls before its logs are replayed: nothing is served from a
+/// half-read log.
+#[tokio::test]
+async fn a_log_that_cannot_be_read_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[[queue]]
+name = "broken"
+partitions = 1
+"#;
+    let mut b = Broker::start(dir.path(), config, 0).await;
+    b.proc.terminate().await;
+    let partition = b.data_dir.join("broken").join("0");
+    let segment = std::fs::read_dir(&partition)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .expect("a segment");
+    // A directory where the segment was: listed as a segment, unreadable as one.
+    std::fs::remove_file(&segment).unwrap();
+    std::fs::create_dir(&segment).unwrap();
+
+    let mut b = Broker::start_recovering(dir.path(), config, 0).await;
+    let status = eventually(Duration::from_secs(60), "the broker to stop", || {
+        let status = b.proc.exit_status();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success(), "{status:?}");
+    let log = b.proc.log_text();
+    assert!(log.contains("cannot be recovered"), "{log}");
+}
