@@ -176,13 +176,7 @@ partitions = 1
     b.proc.terminate().await;
 
     let stuck_dir = b.data_dir.join("stuck").join("0");
-    let segments: Vec<_> = std::fs::read_dir(&stuck_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    assert_eq!(segments.len(), 1, "one segment in {}", stuck_dir.display());
-    let segment = segments[0].clone();
+    let segment = only_segment(&stuck_dir);
     std::fs::remove_file(&segment).unwrap();
     let made = std::process::Command::new("mkfifo")
         .arg(&segment)
@@ -264,12 +258,7 @@ partitions = 1
 "#;
     let mut b = Broker::start(dir.path(), config, 0).await;
     b.proc.terminate().await;
-    let partition = b.data_dir.join("broken").join("0");
-    let segment = std::fs::read_dir(&partition)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "log"))
-        .expect("a segment");
+    let segment = only_segment(&b.data_dir.join("broken").join("0"));
     // A directory where the segment was: listed as a segment, unreadable as one.
     std::fs::remove_file(&segment).unwrap();
     std::fs::create_dir(&segment).unwrap();
@@ -283,4 +272,15 @@ partitions = 1
     assert!(!status.success(), "{status:?}");
     let log = b.proc.log_text();
     assert!(log.contains("cannot be recovered"), "{log}");
+}
+
+/// The one segment file of a partition's directory.
+fn only_segment(partition: &std::path::Path) -> std::path::PathBuf {
+    let segments: Vec<_> = std::fs::read_dir(partition)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    assert_eq!(segments.len(), 1, "one segment in {}", partition.display());
+    segments[0].clone()
 }
