@@ -359,17 +359,14 @@ impl Broker {
     }
 }
 
-/// Bytes of the segments under a queue's directory (0 when it has none yet).
+/// Bytes of the segments of every partition under a queue's directory (0 when it
+/// has none yet).
 fn log_bytes(queue_dir: &std::path::Path) -> u64 {
     let Ok(partitions) = std::fs::read_dir(queue_dir) else {
         return 0;
     };
     partitions
         .flatten()
-        .filter_map(|p| std::fs::read_dir(p.path()).ok())
-        .flat_map(|segments| segments.flatten())
-        .filter(|f| f.path().extension().is_some_and(|x| x == "log"))
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
+        .map(|p| crate::log::segment_bytes(&p.path()))
         .sum()
 }

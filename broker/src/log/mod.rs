@@ -108,6 +108,16 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
     Ok(ids)
 }
 
+/// Bytes of one log's segments on disk (0 when it has none or cannot be listed).
+pub fn segment_bytes(dir: &Path) -> u64 {
+    list_segments(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|id| std::fs::metadata(segment_path(dir, id)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// What recovery found.
 #[derive(Debug, Default)]
 pub struct RecoveryReport {
