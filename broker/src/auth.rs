@@ -226,7 +226,11 @@ mod tests {
         let sa = Verdict::ServiceAccount("apps/billing".into());
         assert_eq!(auth.verdict("orders", "good").await.unwrap(), sa);
         assert_eq!(auth.verdict("orders", "good").await.unwrap(), sa);
-        assert_eq!(*table.0.lock().unwrap(), 1, "the second answer came from the cache");
+        assert_eq!(
+            *table.0.lock().unwrap(),
+            1,
+            "the second answer came from the cache"
+        );
         // The same token for another queue (another audience) is asked about anew.
         assert_eq!(auth.verdict("emails", "good").await.unwrap(), sa);
         assert_eq!(*table.0.lock().unwrap(), 2);

@@ -5,8 +5,8 @@ use clap::Parser;
 use sluice_broker::BrokerOptions;
 use sluice_broker::auth::{Authenticator, tokenreview::KubeTokenReview};
 use sluice_broker::server::run;
-use sluice_dataplane::server::{bind, init_tracing, shutdown_signal, tls::TlsFiles};
 use sluice_config::BrokerFile;
+use sluice_dataplane::server::{bind, init_tracing, shutdown_signal, tls::TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -1,6 +1,7 @@
 //! The `sluice.v1.Queues` gRPC service of the broker: request validation (shared with
 //! the sidecar, `sluice_dataplane::validate`), then the queue operations.
 
+use sluice_dataplane::SettleOp;
 use sluice_dataplane::receipts::Settlement;
 use sluice_dataplane::subscription::{
     SubscribeStream, SubscriptionBackend, spawn_subscription, subscription_start,
@@ -9,7 +10,6 @@ use sluice_dataplane::validate::{
     MAX_WAIT, check_batch_len, validate_extension, validate_message, validate_nack_delay,
     validate_visibility, validate_wait,
 };
-use sluice_dataplane::SettleOp;
 use sluice_proto::Receipt;
 use sluice_proto::v1::{self, queues_server::Queues};
 use std::sync::Arc;

@@ -19,9 +19,7 @@ pub enum SettleOp {
 }
 
 /// Parses every receipt of a call; a call must name at least one.
-pub fn parse_receipts(
-    receipts: &[String],
-) -> Result<Vec<Result<Receipt, &'static str>>, Invalid> {
+pub fn parse_receipts(receipts: &[String]) -> Result<Vec<Result<Receipt, &'static str>>, Invalid> {
     if receipts.is_empty() {
         return Err(Invalid::new("no receipts given"));
     }

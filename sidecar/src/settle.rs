@@ -16,13 +16,19 @@ use tonic::{Code, Status};
 use crate::router::{QueueRoute, timed};
 
 /// The answers of an inline settle, when they come.
-pub type InlineAnswers = Pin<Box<dyn Future<Output = Result<Vec<v1::ReceiptResult>, Status>> + Send>>;
+pub type InlineAnswers =
+    Pin<Box<dyn Future<Output = Result<Vec<v1::ReceiptResult>, Status>> + Send>>;
 
 /// Something that can carry acks and nacks to a broker other than as calls (a relayed
 /// subscription's open stream to it).
 pub trait InlineSettle: Sync {
     /// Sends `op` on `receipts` to `broker` inline, if it can; None to make a call.
-    fn settle_inline(&self, broker: SocketAddr, receipts: &[String], op: SettleOp) -> Option<InlineAnswers>;
+    fn settle_inline(
+        &self,
+        broker: SocketAddr,
+        receipts: &[String],
+        op: SettleOp,
+    ) -> Option<InlineAnswers>;
 }
 
 /// Sends receipts to the brokers owning their partitions; answers in order. Acks and
@@ -114,4 +120,3 @@ pub(crate) trait ThenMap: std::future::Future + Sized {
     }
 }
 impl<F: std::future::Future> ThenMap for F {}
-

@@ -85,7 +85,6 @@ impl RelayedSubscription {
             deliveries: tokio::sync::Mutex::new(rx),
         }))
     }
-
 }
 
 impl InlineSettle for RelayedSubscription {

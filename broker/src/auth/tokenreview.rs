@@ -64,4 +64,3 @@ impl TokenVerifier for KubeTokenReview {
         Ok(Verdict::of_user(&username))
     }
 }
-
