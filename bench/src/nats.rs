@@ -162,7 +162,7 @@ impl System for Nats {
         let mut server = self.spawn()?;
         let deadline = started + Duration::from_secs(600);
         loop {
-            check_alive(server)?;
+            check_alive(&mut server)?;
             if let Ok(js) = self.connect().await
                 && let Ok(s) = js.get_stream(queue).await
                 && let Ok(c) = s.get_consumer::<pull::Config>(CONSUMER).await

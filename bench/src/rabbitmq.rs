@@ -175,7 +175,7 @@ impl System for RabbitMq {
         let mut server = self.spawn()?;
         let deadline = started + Duration::from_secs(600);
         loop {
-            check_alive(server)?;
+            check_alive(&mut server)?;
             if let Ok(conn) = self.connect().await
                 && let Ok(ch) = conn.create_channel().await
                 && let Ok(Some(m)) = ch

@@ -246,7 +246,7 @@ impl System for Sluice {
         // Served = a message dequeued and acked, straight at the broker.
         let deadline = started + Duration::from_secs(600);
         loop {
-            check_alive(broker)?;
+            check_alive(&mut broker)?;
             if let Ok(mut c) = connect(grpc).await {
                 let got = c
                     .dequeue(v1::DequeueRequest {
