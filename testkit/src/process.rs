@@ -279,14 +279,28 @@ mod tests {
     #[test]
     fn stop_ends_a_process_that_ignores_sigterm() {
         let l = log("stop");
-        let mut g = ChildGuard::spawn(
-            "sh",
-            Command::new("sh").args(["-c", "trap '' TERM; exec sleep 600"]),
-            &l,
-        )
-        .unwrap();
+        let script = "trap '' TERM; echo ready; exec sleep 600";
+        let mut g = ChildGuard::spawn("sh", Command::new("sh").args(["-c", script]), &l).unwrap();
+        let start = Instant::now();
+        while g.log_text() != "ready\n" {
+            assert!(start.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(10));
+        }
         g.stop(Duration::from_millis(300));
         assert_eq!(g.exit_status(), None, "killed and reaped");
+        std::fs::remove_file(l).unwrap();
+    }
+
+    #[test]
+    fn stop_keeps_the_status_of_a_graceful_exit() {
+        let l = log("graceful");
+        let mut g = ChildGuard::spawn("sleep", Command::new("sleep").arg("600"), &l).unwrap();
+        g.stop(Duration::from_secs(30));
+        let status = g.exit_status().expect("exited on SIGTERM");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGTERM)
+        );
         std::fs::remove_file(l).unwrap();
     }
 }
