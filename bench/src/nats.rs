@@ -2,13 +2,14 @@
 //! its own store directory and port, one work-queue stream with file storage per
 //! queue, one durable pull consumer shared by the consumers, driven by async-nats.
 
-use crate::proc::{ChildGuard, TempDir, free_ports, which};
+use crate::proc::{ChildGuard, TempDir, check_alive, which};
 use crate::system::{Batch, Consumer, ConsumerMode, Producer, QueueSpec, System};
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull, stream};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use std::net::SocketAddr;
+use sluice_testkit::ports::free_addrs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -68,7 +69,11 @@ impl Nats {
             .arg("nats.sh")
             .arg(dir.join("store"))
             .arg(addr.port().to_string());
-        ChildGuard::spawn(BIN, cmd, dir.join("nats-server.log"))
+        Ok(ChildGuard::spawn_group(
+            BIN,
+            &mut cmd,
+            dir.join("nats-server.log"),
+        )?)
     }
 
     async fn connect(&self) -> Result<jetstream::Context> {
@@ -84,7 +89,7 @@ impl Nats {
     async fn wait_up(&self, server: &mut ChildGuard) -> Result<jetstream::Context> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            server.check_alive()?;
+            check_alive(server)?;
             match self.connect().await {
                 Ok(js) => return Ok(js),
                 Err(e) if Instant::now() > deadline => {
@@ -112,7 +117,7 @@ impl System for Nats {
 
     async fn setup(&mut self, queues: &[QueueSpec]) -> Result<()> {
         self.dir = Some(TempDir::new("nats")?);
-        self.addr = Some(free_ports(1)?[0]);
+        self.addr = Some(free_addrs(Ipv4Addr::LOCALHOST.into(), 1)?[0]);
         let mut server = self.spawn()?;
         let js = self.wait_up(&mut server).await?;
         self.server = Some(server);
@@ -145,7 +150,7 @@ impl System for Nats {
     fn processes(&self) -> Vec<(String, u32)> {
         self.server
             .iter()
-            .map(|s| (BIN.to_string(), s.pgid()))
+            .map(|s| (BIN.to_string(), s.pid()))
             .collect()
     }
 
@@ -157,7 +162,7 @@ impl System for Nats {
         let mut server = self.spawn()?;
         let deadline = started + Duration::from_secs(600);
         loop {
-            server.check_alive()?;
+            check_alive(&mut server)?;
             if let Ok(js) = self.connect().await
                 && let Ok(s) = js.get_stream(queue).await
                 && let Ok(c) = s.get_consumer::<pull::Config>(CONSUMER).await

@@ -3,82 +3,23 @@
 //! is counted whole).
 
 use anyhow::{Context, Result, bail};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A child process (leading its own process group) whose whole group is killed
-/// and reaped when dropped.
-pub struct ChildGuard {
-    pub name: String,
-    child: Child,
-    pub log: PathBuf,
-}
+pub use sluice_testkit::ChildGuard;
+pub use sluice_testkit::process::tail;
 
-impl ChildGuard {
-    /// Starts `cmd` with output to `log`, as the leader of a new process group.
-    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(ChildGuard {
-            name: name.to_string(),
-            child,
-            log,
-        })
+/// Fails with the tail of the log when the process has exited.
+pub fn check_alive(child: &mut ChildGuard) -> Result<()> {
+    if let Some(status) = child.exit_status() {
+        bail!(
+            "{} exited early ({status}); last lines of {}:\n{}",
+            child.name,
+            child.log.display(),
+            child.tail(20)
+        );
     }
-
-    /// The process group id (the child's pid).
-    pub fn pgid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails with the tail of the log when the process has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited early ({status}); last lines of {}:\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log, 20)
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGKILL to the whole group, then reap the leader.
-    pub fn kill(&mut self) {
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    Ok(())
 }
 
 /// A directory removed on drop.
@@ -177,17 +118,6 @@ pub fn group_usage(pgid: u32) -> Usage {
 pub fn self_cpu() -> Duration {
     let ticks = stat_of("self").map(|(_, t)| t).unwrap_or(0);
     Duration::from_secs_f64(ticks as f64 / ticks_per_second() as f64)
-}
-
-/// Free loopback ports, picked by binding port 0 (all held until every one is chosen).
-pub fn free_ports(n: usize) -> Result<Vec<std::net::SocketAddr>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<Vec<_>>>()?)
 }
 
 /// The path of `name` on PATH (or in the usual sbin directories), if any.

@@ -3,7 +3,7 @@
 //! directories, no plugins), one quorum queue per queue, publisher confirms and
 //! manual consumer acks, driven by lapin.
 
-use crate::proc::{ChildGuard, TempDir, free_ports, which};
+use crate::proc::{ChildGuard, TempDir, check_alive, which};
 use crate::system::{Batch, Consumer, ConsumerMode, Producer, QueueSpec, System};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -14,7 +14,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use std::net::SocketAddr;
+use sluice_testkit::ports::free_addrs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -89,7 +90,11 @@ impl RabbitMq {
             .arg(dist.port().to_string())
             .arg(epmd.port().to_string())
             .arg(format!("sluice-bench-{}@localhost", std::process::id()));
-        ChildGuard::spawn("rabbitmq-server", cmd, dir.join("rabbitmq.log"))
+        Ok(ChildGuard::spawn_group(
+            "rabbitmq-server",
+            &mut cmd,
+            dir.join("rabbitmq.log"),
+        )?)
     }
 
     async fn connect(&self) -> Result<Connection> {
@@ -102,7 +107,7 @@ impl RabbitMq {
     async fn wait_up(&self, server: &mut ChildGuard) -> Result<Connection> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            server.check_alive()?;
+            check_alive(server)?;
             match self.connect().await {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() > deadline => {
@@ -132,7 +137,7 @@ impl System for RabbitMq {
 
     async fn setup(&mut self, queues: &[QueueSpec]) -> Result<()> {
         let dir = TempDir::new("rabbitmq")?;
-        let p = free_ports(3)?;
+        let p = free_addrs(Ipv4Addr::LOCALHOST.into(), 3)?;
         self.ports = Some([p[0], p[1], p[2]]);
         self.dir = Some(dir);
         let mut server = self.spawn()?;
@@ -158,7 +163,7 @@ impl System for RabbitMq {
     fn processes(&self) -> Vec<(String, u32)> {
         self.server
             .iter()
-            .map(|s| ("rabbitmq-server".to_string(), s.pgid()))
+            .map(|s| ("rabbitmq-server".to_string(), s.pid()))
             .collect()
     }
 
@@ -170,7 +175,7 @@ impl System for RabbitMq {
         let mut server = self.spawn()?;
         let deadline = started + Duration::from_secs(600);
         loop {
-            server.check_alive()?;
+            check_alive(&mut server)?;
             if let Ok(conn) = self.connect().await
                 && let Ok(ch) = conn.create_channel().await
                 && let Ok(Some(m)) = ch

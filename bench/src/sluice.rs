@@ -1,14 +1,15 @@
 //! Sluice as a benchmarked system: a real `sluice-broker` child process, reached
 //! either directly or through a real `sluice-sidecar` child process in front of it.
 
-use crate::proc::{ChildGuard, TempDir, free_ports, tail};
+use crate::proc::{ChildGuard, TempDir, check_alive};
 use crate::system::{Batch, Consumer, ConsumerMode, Producer, QueueSpec, System};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use sluice_proto::v1;
 use sluice_proto::v1::queues_client::QueuesClient;
+use sluice_testkit::ports::free_addrs;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -58,7 +59,7 @@ async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGua
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let mut last_err = String::new();
     loop {
-        child.check_alive()?;
+        check_alive(child)?;
         let mut ok = true;
         match connect(addr).await {
             Ok(mut c) => {
@@ -86,7 +87,7 @@ async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGua
                 "{} at {addr} not ready after {STARTUP_TIMEOUT:?} ({last_err}); last lines of {}:\n{}",
                 child.name,
                 child.log.display(),
-                tail(&child.log, 20)
+                child.tail(20)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -158,7 +159,11 @@ impl Sluice {
             .arg("--ordinal")
             .arg("0")
             .env("RUST_LOG", "warn");
-        ChildGuard::spawn(BROKER_BIN, cmd, dir.join("broker.log"))
+        Ok(ChildGuard::spawn_group(
+            BROKER_BIN,
+            &mut cmd,
+            dir.join("broker.log"),
+        )?)
     }
 }
 
@@ -193,7 +198,7 @@ impl System for Sluice {
             )?;
         }
         std::fs::write(dir.0.join("broker.toml"), toml)?;
-        let ports = free_ports(4)?;
+        let ports = free_addrs(Ipv4Addr::LOCALHOST.into(), 4)?;
         let (broker_grpc, broker_http, sidecar_grpc, sidecar_http) =
             (ports[0], ports[1], ports[2], ports[3]);
         self.broker_addr = Some((broker_grpc, broker_http));
@@ -213,7 +218,8 @@ impl System for Sluice {
             for q in queues {
                 cmd.arg("--route").arg(format!("{}={broker_grpc}", q.name));
             }
-            let mut sidecar = ChildGuard::spawn(SIDECAR_BIN, cmd, dir.join("sidecar.log"))?;
+            let mut sidecar =
+                ChildGuard::spawn_group(SIDECAR_BIN, &mut cmd, dir.join("sidecar.log"))?;
             wait_ready(sidecar_grpc, queues, &mut sidecar).await?;
             self.sidecar = Some(sidecar);
             endpoint = sidecar_grpc;
@@ -226,7 +232,7 @@ impl System for Sluice {
         [&self.broker, &self.sidecar]
             .into_iter()
             .flatten()
-            .map(|c| (c.name.clone(), c.pgid()))
+            .map(|c| (c.name.clone(), c.pid()))
             .collect()
     }
 
@@ -240,7 +246,7 @@ impl System for Sluice {
         // Served = a message dequeued and acked, straight at the broker.
         let deadline = started + Duration::from_secs(600);
         loop {
-            broker.check_alive()?;
+            check_alive(&mut broker)?;
             if let Ok(mut c) = connect(grpc).await {
                 let got = c
                     .dequeue(v1::DequeueRequest {

@@ -1177,7 +1177,7 @@ async fn probe_once(ip: Ipv4Addr, c: &Container, probe: &Probe) -> bool {
             };
             let host = h.host.clone().unwrap_or_else(|| ip.to_string());
             let path = h.path.clone().unwrap_or_else(|| "/".into());
-            match crate::harness::http_get_at(&host, port, &path).await {
+            match sluice_testkit::http::get_async(&host, port, &path).await {
                 Some((code, _)) => (200..400).contains(&code),
                 None => false,
             }

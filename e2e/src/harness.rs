@@ -21,14 +21,14 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
+use sluice_testkit::k8s::{wait_ca_bundle, webhook_configuration};
+use sluice_testkit::{ChildGuard, eventually, eventually_within, free_port, http};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-/// Generous: a slow CI machine must not fail a correct system.
-pub const TIMEOUT: Duration = Duration::from_secs(180);
 const WORLD_ENV: &str = "SLUICE_E2E_WORLD";
 
 pub fn repo_root() -> PathBuf {
@@ -440,20 +440,11 @@ impl World {
         namespace(client, "sluice-system", json!({})).await;
         let port = free_port();
         let cfg_name = "sluice-e2e-injector";
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": cfg_name},
-            "webhooks": [{
-                "name": "inject.sluice.dev",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 10,
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-                "namespaceSelector": {"matchLabels": {"sluice-e2e/inject": "true"}}
-            }]
-        }))
-        .expect("webhook config");
+        let mwc = webhook_configuration(
+            cfg_name,
+            port,
+            json!({"matchLabels": {"sluice-e2e/inject": "true"}}),
+        );
         let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         mwcs.create(&PostParams::default(), &mwc)
             .await
@@ -620,32 +611,6 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
     Client::try_from(cfg).map_err(Error::Kube)
 }
 
-/// Polls `f` until it returns Some, or panics after TIMEOUT naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    eventually_within(what, TIMEOUT, f).await
-}
-
-pub async fn eventually_within<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// Applies the Queue CRD (idempotent) and waits until it is established.
 pub async fn install_crd(client: &Client) {
     let text = std::fs::read_to_string(repo_root().join("crds/queues.sluice.dev.yaml"))
@@ -707,63 +672,37 @@ pub fn tool(name: &str) -> PathBuf {
     p
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Minimal HTTP/1.0 GET (no client dependency needed): (status, body).
-pub async fn http_get_at(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
 /// The operator as a real process; killed on drop (its log tail printed when the
 /// test is failing).
 pub struct Operator {
-    pub child: Child,
+    pub process: ChildGuard,
     pub metrics_port: u16,
-    pub log: PathBuf,
-    pub name: String,
 }
 
 impl Operator {
     /// Starts `sluice-operator run` with `args` (plus a metrics port on 127.0.0.1)
-    /// against `kubeconfig`, logging to `log`.
+    /// against `kubeconfig`, logging to `log` (a fresh one: test log directories
+    /// outlive a run).
     pub fn start(name: &str, kubeconfig: &Path, log: &Path, args: &[&str]) -> Operator {
         let metrics_port = free_port();
-        let out = std::fs::File::create(log).expect("operator log");
-        let child = Command::new(bin_dir().join("sluice-operator"))
-            .arg("run")
-            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,sluice_operator=debug")
-            .env_remove("POD_NAMESPACE")
-            .env_remove("POD_NAME")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("start sluice-operator");
+        std::fs::write(log, "").expect("operator log");
+        let process = ChildGuard::spawn(
+            name,
+            Command::new(bin_dir().join("sluice-operator"))
+                .arg("run")
+                .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+                .args(args)
+                .env("KUBECONFIG", kubeconfig)
+                .env("RUST_LOG", "info,sluice_operator=debug")
+                .env_remove("POD_NAMESPACE")
+                .env_remove("POD_NAME"),
+            log,
+        )
+        .expect("start sluice-operator")
+        .panic_tail(60);
         Operator {
-            child,
+            process,
             metrics_port,
-            log: log.to_path_buf(),
-            name: name.into(),
         }
     }
 
@@ -774,16 +713,7 @@ impl Operator {
         mwcs: &Api<MutatingWebhookConfiguration>,
         cfg_name: &str,
     ) {
-        eventually("caBundle patched by the operator", || async {
-            let c = mwcs.get(cfg_name).await.ok()?;
-            c.webhooks?[0]
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .filter(|b| !b.0.is_empty())
-                .map(|_| ())
-        })
-        .await;
+        wait_ca_bundle(mwcs, cfg_name).await;
         eventually("operator /readyz", || async {
             (self.http_get("/readyz").await?.0 == 200).then_some(())
         })
@@ -791,44 +721,16 @@ impl Operator {
     }
 
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        http_get_at("127.0.0.1", self.metrics_port, path).await
+        http::get_async("127.0.0.1", self.metrics_port, path).await
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn dump(&self, tail: usize) {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        eprintln!("---- operator {} log (last {tail} lines) ----", self.name);
-        for l in &lines[lines.len().saturating_sub(tail)..] {
-            eprintln!("{l}");
-        }
+        self.process.log_text()
     }
 
     /// SIGTERM (graceful: releases the Lease), then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            self.dump(60);
-        }
+        self.process.stop(Duration::from_secs(5));
     }
 }
 

@@ -17,10 +17,10 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice_e2e::harness::{
-    Crash, REMOTE_ENV, SYSTEM_NAMESPACE, World, WorldOptions, eventually, eventually_within,
-    isolated, pod_ready,
+    Crash, REMOTE_ENV, SYSTEM_NAMESPACE, World, WorldOptions, isolated, pod_ready,
 };
 use sluice_proto::v1::{self, queues_client::QueuesClient};
+use sluice_testkit::{eventually, eventually_within};
 use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 

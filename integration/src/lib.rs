@@ -3,10 +3,10 @@
 //! out gRPC clients. The binaries are the workspace's own (`cargo build --bins`).
 
 use sluice_proto::v1::{self, queues_client::QueuesClient};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use sluice_testkit::ChildGuard;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -26,146 +26,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// An address nobody listens on: a loopback IP of its own (127.x.y.z) per call, so
-/// that tests running in parallel, and the ephemeral ports of their client
-/// connections on 127.0.0.1, can never take each other's ports.
-pub fn free_addr() -> SocketAddr {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let n = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos)
-        .wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
-    let ip = std::net::Ipv4Addr::new(
-        127,
-        10 + (n % 200) as u8,
-        (n >> 8) as u8,
-        1 + ((n >> 16) % 250) as u8,
-    );
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
+pub use sluice_testkit::http::get as http_get;
+pub use sluice_testkit::{eventually_within, free_addr};
 
-/// Polls `f` until it returns Some, or panics after `limit` with `what`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// A broker or sidecar process, killed when dropped; its output goes to a log file.
+pub type Proc = ChildGuard;
 
-/// A child process, killed when dropped; its output goes to a log file.
-pub struct Proc {
-    child: Option<Child>,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .env(
-                "RUST_LOG",
-                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("RUST_BACKTRACE")
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        Proc {
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// How the process ended, once it has (None while it runs).
-    pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
-    }
-
-    /// SIGKILL: no chance to flush anything.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then wait for the exit (without blocking the test's runtime, whose
-    /// client connections must see the server's GOAWAY).
-    pub async fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("process running");
-        let status = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let start = Instant::now();
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                return s;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = c.kill();
-                panic!("process did not exit within 30s of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The process id, while it runs.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("process running").id()
-    }
-
-    /// Resident memory (kB, from /proc) and open file descriptors of the process.
-    pub fn resources(&self) -> (u64, usize) {
-        let pid = self.pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let rss_kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .count();
-        (rss_kb, fds)
-    }
-
-    /// Sends a signal by name (`STOP` freezes the process, `CONT` thaws it).
-    pub fn signal(&self, name: &str) {
-        let c = self.child.as_ref().expect("process running");
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("---- {} ----\n{}", self.log.display(), self.log_text());
-        }
-    }
+/// Starts a broker or sidecar with its output in `log`, logging at `SLUICE_TEST_LOG`
+/// (default info).
+fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .env_remove("RUST_BACKTRACE");
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    ChildGuard::spawn(&name, cmd, log).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A broker process with its settings and data directory.
@@ -236,10 +112,7 @@ impl Broker {
         let config = dir.join(format!("broker-{ordinal}.toml"));
         std::fs::write(&config, config_toml).unwrap();
         Broker {
-            proc: Proc {
-                child: None,
-                log: PathBuf::new(),
-            },
+            proc: Proc::default(),
             addr,
             metrics: free_addr(),
             data_dir,
@@ -295,7 +168,7 @@ impl Broker {
         }
         self.starts += 1;
         let log = self.logs.with_extension(format!("{}.log", self.starts));
-        self.proc = Proc::spawn(&mut cmd, log);
+        self.proc = spawn(&mut cmd, log);
         // A broker that fails at start-up is for the test to judge, not a timeout.
         let start = Instant::now();
         while self.proc.exit_status().is_none() && TcpStream::connect(self.addr).is_err() {
@@ -336,7 +209,7 @@ impl Sidecar {
             .arg(metrics.to_string())
             .args(extra_args)
             .env("SLUICE_ROUTES", routes);
-        let proc = Proc::spawn(&mut cmd, dir.join(format!("sidecar-{}.log", addr.port())));
+        let proc = spawn(&mut cmd, dir.join(format!("sidecar-{}.log", addr.port())));
         wait_serving(addr).await;
         Sidecar {
             proc,
@@ -384,9 +257,9 @@ impl Dev {
 }
 
 async fn wait_serving(addr: SocketAddr) {
-    eventually(
-        Duration::from_secs(30),
+    eventually_within(
         &format!("a server on {addr}"),
+        Duration::from_secs(30),
         || async move { TcpStream::connect(addr).ok().map(|_| ()) },
     )
     .await;
@@ -401,24 +274,6 @@ pub async fn client(addr: SocketAddr) -> QueuesClient<Channel> {
     QueuesClient::new(channel)
         .max_decoding_message_size(80 << 20)
         .max_encoding_message_size(80 << 20)
-}
-
-/// A plain HTTP GET on loopback: (status code, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 pub fn msg(body: &str) -> v1::NewMessage {

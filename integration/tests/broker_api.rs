@@ -117,7 +117,7 @@ async fn expired_lease_redelivers_then_dead_letters_and_redrive_brings_it_back()
     let stale = ack(&mut c, "work", vec![first[0].receipt.clone()]).await;
     assert_eq!(stale[0].code, Code::FailedPrecondition as i32, "{stale:?}");
     // Second delivery not acked either: max_deliveries = 2, so it is dead-lettered.
-    eventually(Duration::from_secs(10), "the dead letter", || {
+    eventually_within("the dead letter", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move { (stats(&mut c, "work").await.dead_lettered == 1).then_some(()) }
     })
@@ -215,7 +215,7 @@ async fn nack_with_delay_nack_to_dead_letter_and_extend_visibility() {
     assert_eq!(stats(&mut c, "work").await.delayed, 1);
     let again = dequeue(&mut c, "work", 10, 3000).await;
     assert_eq!(again.iter().map(body_str).collect::<Vec<_>>(), ["later"]);
-    eventually(Duration::from_secs(5), "the dead letter", || {
+    eventually_within("the dead letter", Duration::from_secs(5), || {
         let mut c = c.clone();
         async move { (stats(&mut c, "work").await.dead_lettered == 1).then_some(()) }
     })
@@ -487,9 +487,9 @@ async fn subscribe_never_sends_beyond_the_credit() {
     // Closing the stream gives the unacked delivery back at once.
     drop(tx);
     drop(stream);
-    eventually(
-        Duration::from_secs(5),
+    eventually_within(
         "the release of unacked deliveries",
+        Duration::from_secs(5),
         || {
             let mut c = c.clone();
             async move {
@@ -600,7 +600,7 @@ async fn long_polls_beyond_the_waiter_limit_are_refused_until_one_returns() {
     // Three long polls at once with room for two: whichever comes last is refused
     // at once, the other two wait.
     let mut polls: Vec<_> = (0..3).map(|_| tokio::spawn(poll(60_000))).collect();
-    let refused = eventually(Duration::from_secs(10), "one long poll refused", || {
+    let refused = eventually_within("one long poll refused", Duration::from_secs(10), || {
         let done = polls.iter().position(|p| p.is_finished());
         async move { done }
     })

@@ -39,9 +39,9 @@ async fn sigkill_never_loses_an_acknowledged_enqueue() {
             }));
         }
         // Let traffic build up, then pull the plug mid-stream.
-        eventually(
-            Duration::from_secs(30),
+        eventually_within(
             "some acknowledged enqueues",
+            Duration::from_secs(30),
             || {
                 let n = acked.lock().unwrap().len();
                 async move { (n >= 200 * (round + 1)).then_some(()) }
@@ -189,7 +189,7 @@ partitions = 1
     // HTTP/2 handshake here: the whole wait is bounded.
     let (mut c, got) = tokio::time::timeout(Duration::from_secs(60), async {
         let c = b.client().await;
-        let got = eventually(Duration::from_secs(60), "the quick queue", || {
+        let got = eventually_within("the quick queue", Duration::from_secs(60), || {
             let mut c = c.clone();
             async move {
                 c.dequeue(sluice_proto::v1::DequeueRequest {
@@ -234,7 +234,7 @@ partitions = 1
     std::fs::rename(&blank, &segment).unwrap();
     drop(writer);
 
-    eventually(Duration::from_secs(60), "readiness", || {
+    eventually_within("readiness", Duration::from_secs(60), || {
         let ready = b.ready();
         async move { ready.then_some(()) }
     })
@@ -264,7 +264,7 @@ partitions = 1
     std::fs::create_dir(&segment).unwrap();
 
     let mut b = Broker::start_recovering(dir.path(), config, 0).await;
-    let status = eventually(Duration::from_secs(60), "the broker to stop", || {
+    let status = eventually_within("the broker to stop", Duration::from_secs(60), || {
         let status = b.proc.exit_status();
         async move { status }
     })

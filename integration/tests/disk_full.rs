@@ -98,9 +98,9 @@ async fn full_disk_refuses_enqueues_keeps_acks_and_resumes_when_freed() {
     assert_eq!(got, acked, "acknowledged messages lost on a full disk");
 
     // Acked segments are deleted, and enqueues are taken again.
-    eventually(
-        Duration::from_secs(30),
+    eventually_within(
         "enqueues accepted after acks freed space",
+        Duration::from_secs(30),
         || {
             let mut c = c.clone();
             async move { enqueue(&mut c, "full", msg("after")).await.ok() }

@@ -207,9 +207,9 @@ async fn kill_loop_loses_nothing_acknowledged_and_resurrects_nothing_acked() {
         // Let some traffic through, then pull the plug mid-stream.
         let before = checker.acknowledged.lock().unwrap().len();
         tokio::time::sleep(Duration::from_millis(10 + next_random(&mut rng) % 120)).await;
-        eventually(
-            Duration::from_secs(60),
+        eventually_within(
             &format!("traffic before kill {k}"),
+            Duration::from_secs(60),
             || {
                 let n = checker.acknowledged.lock().unwrap().len();
                 async move { (n > before).then_some(()) }

@@ -28,7 +28,7 @@ async fn cluster() -> Cluster {
     let b1 = Broker::start(dir.path(), TWO_BROKERS, 1).await;
     let routes = format!("orders={},{}", b0.addr, b1.addr);
     let sidecar = Sidecar::start(dir.path(), &routes).await;
-    eventually(Duration::from_secs(10), "sidecar readiness", || async {
+    eventually_within("sidecar readiness", Duration::from_secs(10), || async {
         (http_get(sidecar.metrics, "/readyz").0 == 200).then_some(())
     })
     .await;
@@ -143,7 +143,7 @@ async fn subscribe_through_the_sidecar_draws_from_every_broker() {
             sub.send(In::Credit(10)).await;
         }
     }
-    eventually(Duration::from_secs(5), "all acks", || {
+    eventually_within("all acks", Duration::from_secs(5), || {
         let mut c = app.clone();
         async move { (stats(&mut c, "orders").await.acked_total == 40).then_some(()) }
     })
@@ -183,9 +183,9 @@ async fn fails_over_when_a_broker_dies_and_reports_readiness() {
     assert!(got.len() >= 20);
 
     cl.brokers[0].proc.kill();
-    eventually(
-        Duration::from_secs(15),
+    eventually_within(
         "not ready with no broker",
+        Duration::from_secs(15),
         || async { (http_get(cl.sidecar.metrics, "/readyz").0 == 503).then_some(()) },
     )
     .await;
@@ -196,7 +196,7 @@ async fn fails_over_when_a_broker_dies_and_reports_readiness() {
 
     cl.brokers[0].restart().await;
     cl.brokers[1].restart().await;
-    eventually(Duration::from_secs(15), "ready again", || async {
+    eventually_within("ready again", Duration::from_secs(15), || async {
         (http_get(cl.sidecar.metrics, "/readyz").0 == 200).then_some(())
     })
     .await;
@@ -276,7 +276,7 @@ async fn a_frozen_broker_hangs_no_call_and_dedup_retries_make_one_copy() {
 
     cl.brokers[1].proc.signal("CONT");
     for d in &ids {
-        eventually(limit, "the retry to be answered", || {
+        eventually_within("the retry to be answered", limit, || {
             let mut c = app.clone();
             let mut m = msg(d);
             m.dedup_id = d.clone();
@@ -405,9 +405,9 @@ async fn a_relayed_subscription_gives_back_what_it_holds_and_outlives_a_broker_r
         other => panic!("expected a nack answer, got {other:?}"),
     }
     drop(sub);
-    eventually(
-        Duration::from_secs(10),
+    eventually_within(
         "everything unsettled given back: 19 ready, none in flight, 1 acked",
+        Duration::from_secs(10),
         || {
             let mut c = app.clone();
             async move {
@@ -432,7 +432,7 @@ async fn a_relayed_subscription_gives_back_what_it_holds_and_outlives_a_broker_r
     for k in &keys {
         let mut m = msg(k);
         m.key = k.clone();
-        eventually(Duration::from_secs(15), "enqueue after the restart", || {
+        eventually_within("enqueue after the restart", Duration::from_secs(15), || {
             let (mut c, m) = (app.clone(), m.clone());
             async move { enqueue(&mut c, "orders", m).await.ok() }
         })

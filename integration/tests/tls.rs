@@ -99,7 +99,7 @@ async fn sidecar_and_broker_speak_mutual_tls_and_refuse_strangers() {
     )
     .await;
     let mut c = s.client().await;
-    eventually(Duration::from_secs(20), "sidecar ready over TLS", || {
+    eventually_within("sidecar ready over TLS", Duration::from_secs(20), || {
         let m = s.metrics;
         async move { (http_get(m, "/readyz").0 == 200).then_some(()) }
     })

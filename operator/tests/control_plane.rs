@@ -173,10 +173,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
 
     // Owned objects with the right content.
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let sts = eventually("StatefulSet sluice-orders", || async {
-        sts_api.get_opt("sluice-orders").await.ok().flatten()
-    })
-    .await;
+    let sts = wait_statefulset(&sts_api, "sluice-orders", "of the example Queue").await;
     let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
@@ -188,28 +185,8 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let pod = spec.template.spec.clone().unwrap();
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("sluice-broker:test"));
-    assert_eq!(
-        c.readiness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap()
-            .path
-            .as_deref(),
-        Some("/readyz")
-    );
-    assert_eq!(
-        c.liveness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap()
-            .path
-            .as_deref(),
-        Some("/healthz")
-    );
+    assert_eq!(probe_path(c.readiness_probe.as_ref()), Some("/readyz"));
+    assert_eq!(probe_path(c.liveness_probe.as_ref()), Some("/healthz"));
     assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
     assert_eq!(pod.termination_grace_period_seconds, Some(60));
     let vct = &spec.volume_claim_templates.unwrap()[0];
@@ -226,8 +203,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .0,
         "2Gi"
     );
-    let hash1 =
-        spec.template.metadata.unwrap().annotations.unwrap()["sluice.dev/config-hash"].clone();
+    let hash1 = config_hash(&sts).expect("config hash");
 
     let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let cm = cm_api.get("sluice-orders-config").await.unwrap();
@@ -307,14 +283,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     changed["spec"]["delivery"]["visibilityTimeout"] = json!("1m");
     apply_queue(&client, ns, changed.clone()).await;
     let hash2 = eventually("config hash changes", || async {
-        let s = sts_api.get("sluice-orders").await.ok()?;
-        let h = s
-            .spec?
-            .template
-            .metadata?
-            .annotations?
-            .get("sluice.dev/config-hash")?
-            .clone();
+        let h = config_hash(&sts_api.get("sluice-orders").await.ok()?)?;
         (h != hash1).then_some(h)
     })
     .await;
@@ -392,18 +361,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .then_some(())
     })
     .await;
-    let hash_now = sts_api
-        .get("sluice-orders")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .metadata
-        .unwrap()
-        .annotations
-        .unwrap()["sluice.dev/config-hash"]
-        .clone();
+    let hash_now = config_hash(&sts_api.get("sluice-orders").await.unwrap()).expect("config hash");
     let sts_name_edit = json!({"spec": {"template": {"metadata": {"annotations": {"sluice.dev/config-hash": "tampered"}}}}});
     sts_api
         .patch(
@@ -414,14 +372,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         .await
         .unwrap();
     eventually("StatefulSet hash restored", || async {
-        let s = sts_api.get("sluice-orders").await.ok()?;
-        let h = s
-            .spec?
-            .template
-            .metadata?
-            .annotations?
-            .get("sluice.dev/config-hash")?
-            .clone();
+        let h = config_hash(&sts_api.get("sluice-orders").await.ok()?)?;
         (h == hash_now).then_some(())
     })
     .await;
@@ -536,10 +487,7 @@ async fn invalid_queues_are_refused_by_schema_or_reported() {
     let mut fixed = lopsided;
     fixed["spec"]["partitions"] = json!(8);
     apply_queue(&client, ns, fixed).await;
-    eventually("StatefulSet after the fix", || async {
-        sts_api.get_opt("sluice-lopsided").await.ok().flatten()
-    })
-    .await;
+    wait_statefulset(&sts_api, "sluice-lopsided", "after the fix").await;
     wait_queue(
         &client,
         ns,
@@ -807,18 +755,10 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
             .flatten()
     })
     .await;
-    eventually("caBundle patched", || async {
-        let c = Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .get(&format!("{full}-sidecar-injector"))
-            .await
-            .ok()?;
-        c.webhooks?[0]
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .filter(|b| !b.0.is_empty())
-            .map(|_| ())
-    })
+    wait_ca_bundle(
+        &Api::all(client.clone()),
+        &format!("{full}-sidecar-injector"),
+    )
     .await;
     // Deletion with the finalizer (PVC delete) also works with these rights.
     let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
@@ -874,23 +814,14 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
     let port = free_port();
     // As the chart does, but reached by URL (no kube-proxy here) and limited to
     // this test's namespaces; failurePolicy Fail so a TLS failure fails the test.
-    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": cfg_name},
-        "webhooks": [{
-            "name": "inject.sluice.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            "namespaceSelector": {
-                "matchLabels": {"sluice-test": cfg_name},
-                "matchExpressions": [{"key": "sluice.dev/injection", "operator": "NotIn", "values": ["disabled"]}]
-            }
-        }]
-    }))
-    .unwrap();
+    let mwc = webhook_configuration(
+        cfg_name,
+        port,
+        json!({
+            "matchLabels": {"sluice-test": cfg_name},
+            "matchExpressions": [{"key": "sluice.dev/injection", "operator": "NotIn", "values": ["disabled"]}]
+        }),
+    );
     let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let _ = mwcs.delete(cfg_name, &DeleteParams::default()).await;
     mwcs.create(&PostParams::default(), &mwc).await.unwrap();
@@ -955,17 +886,7 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
         format!("orders=sluice-orders.{ns}.svc.cluster.local:7171"),
         "emails denied to SA default"
     );
-    assert_eq!(
-        side.readiness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap()
-            .path
-            .as_deref(),
-        Some("/readyz")
-    );
+    assert_eq!(probe_path(side.readiness_probe.as_ref()), Some("/readyz"));
     let app_env = spec.containers[0].env.clone().unwrap();
     assert!(
         app_env
@@ -1081,10 +1002,7 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     // The leader reconciles.
     apply_queue(&client, ns, json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "one"}, "spec": {"replicas": 1, "partitions": 1}})).await;
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    eventually("StatefulSet from the leader", || async {
-        sts_api.get_opt("sluice-one").await.ok().flatten()
-    })
-    .await;
+    wait_statefulset(&sts_api, "sluice-one", "from the leader").await;
     // JSON logs when asked.
     let first = leader.log_text().lines().next().unwrap_or("").to_string();
     serde_json::from_str::<Value>(&first)
@@ -1109,10 +1027,7 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     })
     .await;
     apply_queue(&client, ns, json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "two"}, "spec": {"replicas": 1, "partitions": 1}})).await;
-    eventually("StatefulSet from the new leader", || async {
-        sts_api.get_opt("sluice-two").await.ok().flatten()
-    })
-    .await;
+    wait_statefulset(&sts_api, "sluice-two", "from the new leader").await;
     let m = follower.http_get("/metrics").await.unwrap().1;
     assert_eq!(leader_gauge(&m), Some(true));
 }
@@ -1179,20 +1094,11 @@ async fn webhook_certificate_rotates_and_keeps_serving() {
     let ns = &unique("it-rotate");
     namespace(&client, ns, json!({"sluice-test": cfg_name})).await;
     let port = free_port();
-    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": cfg_name},
-        "webhooks": [{
-            "name": "inject.sluice.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"sluice-test": cfg_name}}
-        }]
-    }))
-    .unwrap();
+    let mwc = webhook_configuration(
+        cfg_name,
+        port,
+        json!({"matchLabels": {"sluice-test": cfg_name}}),
+    );
     let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mwcs.create(&PostParams::default(), &mwc).await.unwrap();
     // A certificate that is always inside its renewal window: every check rotates it.

@@ -1,15 +1,18 @@
 //! Test harness: a real control plane (started once per test binary by
 //! scripts/k8s/cluster.sh, building Kubernetes on first use, or the one named by
 //! SLUICE_TEST_KUBECONFIG), the operator as a real process, and polling helpers.
-//! The helpers shared with the e2e suite (polling, CRD and namespace set-up, the
-//! operator process, tools) live in `sluice_e2e::harness`.
+//! The helpers shared with the e2e suite live in `sluice_testkit` (polling, ports,
+//! the webhook configuration, StatefulSet reading) and `sluice_e2e::harness` (CRD and
+//! namespace set-up, the operator process, tools).
 #![allow(dead_code)]
 
 use kube::Client;
 use serde_json::Value;
-pub use sluice_e2e::harness::{
-    self, Operator, eventually, free_port, install_crd, namespace, repo_root, tool,
+pub use sluice_e2e::harness::{self, Operator, install_crd, namespace, repo_root, tool};
+pub use sluice_testkit::k8s::{
+    config_hash, probe_path, wait_ca_bundle, wait_statefulset, webhook_configuration,
 };
+pub use sluice_testkit::{eventually, free_port};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
