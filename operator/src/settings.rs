@@ -413,6 +413,16 @@ overflow = \"reject_new\"
     }
     use Expect::*;
 
+    impl Expect {
+        fn same(&self, other: &Expect) -> bool {
+            match (self, other) {
+                (Refused(a), Refused(b)) | (Invalid(a), Invalid(b)) => a == b,
+                (Runs, Runs) => true,
+                _ => false,
+            }
+        }
+    }
+
     /// What happens to one Queue: refused by the schema, or else either a broker.toml
     /// that loads as the broker loads it (to the very settings the operator meant), or
     /// InvalidSpec naming a field. Never a file the brokers refuse.
@@ -687,7 +697,7 @@ overflow = \"reject_new\"
         let mut wrong = Vec::new();
         for (spec, expect) in &cases {
             let got = outcome("orders", spec);
-            if format!("{got:?}") != format!("{expect:?}") {
+            if !got.same(expect) {
                 wrong.push(format!("{spec}: expected {expect:?}, got {got:?}"));
             }
         }
