@@ -2,14 +2,22 @@
 //! ConfigMap key `broker.toml`), the broker reads, and `sluice dev` defaults.
 //!
 //! Durations are Kubernetes-style strings ("30s", "5m", "1h30m", "250ms"), parsed the
-//! way Go's `time.ParseDuration` does, so a value means the same in a Queue manifest
-//! and in the broker.
+//! way Go's `time.ParseDuration` does (plus `d` for days), so a value means the same
+//! in a Queue manifest and in the broker.
+//!
+//! The operator owns none of this: it converts a Queue's spec into [`QueueSettings`],
+//! checks it with [`QueueSettings::validate_naming`] and writes it with
+//! [`BrokerFile::to_toml`]; its schema's bounds are the constants below. The feature
+//! `schemars` adds the JSON schema of [`GoDuration`] for the operator's CRD (the
+//! broker does not build it).
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 mod duration;
-pub use duration::{format_duration, parse_duration};
+pub use duration::{
+    DURATION_MAX_CHARS, DURATION_PATTERN, GoDuration, format_duration, parse_duration,
+};
 
 /// Errors in queue settings and names.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +152,9 @@ pub struct QueueSettings {
     /// ServiceAccounts (`namespace/name`) allowed to use the queue. Empty: every
     /// caller. When set, each call carries a ServiceAccount token for the queue's
     /// audience ([`token_audience`]) and the broker checks it with a TokenReview.
+    /// Written only when set (the operator's settings hash of a Queue without a list
+    /// stays what it was).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub access: Vec<String>,
 }
 
@@ -193,7 +204,8 @@ pub fn parse_service_account(entry: &str) -> Option<(&str, &str)> {
     (ok(ns) && ok(name)).then_some((ns, name))
 }
 
-/// Upper bounds that keep one setting from exhausting a broker.
+/// Upper bounds that keep one setting from exhausting a broker. The operator's Queue
+/// schema takes its ranges from these.
 pub const MAX_PARTITIONS: u32 = 1024;
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 pub const MAX_BATCH_LIMIT: u32 = 10_000;
@@ -225,82 +237,123 @@ impl QueueSettings {
 
     /// Checks everything a schema cannot: ranges and relations between fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_naming(|field| field)
+    }
+
+    /// [`validate`](Self::validate), naming the fields (the error's `field`, and the
+    /// other fields its reason mentions) as `name_of` maps their `broker.toml` names:
+    /// the operator reports them by their place in the Queue spec.
+    pub fn validate_naming(
+        &self,
+        name_of: fn(&'static str) -> &'static str,
+    ) -> Result<(), ConfigError> {
         validate_queue_name(&self.name)?;
-        let bad = |field: &'static str, reason: String| ConfigError::Invalid {
-            queue: self.name.clone(),
-            field,
-            reason,
+        let bad = |field: &'static str, reason: String| {
+            Err(ConfigError::Invalid {
+                queue: self.name.clone(),
+                field: name_of(field),
+                reason,
+            })
         };
         if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
-            return Err(bad(
+            return bad(
                 "partitions",
                 format!(
                     "must be between 1 and {MAX_PARTITIONS}, got {}",
                     self.partitions
                 ),
-            ));
+            );
         }
-        if self.replicas == 0 || self.replicas > self.partitions {
-            return Err(bad(
-                "replicas",
+        if self.replicas == 0 {
+            return bad("replicas", "must be at least 1, got 0".into());
+        }
+        if self.partitions < self.replicas {
+            return bad(
+                "partitions",
                 format!(
-                    "must be between 1 and partitions ({}), got {}: a broker without a partition would serve nothing",
-                    self.partitions, self.replicas
+                    "must be at least {} ({}), got {}: a broker without a partition would sit idle",
+                    name_of("replicas"),
+                    self.replicas,
+                    self.partitions
                 ),
-            ));
+            );
         }
         if self.visibility_timeout.is_zero() || self.visibility_timeout > MAX_VISIBILITY_TIMEOUT {
-            return Err(bad(
+            return bad(
                 "visibility_timeout",
                 format!(
-                    "must be between 1ms and 12h, got {}",
+                    "must be between 1ms and {}, got {}",
+                    format_duration(MAX_VISIBILITY_TIMEOUT),
                     format_duration(self.visibility_timeout)
                 ),
-            ));
+            );
         }
         if self.fsync == FsyncMode::Interval && self.fsync_interval.is_zero() {
-            return Err(bad(
+            return bad(
                 "fsync_interval",
-                "must be above 0 when fsync is interval".into(),
-            ));
+                format!("must be above 0s when {} is interval", name_of("fsync")),
+            );
         }
         if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
-            return Err(bad(
+            return bad(
                 "max_message_bytes",
                 format!(
                     "must be between 1 and {MAX_MESSAGE_BYTES_LIMIT}, got {}",
                     self.max_message_bytes
                 ),
-            ));
+            );
         }
         if self.max_batch == 0 || self.max_batch > MAX_BATCH_LIMIT {
-            return Err(bad(
+            return bad(
                 "max_batch",
                 format!(
                     "must be between 1 and {MAX_BATCH_LIMIT}, got {}",
                     self.max_batch
                 ),
-            ));
+            );
         }
         if self.default_delay > MAX_DELAY {
-            return Err(bad("default_delay", "must be at most 15 days".into()));
+            return bad(
+                "default_delay",
+                format!(
+                    "must be at most {}, got {}",
+                    format_duration(MAX_DELAY),
+                    format_duration(self.default_delay)
+                ),
+            );
         }
         if self.redelivery_delay > self.redelivery_delay_max && !self.redelivery_delay_max.is_zero()
         {
-            return Err(bad(
+            return bad(
                 "redelivery_delay",
-                "must not exceed redelivery_delay_max".into(),
-            ));
+                format!(
+                    "{} exceeds {} {} (0s: no upper bound)",
+                    format_duration(self.redelivery_delay),
+                    name_of("redelivery_delay_max"),
+                    format_duration(self.redelivery_delay_max)
+                ),
+            );
+        }
+        if self.retention_max_bytes > 0 && self.retention_max_bytes < self.max_message_bytes {
+            return bad(
+                "retention_max_bytes",
+                format!(
+                    "{} is smaller than {} {}: a message of the largest size could never be kept",
+                    self.retention_max_bytes,
+                    name_of("max_message_bytes"),
+                    self.max_message_bytes
+                ),
+            );
         }
         if let Some(bad_entry) = self
             .access
             .iter()
             .find(|e| parse_service_account(e).is_none())
         {
-            return Err(bad(
+            return bad(
                 "access",
                 format!("{bad_entry:?} is not NAMESPACE/SERVICEACCOUNT"),
-            ));
+            );
         }
         Ok(())
     }

@@ -44,6 +44,8 @@ pub enum Error {
     TokenReviewBindingMissing(String),
     #[error("data-plane certificates: {0}")]
     Certs(#[from] crate::certs::CertError),
+    #[error("{0} (with the {1} brokers the StatefulSet keeps while its scale-down is blocked)")]
+    Settings(settings::SpecError, i32),
 }
 
 /// Lets the brokers of a Queue with an access list review callers' tokens: their
@@ -259,7 +261,7 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     status.address = Some(resources::address(&name, &ns, &ctx.defaults.cluster_domain));
 
     // Semantic validation: refuse to run what the schema could not check.
-    if let Err(e) = settings::validate(&q.spec) {
+    if let Err(e) = settings::validate(&name, &ns, &q.spec) {
         let msg = e.to_string();
         let already = status
             .conditions
@@ -314,7 +316,9 @@ async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         ));
     }
 
-    let rendered = settings::render(&name, &ns, &q.spec, replicas).expect("validated above");
+    // Fails only with the brokers a blocked scale-down keeps: more than partitions.
+    let rendered = settings::render(&name, &ns, &q.spec, replicas)
+        .map_err(|e| Error::Settings(e, replicas))?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
 
     if !q.spec.access.service_accounts.is_empty() {

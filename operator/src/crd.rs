@@ -10,10 +10,14 @@ use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use sluice_config::GoDuration;
 use std::collections::BTreeMap;
 
-/// Pattern of a duration string: one or more `<number><unit>` with units ms, s, m, h, d.
-pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+/// Pattern of a duration string (sluice-config's grammar, which the broker parses):
+/// `0`, or one or more `<number><unit>` with units ns, us, ms, s, m, h, d, e.g.
+/// "30s", "1h30m", "1.5h", "14d". Duration fields are [`GoDuration`]s, whose schema
+/// carries this pattern.
+pub use sluice_config::DURATION_PATTERN;
 /// Pattern of a storage quantity such as `1Gi`, `500Mi`, `10G`.
 pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 
@@ -52,7 +56,7 @@ pub struct QueueSpec {
     /// Number of partitions: the unit of parallelism and ordering. Must be at least
     /// `replicas` (a broker without a partition would sit idle).
     #[serde(default = "default_partitions")]
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = sluice_config::MAX_PARTITIONS))]
     pub partitions: i32,
 
     /// Persistent volume of each broker pod (a PersistentVolumeClaim per pod).
@@ -73,19 +77,18 @@ pub struct QueueSpec {
 
     /// Largest message body accepted, in bytes.
     #[serde(default = "default_max_message_bytes")]
-    #[schemars(range(min = 1, max = 67108864))]
+    #[schemars(range(min = 1, max = sluice_config::MAX_MESSAGE_BYTES_LIMIT))]
     pub max_message_bytes: i64,
 
     /// Largest number of messages in one batch call (EnqueueBatch, Dequeue).
     #[serde(default = "default_max_batch")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = 1, max = sluice_config::MAX_BATCH_LIMIT))]
     pub max_batch: i32,
 
     /// Window during which a message with the same deduplication id is accepted
     /// only once, e.g. "5m". "0s" disables deduplication.
     #[serde(default = "default_dedup_window")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub deduplication_window: String,
+    pub deduplication_window: GoDuration,
 
     /// Which workloads may use the queue. Empty: any pod whose sidecar is injected.
     #[serde(default)]
@@ -156,8 +159,7 @@ pub struct DurabilitySpec {
     pub fsync: Fsync,
     /// Flush period when fsync is `interval`, e.g. "10ms".
     #[serde(default = "default_fsync_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub fsync_interval: String,
+    pub fsync_interval: GoDuration,
 }
 
 impl Default for DurabilitySpec {
@@ -174,10 +176,9 @@ impl Default for DurabilitySpec {
 #[serde(rename_all = "camelCase")]
 pub struct DeliverySpec {
     /// How long a dequeued message stays invisible before it is delivered again
-    /// unless acked, e.g. "30s".
+    /// unless acked, e.g. "30s"; at most 12h.
     #[serde(default = "default_visibility_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub visibility_timeout: String,
+    pub visibility_timeout: GoDuration,
     /// Deliveries after which a message goes to the dead-letter queue (or is dropped).
     #[serde(default = "default_max_deliveries")]
     #[schemars(range(min = 1, max = 1000))]
@@ -187,16 +188,13 @@ pub struct DeliverySpec {
     pub dead_letter: bool,
     /// Redelivery backoff: first delay of an exponential backoff, e.g. "1s".
     #[serde(default = "default_zero")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub redelivery_delay: String,
-    /// Upper bound of the redelivery backoff, e.g. "15m".
+    pub redelivery_delay: GoDuration,
+    /// Upper bound of the redelivery backoff, e.g. "15m"; "0s" leaves it unbounded.
     #[serde(default = "default_redelivery_delay_max")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub redelivery_delay_max: String,
-    /// Delay applied to messages enqueued without one.
+    pub redelivery_delay_max: GoDuration,
+    /// Delay applied to messages enqueued without one; at most 15 days (360h).
     #[serde(default = "default_zero")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub default_delay: String,
+    pub default_delay: GoDuration,
 }
 
 impl Default for DeliverySpec {
@@ -238,8 +236,7 @@ impl Overflow {
 pub struct RetentionSpec {
     /// Oldest message kept, e.g. "336h" (14 days); "0s" keeps messages forever.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
-    pub max_age: String,
+    pub max_age: GoDuration,
     /// Most messages kept; 0 is unlimited.
     #[serde(default)]
     #[schemars(range(min = 0))]
@@ -368,17 +365,17 @@ fn default_max_message_bytes() -> i64 {
 fn default_max_batch() -> i32 {
     1000
 }
-fn default_dedup_window() -> String {
-    "5m".into()
+fn default_dedup_window() -> GoDuration {
+    GoDuration::from_secs(5 * 60)
 }
 fn default_storage_size() -> String {
     "1Gi".into()
 }
-fn default_fsync_interval() -> String {
-    "10ms".into()
+fn default_fsync_interval() -> GoDuration {
+    GoDuration::from_millis(10)
 }
-fn default_visibility_timeout() -> String {
-    "30s".into()
+fn default_visibility_timeout() -> GoDuration {
+    GoDuration::from_secs(30)
 }
 fn default_max_deliveries() -> i32 {
     5
@@ -386,14 +383,14 @@ fn default_max_deliveries() -> i32 {
 fn default_true() -> bool {
     true
 }
-fn default_zero() -> String {
-    "0s".into()
+fn default_zero() -> GoDuration {
+    GoDuration::ZERO
 }
-fn default_redelivery_delay_max() -> String {
-    "15m".into()
+fn default_redelivery_delay_max() -> GoDuration {
+    GoDuration::from_secs(15 * 60)
 }
-fn default_max_age() -> String {
-    "336h".into()
+fn default_max_age() -> GoDuration {
+    GoDuration::from_secs(14 * 24 * 3600)
 }
 
 /// The CRD as YAML, exactly as written to `crds/queues.sluice.dev.yaml`.

@@ -4,7 +4,6 @@ use sluice_operator::controller::{self, Context};
 use sluice_operator::leader::LeaderElector;
 use sluice_operator::metrics::Metrics;
 use sluice_operator::resources::Defaults;
-use sluice_operator::settings::parse_duration_ms;
 use sluice_operator::webhook::{self, CertResolver, Handler, InjectConfig, SelfManaged};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,9 +38,7 @@ enum LogFormat {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration_ms(s)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 5m, 1h)"))
+    sluice_config::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m, 1h)"))
 }
 
 #[derive(Args)]

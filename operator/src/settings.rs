@@ -1,69 +1,33 @@
-//! Validation of a Queue spec beyond what the schema checks, and rendering of the
-//! broker settings (`broker.toml`).
+//! A Queue's spec as broker settings: converted into sluice-config's
+//! [`QueueSettings`], checked by its validator (the same the broker runs on start)
+//! and written by its [`BrokerFile::to_toml`]. What is the operator's own: the
+//! camelCase field paths in messages, the pod template checks, the access list's
+//! namespaces, and the hash that rolls the pods.
 
-use crate::crd::{Fsync, QueueSpec};
+use crate::crd::{Fsync, Overflow, QueueSpec};
 use sha2::{Digest, Sha256};
-use std::fmt::Write as _;
+use sluice_config::{BrokerFile, ConfigError, FsyncMode, QueueSettings};
 
-/// A spec the schema accepted but the operator cannot run.
+/// A spec the schema accepted but the brokers could not run: the `InvalidSpec`
+/// condition's message, naming the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("spec.{field}: invalid duration {value:?} (use e.g. \"30s\", \"5m\", \"1h30m\")")]
-    Duration { field: &'static str, value: String },
     #[error("spec.{field}: {message}")]
     Invalid {
         field: &'static str,
         message: String,
     },
+    #[error("metadata.name: {0}")]
+    Name(String),
 }
 
-/// Parses a Kubernetes-style duration ("30s", "5m", "1h30m", "10ms", "14d") into
-/// milliseconds.
-pub fn parse_duration_ms(s: &str) -> Option<u64> {
-    if s.is_empty() {
-        return None;
-    }
-    let mut total: u64 = 0;
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
+impl SpecError {
+    /// The field's path, as the message names it (`spec.partitions`, `metadata.name`).
+    pub fn field(&self) -> String {
+        match self {
+            SpecError::Invalid { field, .. } => format!("spec.{field}"),
+            SpecError::Name(_) => "metadata.name".into(),
         }
-        if start == i {
-            return None;
-        }
-        let n: u64 = s[start..i].parse().ok()?;
-        let ustart = i;
-        while i < b.len() && b[i].is_ascii_alphabetic() {
-            i += 1;
-        }
-        let mult = match &s[ustart..i] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(mult)?)?;
-    }
-    Some(total)
-}
-
-/// Renders milliseconds in a single unit the broker parses ("10ms", "30s", "15m", "336h").
-pub fn format_duration_ms(ms: u64) -> String {
-    if ms == 0 {
-        "0s".into()
-    } else if !ms.is_multiple_of(1000) {
-        format!("{ms}ms")
-    } else if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else {
-        format!("{}s", ms / 1000)
     }
 }
 
@@ -72,6 +36,101 @@ pub fn format_duration_ms(ms: u64) -> String {
 pub struct BrokerSettings {
     pub toml: String,
     pub hash: String,
+}
+
+/// Where a `broker.toml` field comes from in a Queue's spec (the path after `spec.`).
+pub fn spec_field(toml_field: &'static str) -> &'static str {
+    match toml_field {
+        "fsync" => "durability.fsync",
+        "fsync_interval" => "durability.fsyncInterval",
+        "visibility_timeout" => "delivery.visibilityTimeout",
+        "max_deliveries" => "delivery.maxDeliveries",
+        "dead_letter" => "delivery.deadLetter",
+        "redelivery_delay" => "delivery.redeliveryDelay",
+        "redelivery_delay_max" => "delivery.redeliveryDelayMax",
+        "default_delay" => "delivery.defaultDelay",
+        "max_message_bytes" => "maxMessageBytes",
+        "max_batch" => "maxBatch",
+        "dedup_window" => "deduplicationWindow",
+        "retention_max_age" => "retention.maxAge",
+        "retention_max_messages" => "retention.maxMessages",
+        "retention_max_bytes" => "retention.maxBytes",
+        "overflow" => "retention.overflow",
+        "access" => "access.serviceAccounts",
+        // partitions, replicas
+        same => same,
+    }
+}
+
+impl From<ConfigError> for SpecError {
+    fn from(e: ConfigError) -> Self {
+        match e {
+            ConfigError::Invalid { field, reason, .. } => SpecError::Invalid {
+                field,
+                message: reason,
+            },
+            ConfigError::QueueName { name, reason } => {
+                SpecError::Name(format!("{name:?} cannot name a queue: it {reason}"))
+            }
+            // Not reported by validation (only by parsing and reading a file).
+            other => SpecError::Name(other.to_string()),
+        }
+    }
+}
+
+/// The spec as the settings of queue `name`, checked by sluice-config's validator.
+///
+/// `replicas` is the number of brokers the StatefulSet actually runs (it differs
+/// from spec.replicas while a scale-down is blocked).
+pub fn queue_settings(
+    name: &str,
+    namespace: &str,
+    spec: &QueueSpec,
+    replicas: i32,
+) -> Result<QueueSettings, SpecError> {
+    fn int<T: TryFrom<i64>>(field: &'static str, v: i64, min: i64) -> Result<T, SpecError> {
+        T::try_from(v)
+            .ok()
+            .filter(|_| v >= min)
+            .ok_or_else(|| SpecError::Invalid {
+                field,
+                message: format!("must be at least {min}, got {v}"),
+            })
+    }
+    let settings = QueueSettings {
+        name: name.to_string(),
+        partitions: int("partitions", spec.partitions.into(), 1)?,
+        replicas: int("replicas", replicas.into(), 1)?,
+        fsync: match spec.durability.fsync {
+            Fsync::Always => FsyncMode::Always,
+            Fsync::Interval => FsyncMode::Interval,
+            Fsync::Never => FsyncMode::Never,
+        },
+        fsync_interval: spec.durability.fsync_interval.into(),
+        visibility_timeout: spec.delivery.visibility_timeout.into(),
+        max_deliveries: int(
+            "delivery.maxDeliveries",
+            spec.delivery.max_deliveries.into(),
+            0,
+        )?,
+        dead_letter: spec.delivery.dead_letter,
+        redelivery_delay: spec.delivery.redelivery_delay.into(),
+        redelivery_delay_max: spec.delivery.redelivery_delay_max.into(),
+        default_delay: spec.delivery.default_delay.into(),
+        max_message_bytes: int("maxMessageBytes", spec.max_message_bytes, 1)?,
+        max_batch: int("maxBatch", spec.max_batch.into(), 1)?,
+        dedup_window: spec.deduplication_window.into(),
+        retention_max_age: spec.retention.max_age.into(),
+        retention_max_messages: int("retention.maxMessages", spec.retention.max_messages, 0)?,
+        retention_max_bytes: int("retention.maxBytes", spec.retention.max_bytes, 0)?,
+        overflow: match spec.retention.overflow {
+            Overflow::RejectNew => sluice_config::Overflow::RejectNew,
+            Overflow::DropOldest => sluice_config::Overflow::DropOldest,
+        },
+        access: access_list(namespace, spec),
+    };
+    settings.validate_naming(spec_field)?;
+    Ok(settings)
 }
 
 /// Checks what the schema cannot (Kubernetes 1.20 has no CEL rules, and older
@@ -85,85 +144,17 @@ pub fn render(
     spec: &QueueSpec,
     replicas: i32,
 ) -> Result<BrokerSettings, SpecError> {
-    validate(spec)?;
-    let d = |field: &'static str, v: &str| -> Result<String, SpecError> {
-        parse_duration_ms(v)
-            .map(format_duration_ms)
-            .ok_or_else(|| SpecError::Duration {
-                field,
-                value: v.to_string(),
-            })
+    validate_template(spec)?;
+    let settings = queue_settings(name, namespace, spec, replicas)?;
+    let file = BrokerFile {
+        queues: vec![settings],
     };
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "# Written by sluice-operator from Queue {name}. Do not edit."
+    let toml = format!(
+        "# Written by sluice-operator from Queue {name}. Do not edit.\n{}",
+        file.to_toml()
     );
-    let _ = writeln!(t, "[[queue]]");
-    let _ = writeln!(t, "name = {}", toml_str(name));
-    let _ = writeln!(t, "partitions = {}", spec.partitions);
-    let _ = writeln!(t, "replicas = {replicas}");
-    let _ = writeln!(t, "fsync = \"{}\"", spec.durability.fsync.as_str());
-    let _ = writeln!(
-        t,
-        "fsync_interval = \"{}\"",
-        d("durability.fsyncInterval", &spec.durability.fsync_interval)?
-    );
-    let _ = writeln!(
-        t,
-        "visibility_timeout = \"{}\"",
-        d(
-            "delivery.visibilityTimeout",
-            &spec.delivery.visibility_timeout
-        )?
-    );
-    let _ = writeln!(t, "max_deliveries = {}", spec.delivery.max_deliveries);
-    let _ = writeln!(t, "dead_letter = {}", spec.delivery.dead_letter);
-    let _ = writeln!(
-        t,
-        "redelivery_delay = \"{}\"",
-        d("delivery.redeliveryDelay", &spec.delivery.redelivery_delay)?
-    );
-    let _ = writeln!(
-        t,
-        "redelivery_delay_max = \"{}\"",
-        d(
-            "delivery.redeliveryDelayMax",
-            &spec.delivery.redelivery_delay_max
-        )?
-    );
-    let _ = writeln!(
-        t,
-        "default_delay = \"{}\"",
-        d("delivery.defaultDelay", &spec.delivery.default_delay)?
-    );
-    let _ = writeln!(t, "max_message_bytes = {}", spec.max_message_bytes);
-    let _ = writeln!(t, "max_batch = {}", spec.max_batch);
-    let _ = writeln!(
-        t,
-        "dedup_window = \"{}\"",
-        d("deduplicationWindow", &spec.deduplication_window)?
-    );
-    let _ = writeln!(
-        t,
-        "retention_max_age = \"{}\"",
-        d("retention.maxAge", &spec.retention.max_age)?
-    );
-    let _ = writeln!(
-        t,
-        "retention_max_messages = {}",
-        spec.retention.max_messages
-    );
-    let _ = writeln!(t, "retention_max_bytes = {}", spec.retention.max_bytes);
-    let _ = writeln!(t, "overflow = \"{}\"", spec.retention.overflow.as_str());
-    // Written only when set, so Queues without a list keep their settings hash.
-    let access = access_list(namespace, spec);
-    if !access.is_empty() {
-        let entries: Vec<String> = access.iter().map(|a| toml_str(a)).collect();
-        let _ = writeln!(t, "access = [{}]", entries.join(", "));
-    }
-    let hash = hex(&Sha256::digest(t.as_bytes()))[..16].to_string();
-    Ok(BrokerSettings { toml: t, hash })
+    let hash = hex(&Sha256::digest(toml.as_bytes()))[..16].to_string();
+    Ok(BrokerSettings { toml, hash })
 }
 
 /// `namespace/name` of every ServiceAccount on the Queue's access list.
@@ -181,87 +172,16 @@ pub fn access_list(namespace: &str, spec: &QueueSpec) -> Vec<String> {
         .collect()
 }
 
-/// Semantic checks of a spec.
-pub fn validate(spec: &QueueSpec) -> Result<(), SpecError> {
+/// Semantic checks of a Queue `name` in `namespace`: everything its brokers would
+/// refuse, and the pod template.
+pub fn validate(name: &str, namespace: &str, spec: &QueueSpec) -> Result<(), SpecError> {
+    validate_template(spec)?;
+    queue_settings(name, namespace, spec, spec.replicas).map(drop)
+}
+
+/// The operator's own checks: the broker pod template.
+fn validate_template(spec: &QueueSpec) -> Result<(), SpecError> {
     let inv = |field: &'static str, message: String| Err(SpecError::Invalid { field, message });
-    if spec.replicas < 1 {
-        return inv(
-            "replicas",
-            format!("must be at least 1, got {}", spec.replicas),
-        );
-    }
-    if spec.partitions < 1 {
-        return inv(
-            "partitions",
-            format!("must be at least 1, got {}", spec.partitions),
-        );
-    }
-    if spec.partitions < spec.replicas {
-        return inv(
-            "partitions",
-            format!(
-                "must be at least replicas ({}), got {}: a broker without a partition would sit idle",
-                spec.replicas, spec.partitions
-            ),
-        );
-    }
-    let durations: [(&'static str, &str); 7] = [
-        ("durability.fsyncInterval", &spec.durability.fsync_interval),
-        (
-            "delivery.visibilityTimeout",
-            &spec.delivery.visibility_timeout,
-        ),
-        ("delivery.redeliveryDelay", &spec.delivery.redelivery_delay),
-        (
-            "delivery.redeliveryDelayMax",
-            &spec.delivery.redelivery_delay_max,
-        ),
-        ("delivery.defaultDelay", &spec.delivery.default_delay),
-        ("deduplicationWindow", &spec.deduplication_window),
-        ("retention.maxAge", &spec.retention.max_age),
-    ];
-    for (field, v) in durations {
-        if parse_duration_ms(v).is_none() {
-            return Err(SpecError::Duration {
-                field,
-                value: v.to_string(),
-            });
-        }
-    }
-    let ms = |v: &str| parse_duration_ms(v).unwrap_or(0);
-    if ms(&spec.delivery.visibility_timeout) == 0 {
-        return inv(
-            "delivery.visibilityTimeout",
-            "must be greater than 0s".into(),
-        );
-    }
-    if spec.durability.fsync == Fsync::Interval && ms(&spec.durability.fsync_interval) == 0 {
-        return inv(
-            "durability.fsyncInterval",
-            "must be greater than 0s when fsync is interval".into(),
-        );
-    }
-    if ms(&spec.delivery.redelivery_delay) > ms(&spec.delivery.redelivery_delay_max) {
-        return inv(
-            "delivery.redeliveryDelay",
-            format!(
-                "{} exceeds delivery.redeliveryDelayMax {}",
-                spec.delivery.redelivery_delay, spec.delivery.redelivery_delay_max
-            ),
-        );
-    }
-    if spec.max_message_bytes < 1 {
-        return inv("maxMessageBytes", "must be at least 1".into());
-    }
-    if spec.retention.max_bytes > 0 && spec.retention.max_bytes < spec.max_message_bytes {
-        return inv(
-            "retention.maxBytes",
-            format!(
-                "{} is smaller than maxMessageBytes {}: no message could ever be kept",
-                spec.retention.max_bytes, spec.max_message_bytes
-            ),
-        );
-    }
     if let Some(t) = &spec.template {
         if let Some(img) = &t.image
             && img.trim().is_empty()
@@ -277,36 +197,7 @@ pub fn validate(spec: &QueueSpec) -> Result<(), SpecError> {
             );
         }
     }
-    for (i, sa) in spec.access.service_accounts.iter().enumerate() {
-        if sa.name.is_empty() {
-            return inv(
-                "access.serviceAccounts",
-                format!("entry {i} has an empty name"),
-            );
-        }
-        // The broker parses its access list the same way (sluice-config).
-        let entry = format!("{}/{}", sa.namespace.as_deref().unwrap_or("ns"), sa.name);
-        if sluice_config::parse_service_account(&entry).is_none() {
-            return inv(
-                "access.serviceAccounts",
-                format!("entry {i} ({entry}) is not a valid ServiceAccount name and namespace"),
-            );
-        }
-    }
     Ok(())
-}
-
-fn toml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -317,25 +208,10 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::crd::Queue;
+    use kube::ResourceExt;
 
     fn spec(yaml: &str) -> QueueSpec {
         serde_yaml::from_str(yaml).unwrap()
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration_ms("30s"), Some(30_000));
-        assert_eq!(parse_duration_ms("1h30m"), Some(5_400_000));
-        assert_eq!(parse_duration_ms("10ms"), Some(10));
-        assert_eq!(parse_duration_ms("14d"), Some(14 * 86_400_000));
-        assert_eq!(parse_duration_ms("0s"), Some(0));
-        assert_eq!(parse_duration_ms("5"), None);
-        assert_eq!(parse_duration_ms("s"), None);
-        assert_eq!(parse_duration_ms("5x"), None);
-        assert_eq!(parse_duration_ms(""), None);
-        assert_eq!(format_duration_ms(14 * 86_400_000), "336h");
-        assert_eq!(format_duration_ms(5_400_000), "90m");
-        assert_eq!(format_duration_ms(1500), "1500ms");
     }
 
     #[test]
@@ -391,25 +267,32 @@ overflow = \"reject_new\"
                 .toml
                 .contains("access")
         );
-        let e = validate(&spec("access: {serviceAccounts: [{name: Billing}]}")).unwrap_err();
+        let e = validate(
+            "orders",
+            "shop",
+            &spec("access: {serviceAccounts: [{name: Billing}]}"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("access.serviceAccounts"), "{e}");
     }
 
     #[test]
     fn semantic_errors_name_the_field() {
-        let e = validate(&spec("replicas: 4\npartitions: 2")).unwrap_err();
+        let e = validate("q", "ns", &spec("replicas: 4\npartitions: 2")).unwrap_err();
         assert!(e.to_string().starts_with("spec.partitions:"), "{e}");
-        let e = validate(&spec(
-            "delivery: {redeliveryDelay: 1h, redeliveryDelayMax: 1m}",
-        ))
+        let e = validate(
+            "q",
+            "ns",
+            &spec("delivery: {redeliveryDelay: 1h, redeliveryDelayMax: 1m}"),
+        )
         .unwrap_err();
         assert!(
             e.to_string().starts_with("spec.delivery.redeliveryDelay:"),
             "{e}"
         );
-        let e = validate(&spec("delivery: {visibilityTimeout: 0s}")).unwrap_err();
+        let e = validate("q", "ns", &spec("delivery: {visibilityTimeout: 0s}")).unwrap_err();
         assert!(e.to_string().contains("visibilityTimeout"), "{e}");
-        let e = validate(&spec("retention: {maxBytes: 10}")).unwrap_err();
+        let e = validate("q", "ns", &spec("retention: {maxBytes: 10}")).unwrap_err();
         assert!(e.to_string().contains("retention.maxBytes"), "{e}");
     }
 
@@ -434,17 +317,500 @@ overflow = \"reject_new\"
                     .annotations
                     .as_ref()
                     .is_some_and(|a| a.contains_key("sluice.dev/example-invalid"));
-                assert_eq!(
-                    validate(&q.spec).is_err(),
-                    invalid,
-                    "{}: {:?}",
-                    path.display(),
-                    validate(&q.spec)
-                );
+                let checked = validate(&q.name_any(), "default", &q.spec);
+                assert_eq!(checked.is_err(), invalid, "{}: {checked:?}", path.display(),);
                 n += 1;
             }
         }
         assert!(n >= 3, "expected example Queues in {dir}");
     }
     use serde::Deserialize;
+
+    /// The Queue schema's `spec`, as the API server checks it.
+    fn spec_schema() -> serde_json::Value {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(Queue::crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    }
+
+    /// What the API server's validation of the structural schema does with the
+    /// keywords our schema uses (type, minimum, maximum, pattern, minLength,
+    /// maxLength, enum, properties, items): the path of the first violation.
+    fn schema_refuses(
+        schema: &serde_json::Value,
+        v: &serde_json::Value,
+        path: &str,
+    ) -> Option<String> {
+        use serde_json::Value;
+        let refuse = |why: &str| Some(format!("{path}: {why}"));
+        if v.is_null() {
+            return (schema["nullable"] != Value::Bool(true)).then(|| format!("{path}: null"));
+        }
+        match schema["type"].as_str() {
+            Some("integer") if !(v.is_i64() || v.is_u64()) => return refuse("not an integer"),
+            Some("string") if !v.is_string() => return refuse("not a string"),
+            Some("boolean") if !v.is_boolean() => return refuse("not a boolean"),
+            Some("object") if !v.is_object() => return refuse("not an object"),
+            Some("array") if !v.is_array() => return refuse("not an array"),
+            _ => {}
+        }
+        if let (Some(min), Some(n)) = (schema["minimum"].as_f64(), v.as_f64())
+            && n < min
+        {
+            return refuse("below minimum");
+        }
+        if let (Some(max), Some(n)) = (schema["maximum"].as_f64(), v.as_f64())
+            && n > max
+        {
+            return refuse("above maximum");
+        }
+        if let Some(text) = v.as_str() {
+            let chars = text.chars().count() as u64;
+            if schema["maxLength"].as_u64().is_some_and(|m| chars > m) {
+                return refuse("too long");
+            }
+            if schema["minLength"].as_u64().is_some_and(|m| chars < m) {
+                return refuse("too short");
+            }
+            if let Some(p) = schema["pattern"].as_str()
+                && !regex::Regex::new(p).unwrap().is_match(text)
+            {
+                return refuse("does not match the pattern");
+            }
+        }
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.contains(v)
+        {
+            return refuse("unsupported value");
+        }
+        if let (Some(props), Some(obj)) = (schema["properties"].as_object(), v.as_object()) {
+            for (k, sub) in obj {
+                if let Some(s) = props.get(k)
+                    && let Some(e) = schema_refuses(s, sub, &format!("{path}.{k}"))
+                {
+                    return Some(e);
+                }
+            }
+        }
+        if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+            for (i, sub) in arr.iter().enumerate() {
+                if let Some(e) = schema_refuses(items, sub, &format!("{path}[{i}]")) {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    #[derive(Debug)]
+    enum Expect {
+        /// The API server refuses it, naming this field.
+        Refused(&'static str),
+        /// The operator renders a broker.toml that the broker loads.
+        Runs,
+        /// The operator reports InvalidSpec naming this field.
+        Invalid(&'static str),
+    }
+    use Expect::*;
+
+    impl Expect {
+        fn same(&self, other: &Expect) -> bool {
+            match (self, other) {
+                (Refused(a), Refused(b)) | (Invalid(a), Invalid(b)) => a == b,
+                (Runs, Runs) => true,
+                _ => false,
+            }
+        }
+    }
+
+    /// What happens to one Queue: refused by the schema, or else either a broker.toml
+    /// that loads as the broker loads it (to the very settings the operator meant), or
+    /// InvalidSpec naming a field. Never a file the brokers refuse.
+    fn outcome(name: &str, spec_json: &serde_json::Value) -> Expect {
+        if let Some(e) = schema_refuses(&spec_schema(), spec_json, "spec") {
+            let field = e.split(':').next().unwrap().to_string();
+            return Refused(Box::leak(field.into_boxed_str()));
+        }
+        let spec: QueueSpec = serde_json::from_value(spec_json.clone()).unwrap_or_else(|e| {
+            panic!("the schema accepts {spec_json} but the operator cannot read it: {e}")
+        });
+        match render(name, "shop", &spec, spec.replicas) {
+            Ok(rendered) => {
+                assert_eq!(validate(name, "shop", &spec), Ok(()));
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("broker.toml");
+                std::fs::write(&path, &rendered.toml).unwrap();
+                // The broker's load path (sluice-broker --config).
+                let file = BrokerFile::load(&path).unwrap_or_else(|e| {
+                    panic!(
+                        "{spec_json}: brokers refuse the rendered file: {e}\n{}",
+                        rendered.toml
+                    )
+                });
+                let meant = queue_settings(name, "shop", &spec, spec.replicas).unwrap();
+                assert_eq!(file.queues, [meant.clone()], "{spec_json}");
+                meant.dead_letter_queue().validate().unwrap();
+                Runs
+            }
+            Err(e) => {
+                assert_eq!(validate(name, "shop", &spec).as_ref(), Err(&e));
+                let field = e.field();
+                assert!(e.to_string().starts_with(&format!("{field}: ")), "{e}");
+                Invalid(Box::leak(field.into_boxed_str()))
+            }
+        }
+    }
+
+    #[test]
+    fn every_spec_the_schema_accepts_runs_or_is_invalid_spec() {
+        use serde_json::json;
+        let long_ok = "99999999999999d"; // the longest the schema allows; parses
+        let cases: Vec<(serde_json::Value, Expect)> = vec![
+            (json!({}), Runs),
+            // replicas and partitions
+            (json!({"replicas": 1, "partitions": 1}), Runs),
+            (json!({"replicas": 64, "partitions": 64}), Runs),
+            (json!({"replicas": 0}), Refused("spec.replicas")),
+            (
+                json!({"replicas": 65, "partitions": 100}),
+                Refused("spec.replicas"),
+            ),
+            (
+                json!({"replicas": 4, "partitions": 2}),
+                Invalid("spec.partitions"),
+            ),
+            (json!({"partitions": 0}), Refused("spec.partitions")),
+            (json!({"partitions": 1024}), Runs),
+            (json!({"partitions": 1025}), Refused("spec.partitions")),
+            // The issue: the schema allowed it, the operator wrote it, brokers refused it.
+            (json!({"partitions": 2000}), Refused("spec.partitions")),
+            (json!({"partitions": 4096}), Refused("spec.partitions")),
+            // batches and message sizes
+            (json!({"maxBatch": 1}), Runs),
+            (json!({"maxBatch": 10000}), Runs),
+            (json!({"maxBatch": 10001}), Refused("spec.maxBatch")),
+            (json!({"maxBatch": 100000}), Refused("spec.maxBatch")),
+            (json!({"maxBatch": 0}), Refused("spec.maxBatch")),
+            (json!({"maxMessageBytes": 1}), Runs),
+            (json!({"maxMessageBytes": 67108864}), Runs),
+            (
+                json!({"maxMessageBytes": 67108865}),
+                Refused("spec.maxMessageBytes"),
+            ),
+            (
+                json!({"maxMessageBytes": 0}),
+                Refused("spec.maxMessageBytes"),
+            ),
+            // retention
+            (
+                json!({"retention": {"maxBytes": 10}}),
+                Invalid("spec.retention.maxBytes"),
+            ),
+            (json!({"retention": {"maxBytes": 262144}}), Runs),
+            (
+                json!({"retention": {"maxBytes": -1}}),
+                Refused("spec.retention.maxBytes"),
+            ),
+            (
+                json!({"retention": {"maxMessages": i64::MAX, "maxBytes": i64::MAX}}),
+                Runs,
+            ),
+            (
+                json!({"retention": {"maxMessages": -1}}),
+                Refused("spec.retention.maxMessages"),
+            ),
+            (
+                json!({"retention": {"maxAge": "0s", "overflow": "dropOldest"}}),
+                Runs,
+            ),
+            (json!({"retention": {"maxAge": long_ok}}), Runs),
+            (
+                json!({"retention": {"maxAge": "999999999999999d"}}),
+                Refused("spec.retention.maxAge"),
+            ),
+            (
+                json!({"retention": {"maxAge": "99999999999999999999h"}}),
+                Refused("spec.retention.maxAge"),
+            ),
+            // deliveries
+            (json!({"delivery": {"maxDeliveries": 1}}), Runs),
+            (
+                json!({"delivery": {"maxDeliveries": 1000, "deadLetter": false}}),
+                Runs,
+            ),
+            (
+                json!({"delivery": {"maxDeliveries": 0}}),
+                Refused("spec.delivery.maxDeliveries"),
+            ),
+            (
+                json!({"delivery": {"maxDeliveries": 1001}}),
+                Refused("spec.delivery.maxDeliveries"),
+            ),
+            // visibility: the schema cannot bound a duration string; config caps it at 12h
+            (json!({"delivery": {"visibilityTimeout": "1ms"}}), Runs),
+            (json!({"delivery": {"visibilityTimeout": "12h"}}), Runs),
+            (json!({"delivery": {"visibilityTimeout": "720m"}}), Runs),
+            (json!({"delivery": {"visibilityTimeout": "1.5h"}}), Runs),
+            (
+                json!({"delivery": {"visibilityTimeout": "12h0.001s"}}),
+                Invalid("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "13h"}}),
+                Invalid("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "1d"}}),
+                Invalid("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "0s"}}),
+                Invalid("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "0"}}),
+                Invalid("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "30 seconds"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "30"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "-5s"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "+5s"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": " 5s"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "1w"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "1h30"}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            (
+                json!({"delivery": {"visibilityTimeout": "."}}),
+                Refused("spec.delivery.visibilityTimeout"),
+            ),
+            // default delay: at most 15 days
+            (json!({"delivery": {"defaultDelay": "15d"}}), Runs),
+            (json!({"delivery": {"defaultDelay": "360h"}}), Runs),
+            (
+                json!({"delivery": {"defaultDelay": "15d1ms"}}),
+                Invalid("spec.delivery.defaultDelay"),
+            ),
+            (
+                json!({"delivery": {"defaultDelay": long_ok}}),
+                Invalid("spec.delivery.defaultDelay"),
+            ),
+            // redelivery backoff
+            (
+                json!({"delivery": {"redeliveryDelay": "1h", "redeliveryDelayMax": "1m"}}),
+                Invalid("spec.delivery.redeliveryDelay"),
+            ),
+            (
+                json!({"delivery": {"redeliveryDelay": "1m", "redeliveryDelayMax": "1m"}}),
+                Runs,
+            ),
+            (
+                json!({"delivery": {"redeliveryDelay": "1s", "redeliveryDelayMax": "0s"}}),
+                Runs,
+            ),
+            (
+                json!({"delivery": {"redeliveryDelay": ".5s", "redeliveryDelayMax": long_ok}}),
+                Runs,
+            ),
+            // flushing
+            (
+                json!({"durability": {"fsync": "interval", "fsyncInterval": "0s"}}),
+                Invalid("spec.durability.fsyncInterval"),
+            ),
+            (
+                json!({"durability": {"fsync": "interval", "fsyncInterval": "1ns"}}),
+                Runs,
+            ),
+            (
+                json!({"durability": {"fsync": "interval", "fsyncInterval": "5µs"}}),
+                Runs,
+            ),
+            (
+                json!({"durability": {"fsync": "always", "fsyncInterval": "0s"}}),
+                Runs,
+            ),
+            (
+                json!({"durability": {"fsync": "sometimes"}}),
+                Refused("spec.durability.fsync"),
+            ),
+            (
+                json!({"durability": {"fsyncInterval": "10 ms"}}),
+                Refused("spec.durability.fsyncInterval"),
+            ),
+            // deduplication
+            (json!({"deduplicationWindow": "0s"}), Runs),
+            (json!({"deduplicationWindow": "1h30m15s500ms"}), Runs),
+            (
+                json!({"deduplicationWindow": "1h30m15s500ms00s"}),
+                Refused("spec.deduplicationWindow"),
+            ),
+            // access lists
+            (
+                json!({"access": {"serviceAccounts": [{"name": "billing"}, {"name": "audit", "namespace": "ops"}]}}),
+                Runs,
+            ),
+            (
+                json!({"access": {"serviceAccounts": [{"name": ""}]}}),
+                Refused("spec.access.serviceAccounts[0].name"),
+            ),
+            (
+                json!({"access": {"serviceAccounts": [{"name": "Billing"}]}}),
+                Invalid("spec.access.serviceAccounts"),
+            ),
+            (
+                json!({"access": {"serviceAccounts": [{"name": "billing", "namespace": "Ops"}]}}),
+                Invalid("spec.access.serviceAccounts"),
+            ),
+            // the pod template: the operator's own checks
+            (
+                json!({"template": {"image": " "}}),
+                Invalid("spec.template.image"),
+            ),
+            (
+                json!({"template": {"imagePullPolicy": "Sometimes"}}),
+                Invalid("spec.template.imagePullPolicy"),
+            ),
+            (
+                json!({"template": {"image": "registry.example/sluice-broker:1", "imagePullPolicy": "Never"}}),
+                Runs,
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (spec, expect) in &cases {
+            let got = outcome("orders", spec);
+            if !got.same(expect) {
+                wrong.push(format!("{spec}: expected {expect:?}, got {got:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn queue_names_the_brokers_refuse_are_invalid_spec() {
+        for ok in ["orders", "a", &"x".repeat(59)] {
+            assert!(matches!(outcome(ok, &serde_json::json!({})), Runs), "{ok}");
+        }
+        // Kubernetes allows these object names; a broker does not allow these queue names.
+        for bad in ["orders.v2", "my.queue.dlq", &"x".repeat(60)] {
+            let e = validate(bad, "shop", &spec("{}")).unwrap_err();
+            assert!(e.to_string().starts_with("metadata.name: "), "{e}");
+            assert!(matches!(
+                outcome(bad, &serde_json::json!({})),
+                Invalid("metadata.name")
+            ));
+        }
+    }
+
+    #[test]
+    fn a_blocked_scale_down_never_writes_more_brokers_than_partitions() {
+        // spec.replicas 2 is valid, but the StatefulSet still runs 4 brokers.
+        let s = spec("replicas: 2\npartitions: 2");
+        assert_eq!(validate("q", "ns", &s), Ok(()));
+        let e = render("q", "ns", &s, 4).unwrap_err();
+        assert!(e.to_string().starts_with("spec.partitions: "), "{e}");
+        assert!(render("q", "ns", &s, 2).is_ok());
+    }
+
+    #[test]
+    fn every_settings_field_has_its_spec_path() {
+        let fields = serde_json::to_value(sluice_config::QueueSettings {
+            access: vec!["a/b".into()],
+            ..sluice_config::QueueSettings::named("q")
+        })
+        .unwrap();
+        for key in fields.as_object().unwrap().keys().filter(|k| *k != "name") {
+            let key: &'static str = Box::leak(key.clone().into_boxed_str());
+            let path = spec_field(key);
+            assert!(
+                path != key || ["partitions", "replicas"].contains(&key),
+                "broker.toml field {key} has no spec path"
+            );
+            let top = path.split('.').next().unwrap();
+            assert!(
+                spec_schema()["properties"].get(top).is_some(),
+                "{key} -> spec.{path}: no such spec field"
+            );
+        }
+    }
+
+    /// The schema's duration pattern (with its length limit) and the parser agree:
+    /// over the characters durations are made of, a string matches exactly when it
+    /// parses (the parser alone also trims blanks and takes a leading '+').
+    #[test]
+    fn duration_pattern_and_parser_agree() {
+        use sluice_config::{DURATION_MAX_CHARS, DURATION_PATTERN, parse_duration};
+        let re = regex::Regex::new(DURATION_PATTERN).unwrap();
+        let alphabet = ['0', '7', '.', 'n', 'u', 'µ', 'm', 's', 'h', 'd', 'x'];
+        let mut strings = vec![String::new()];
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            strings = strings
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            all.extend(strings.iter().cloned());
+        }
+        let mut matched = 0;
+        for s in &all {
+            let m = re.is_match(s);
+            matched += usize::from(m);
+            assert_eq!(m, parse_duration(s).is_ok(), "{s:?}: pattern says {m}");
+        }
+        assert!(matched > 1000, "{matched}");
+        // At the length limit, the largest values still parse; one more digit would not.
+        let max = DURATION_MAX_CHARS as usize;
+        for unit in ["d", "h", "m", "s", "ms", "us", "µs", "ns"] {
+            let s = format!("{}{unit}", "9".repeat(max - unit.chars().count()));
+            assert!(re.is_match(&s));
+            parse_duration(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+        for s in ["9999999d9999999d", "9999999999999.9d"] {
+            assert!(s.chars().count() > max || parse_duration(s).is_ok(), "{s}");
+        }
+        assert!(
+            parse_duration(&format!("{}d", "9".repeat(max))).is_err(),
+            "the limit is needed"
+        );
+        // The CRD carries both on every duration field.
+        let schema = spec_schema();
+        for path in [
+            "deduplicationWindow",
+            "durability.fsyncInterval",
+            "delivery.visibilityTimeout",
+            "delivery.redeliveryDelay",
+            "delivery.redeliveryDelayMax",
+            "delivery.defaultDelay",
+            "retention.maxAge",
+        ] {
+            let mut s = &schema;
+            for part in path.split('.') {
+                s = &s["properties"][part];
+            }
+            assert_eq!(s["pattern"], DURATION_PATTERN, "{path}");
+            assert_eq!(s["maxLength"], DURATION_MAX_CHARS, "{path}");
+            assert!(
+                s["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{path}"
+            );
+        }
+    }
 }
