@@ -2,7 +2,7 @@
 //! and the sidecar-injection webhook. The binary is `sluice-operator`.
 
 pub mod certs;
-pub mod controller;
+pub mod reconcile;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
