@@ -1,8 +1,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::Client;
-use sluice_operator::reconcile::{self, Context};
 use sluice_operator::leader::LeaderElector;
 use sluice_operator::metrics::Metrics;
+use sluice_operator::reconcile::{self, Context};
 use sluice_operator::resources::Defaults;
 use sluice_operator::settings::parse_duration_ms;
 use sluice_operator::webhook::{self, CertResolver, Handler, InjectConfig, SelfManaged};

@@ -1,30 +1,48 @@
 //! The Queue reconciler (kube-runtime `Controller`).
+//!
+//! [`run`] wires the controller (Queues, and the StatefulSets, Services and
+//! ConfigMaps they own). A reconciliation goes through kube's finalizer helper when
+//! the Queue needs the finalizer (`deletionPolicy: Delete`, or it still carries it):
+//! [`cleanup`](cleanup::cleanup) on deletion, else the steps of [`apply`]:
+//! [`validate`](validate::validate), the scale-down [`guard`], the applies
+//! ([`apply`](mod@apply)), the Events, and the [`status`] with conditions computed by
+//! [`conditions::compute`].
+
+pub mod apply;
+pub mod cleanup;
+pub mod conditions;
+#[cfg(test)]
+mod fixtures;
+pub mod guard;
+pub mod status;
+pub mod validate;
 
 use crate::crd::{DeletionPolicy, Queue, QueueStatus};
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorLabel, Metrics};
 use crate::resources::{self, Defaults};
 use crate::settings;
+use conditions::Observed;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::warn;
+use validate::Validation;
 
 pub const FIELD_MANAGER: &str = "sluice-operator";
 pub const FINALIZER: &str = "sluice.dev/delete-volumes";
+/// Delay before a failed reconciliation is retried.
+pub const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,45 +62,63 @@ pub enum Error {
     TokenReviewBindingMissing(String),
     #[error("data-plane certificates: {0}")]
     Certs(#[from] crate::certs::CertError),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
 }
 
-/// Lets the brokers of a Queue with an access list review callers' tokens: their
-/// own ServiceAccount, added to the chart's binding to `system:auth-delegator`.
-/// (One shared binding rather than one per Queue: a cluster-scoped object cannot be
-/// owned by a Queue, so per-Queue bindings would need a finalizer to be removed.)
-async fn grant_token_review(
-    ctx: &Context,
-    q: &Queue,
-    ns: &str,
-    pp: &PatchParams,
-) -> Result<(), Error> {
-    let name = q.name_any();
-    let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
-    sa_api
-        .patch(
-            &resources::broker_sa_name(&name),
-            pp,
-            &Patch::Apply(resources::service_account(q)),
-        )
-        .await?;
-    let binding_name = ctx
-        .defaults
-        .token_review_binding
-        .clone()
-        .ok_or(Error::NoTokenReviewBinding)?;
-    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    let binding = api
-        .get_opt(&binding_name)
-        .await?
-        .ok_or_else(|| Error::TokenReviewBindingMissing(binding_name.clone()))?;
-    // A replace carries the resourceVersion read: a concurrent change makes it fail
-    // with a conflict, and the next reconcile reads again.
-    if let Some(updated) = resources::with_broker_subject(binding, &name, ns) {
-        api.replace(&binding_name, &PostParams::default(), &updated)
-            .await?;
-        info!(queue = %name, binding = %binding_name, "brokers may now review tokens");
+impl Error {
+    /// The `error` label of `sluice_operator_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Json(_) => "json",
+            Error::NoNamespace => "no_namespace",
+            Error::NoTokenReviewBinding => "no_token_review_binding",
+            Error::TokenReviewBindingMissing(_) => "token_review_binding_missing",
+            Error::Certs(_) => "certs",
+            Error::Finalizer(_) => "finalizer",
+        }
     }
-    Ok(())
+}
+
+impl From<finalizer::Error<Error>> for Error {
+    /// The step's own error when a step failed (so messages read as they would
+    /// without the helper); the API error when the finalizer patch failed.
+    fn from(e: finalizer::Error<Error>) -> Self {
+        match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => {
+                Error::Kube(e)
+            }
+            other => Error::Finalizer(other.to_string()),
+        }
+    }
+}
+
+/// The reasons of the Events the reconciler publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventReason {
+    Created,
+    RollingUpdate,
+    Scaled,
+    ScaleDownBlocked,
+    InvalidSpec,
+    ReconcileError,
+    VolumesDeleted,
+}
+
+impl EventReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::Created => "Created",
+            EventReason::RollingUpdate => "RollingUpdate",
+            EventReason::Scaled => "Scaled",
+            EventReason::ScaleDownBlocked => "ScaleDownBlocked",
+            EventReason::InvalidSpec => "InvalidSpec",
+            EventReason::ReconcileError => "ReconcileError",
+            EventReason::VolumesDeleted => "VolumesDeleted",
+        }
+    }
 }
 
 /// State shared by reconciliations.
@@ -164,13 +200,20 @@ pub async fn run(
 
 fn error_policy(q: Arc<Queue>, err: &Error, ctx: Arc<Context>) -> Action {
     warn!(queue = %q.name_any(), ns = ?q.namespace(), error = %err, "reconcile error; retrying");
-    ctx.metrics.reconcile_errors.inc();
-    Action::requeue(Duration::from_secs(10))
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabel {
+            error: err.metric_label().into(),
+        })
+        .inc();
+    Action::requeue(RETRY_AFTER)
 }
 
-async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// One reconciliation: counted and timed; a failure is reported on the Queue
+/// (Warning Event, `Degraded=True ReconcileError`) before the error policy retries.
+pub async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer();
-    let res = reconcile_inner(&q, &ctx).await;
+    let res = reconcile_queue(q.clone(), &ctx).await;
     ctx.metrics
         .reconciliations
         .get_or_create(&crate::metrics::ResultLabel {
@@ -180,425 +223,82 @@ async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
     if let Err(e) = &res {
         // Tell the user, best effort: the error policy retries with a delay.
         let msg = e.to_string();
-        let _ = publish(
+        publish(
             &ctx,
             &q,
             EventType::Warning,
-            "ReconcileError",
+            EventReason::ReconcileError,
             "Reconcile",
             &msg,
         )
         .await;
         let mut status = q.status.clone().unwrap_or_default();
-        set_condition(
+        conditions::merge(
             &mut status,
-            "Degraded",
-            true,
-            "ReconcileError",
-            &msg,
+            conditions::compute(&Observed::Failed { error: &msg }),
             q.metadata.generation,
+            &now(),
         );
         let _ = patch_status(&ctx, &q, status).await;
     }
     res
 }
 
-async fn reconcile_inner(q: &Queue, ctx: &Context) -> Result<Action, Error> {
+/// The reconcile/cleanup split. Only a Queue with `deletionPolicy: Delete` carries
+/// the finalizer (kube's helper adds it, runs [`cleanup`](cleanup::cleanup) on
+/// deletion and then releases it); switching back to `Retain` removes it; without it
+/// a deleted Queue is left to the garbage collector.
+async fn reconcile_queue(q: Arc<Queue>, ctx: &Context) -> Result<Action, Error> {
     let ns = q.namespace().ok_or(Error::NoNamespace)?;
-    let name = q.name_any();
-    let client = ctx.client.clone();
-    let queues: Api<Queue> = Api::namespaced(client.clone(), &ns);
-
-    // Deletion: only a Queue with deletionPolicy Delete carries our finalizer.
-    if q.metadata.deletion_timestamp.is_some() {
-        if q.finalizers().iter().any(|f| f == FINALIZER) {
-            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-            let sel = format!("{}={}", resources::QUEUE_LABEL, name);
-            let list = pvcs.list(&ListParams::default().labels(&sel)).await?;
-            for pvc in &list.items {
-                if pvc.metadata.deletion_timestamp.is_none() {
-                    pvcs.delete(&pvc.name_any(), &DeleteParams::default())
-                        .await?;
-                    info!(queue = %name, %ns, pvc = %pvc.name_any(), "deleted data volume claim");
-                }
-            }
-            publish(
-                ctx,
-                q,
-                EventType::Normal,
-                "VolumesDeleted",
-                "Delete",
-                &format!(
-                    "deleted {} PersistentVolumeClaim(s) (deletionPolicy Delete)",
-                    list.items.len()
-                ),
-            )
-            .await;
-            remove_finalizer(&queues, q).await?;
-        }
-        return Ok(Action::await_change());
-    }
-
-    // Finalizer only when deletion needs work.
+    let queues: Api<Queue> = Api::namespaced(ctx.client.clone(), &ns);
     let wants_finalizer = q.spec.deletion_policy == DeletionPolicy::Delete;
     let has_finalizer = q.finalizers().iter().any(|f| f == FINALIZER);
-    if wants_finalizer && !has_finalizer {
-        let mut f = q.finalizers().to_vec();
-        f.push(FINALIZER.into());
-        set_finalizers(&queues, q, f).await?;
+    let deleting = q.metadata.deletion_timestamp.is_some();
+    if !wants_finalizer && has_finalizer && !deleting {
+        remove_finalizer(&queues, &q).await?;
         // The update triggers another reconcile.
         return Ok(Action::await_change());
     }
-    if !wants_finalizer && has_finalizer {
-        remove_finalizer(&queues, q).await?;
-        return Ok(Action::await_change());
+    if wants_finalizer || has_finalizer {
+        finalizer(&queues, FINALIZER, q, |event| async move {
+            match event {
+                finalizer::Event::Apply(q) => apply(&q, ctx).await,
+                finalizer::Event::Cleanup(q) => cleanup::cleanup(&q, ctx).await,
+            }
+        })
+        .await
+        .map_err(Error::from)
+    } else if deleting {
+        Ok(Action::await_change())
+    } else {
+        apply(&q, ctx).await
     }
+}
 
+/// The steps of a live Queue: validate, guard the scale, apply, announce, report.
+async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
+    let ns = q.namespace().ok_or(Error::NoNamespace)?;
+    let name = q.name_any();
     let mut status = q.status.clone().unwrap_or_default();
-    let generation = q.metadata.generation;
     status.address = Some(resources::address(&name, &ns, &ctx.defaults.cluster_domain));
 
-    // Semantic validation: refuse to run what the schema could not check.
-    if let Err(e) = settings::validate(&q.spec) {
-        let msg = e.to_string();
-        let already = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.reason == "InvalidSpec" && c.message == msg);
-        set_condition(&mut status, "Ready", false, "InvalidSpec", &msg, generation);
-        set_condition(
-            &mut status,
-            "Degraded",
-            true,
-            "InvalidSpec",
-            &msg,
-            generation,
-        );
-        set_condition(
-            &mut status,
-            "Progressing",
-            false,
-            "InvalidSpec",
-            "nothing is applied until the spec is fixed",
-            generation,
-        );
-        status.observed_generation = generation;
-        patch_status(ctx, q, status).await?;
-        if !already {
-            publish(ctx, q, EventType::Warning, "InvalidSpec", "Validate", &msg).await;
-        }
-        ctx.metrics.invalid_specs.inc();
+    if validate::validate(ctx, q, &status).await? == Validation::Invalid {
         return Ok(Action::await_change());
     }
-
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let sts_name = resources::sts_name(&name);
-    let existing = sts_api.get_opt(&sts_name).await?;
-
-    // Scaling down would orphan the partitions of the removed pods: refuse.
-    let current = existing
-        .as_ref()
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.replicas);
-    let mut replicas = q.spec.replicas;
-    let mut blocked = None;
-    if let Some(cur) = current
-        && q.spec.replicas < cur
-    {
-        replicas = cur;
-        blocked = Some(format!(
-            "scale-down from {cur} to {} refused: brokers {}..{} own partitions whose messages would be lost (partition data cannot move between brokers yet); staying at {cur} replicas",
-            q.spec.replicas,
-            q.spec.replicas,
-            cur - 1
-        ));
-    }
-
-    let rendered = settings::render(&name, &ns, &q.spec, replicas).expect("validated above");
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-
-    if !q.spec.access.service_accounts.is_empty() {
-        grant_token_review(ctx, q, &ns, &pp).await?;
-    }
-
-    let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    cm_api
-        .patch(
-            &resources::cm_name(&name),
-            &pp,
-            &Patch::Apply(resources::config_map(q, &rendered.toml)),
-        )
-        .await?;
-    let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
-    svc_api
-        .patch(
-            &resources::svc_name(&name),
-            &pp,
-            &Patch::Apply(resources::service(q)),
-        )
-        .await?;
-    let mut desired = resources::stateful_set(q, &ctx.defaults, replicas, &rendered.hash);
-    if let Some(certs) = &ctx.certs {
-        let secret = resources::tls_secret_name(&name);
-        let fingerprint = certs
-            .broker_secret(
-                &name,
-                &ns,
-                &secret,
-                resources::owned_meta(q, secret.clone()),
-                &ctx.defaults.cluster_domain,
-            )
-            .await?;
-        resources::with_tls(&mut desired, &name, &fingerprint);
-    }
-    let applied = sts_api
-        .patch(&sts_name, &pp, &Patch::Apply(&desired))
-        .await?;
-    let pdb_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ctx.pdb);
-    let pdb = resources::pdb(q, &ctx.pdb.api_version);
-    pdb_api
-        .patch(&resources::pdb_name(&name), &pp, &Patch::Apply(pdb))
-        .await?;
-
-    // Events for what changed.
-    match &existing {
-        None => {
-            publish(
-                ctx,
-                q,
-                EventType::Normal,
-                "Created",
-                "Apply",
-                &format!(
-                    "created StatefulSet, Service {sts_name}, ConfigMap {} and PodDisruptionBudget",
-                    resources::cm_name(&name)
-                ),
-            )
-            .await
-        }
-        Some(old) => {
-            let old_hash = old
-                .spec
-                .as_ref()
-                .and_then(|s| s.template.metadata.as_ref())
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(resources::HASH_ANNOTATION))
-                .cloned();
-            if old_hash.as_deref() != Some(rendered.hash.as_str()) {
-                publish(
-                    ctx,
-                    q,
-                    EventType::Normal,
-                    "RollingUpdate",
-                    "Apply",
-                    &format!(
-                        "broker settings changed (hash {}): rolling the brokers",
-                        rendered.hash
-                    ),
-                )
-                .await;
-            }
-            if current != Some(replicas) {
-                publish(
-                    ctx,
-                    q,
-                    EventType::Normal,
-                    "Scaled",
-                    "Apply",
-                    &format!("scaled from {} to {replicas} brokers", current.unwrap_or(0)),
-                )
-                .await;
-            }
-        }
-    }
-    if let Some(msg) = &blocked {
-        let already = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.reason == "ScaleDownBlocked" && c.status == "True");
-        if !already {
-            publish(ctx, q, EventType::Warning, "ScaleDownBlocked", "Scale", msg).await;
-        }
-    }
-
-    // Status from what the StatefulSet and its pods report.
-    let ss = applied.status.clone().unwrap_or_default();
-    let ready = ss.ready_replicas.unwrap_or(0);
-    let updated = ss.updated_replicas.unwrap_or(0);
-    let sts_generation_seen =
-        ss.observed_generation.unwrap_or(0) >= applied.metadata.generation.unwrap_or(0);
-    status.replicas = Some(replicas);
-    status.ready_replicas = Some(ready);
-    status.config_hash = Some(rendered.hash.clone());
-    status.endpoints = (0..replicas)
-        .map(|i| {
-            format!(
-                "{sts_name}-{i}.{}.{ns}.svc.{}:{}",
-                resources::svc_name(&name),
-                ctx.defaults.cluster_domain,
-                resources::GRPC_PORT
-            )
-        })
-        .collect();
-    status.observed_generation = generation;
-
-    let rolled = sts_generation_seen && updated >= replicas && ss.replicas <= replicas;
-    if rolled {
-        set_condition(
-            &mut status,
-            "Progressing",
-            false,
-            "RolloutComplete",
-            &format!("{replicas} broker(s) run the current settings"),
-            generation,
-        );
-    } else {
-        set_condition(
-            &mut status,
-            "Progressing",
-            true,
-            "RollingOut",
-            &format!(
-                "{updated}/{replicas} broker(s) run the current settings (hash {})",
-                rendered.hash
-            ),
-            generation,
-        );
-    }
-    if ready >= replicas {
-        set_condition(
-            &mut status,
-            "Ready",
-            true,
-            "AllBrokersReady",
-            &format!("{ready}/{replicas} brokers ready"),
-            generation,
-        );
-    } else {
-        let why = pods_summary(ctx, &ns, &name).await;
-        set_condition(
-            &mut status,
-            "Ready",
-            false,
-            "BrokersNotReady",
-            &format!("{ready}/{replicas} brokers ready; {why}"),
-            generation,
-        );
-    }
-    match &blocked {
-        Some(msg) => set_condition(
-            &mut status,
-            "Degraded",
-            true,
-            "ScaleDownBlocked",
-            msg,
-            generation,
-        ),
-        None => set_condition(
-            &mut status,
-            "Degraded",
-            false,
-            "AsExpected",
-            "all owned objects applied",
-            generation,
-        ),
-    }
-    patch_status(ctx, q, status).await?;
-    ctx.metrics.queues_reconciled.inc();
-
-    // Pods come and go without touching what we watch when no kubelet reports
-    // status; poll while not ready, and resync now and then to repair PDB drift.
-    if ready >= replicas && rolled {
-        Ok(Action::requeue(Duration::from_secs(300)))
-    } else {
-        Ok(Action::requeue(Duration::from_secs(15)))
-    }
+    let existing = guard::existing(ctx, &ns, &name).await?;
+    let scale = guard::check(q.spec.replicas, existing.as_ref());
+    let rendered = settings::render(&name, &ns, &q.spec, scale.replicas).expect("validated above");
+    let applied = apply::apply_all(ctx, q, &ns, scale.replicas, &rendered).await?;
+    apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
+    guard::announce(ctx, q, &status, &scale).await;
+    status::report(ctx, q, status, &applied, &scale, &rendered).await
 }
 
-/// Describes why pods are not ready ("3 Pending: no node is available to run them").
-async fn pods_summary(ctx: &Context, ns: &str, queue: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let sel = format!("{}={}", resources::QUEUE_LABEL, queue);
-    let list = match pods.list(&ListParams::default().labels(&sel)).await {
-        Ok(l) => l,
-        Err(e) => return format!("pods unknown ({e})"),
-    };
-    if list.items.is_empty() {
-        return "no broker pod exists yet (the StatefulSet controller creates them)".into();
-    }
-    let mut pending = 0;
-    let mut unscheduled = None;
-    let mut other = Vec::new();
-    for p in &list.items {
-        let st = p.status.clone().unwrap_or_default();
-        let phase = st.phase.unwrap_or_else(|| "Unknown".into());
-        if phase == "Pending" {
-            pending += 1;
-            if let Some(c) = st
-                .conditions
-                .unwrap_or_default()
-                .into_iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-            {
-                unscheduled = Some(c.message.unwrap_or_default());
-            } else if p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some()
-                && unscheduled.is_none()
-            {
-                unscheduled = Some("scheduled, waiting for the node to start it".into());
-            }
-        } else {
-            other.push(format!("{}: {phase}", p.name_any()));
-        }
-    }
-    let mut s = String::new();
-    if pending > 0 {
-        s.push_str(&format!("{pending} pod(s) Pending"));
-        match unscheduled {
-            Some(m) if !m.is_empty() => s.push_str(&format!(" ({m})")),
-            _ => s.push_str(" (not scheduled: no node has taken them yet)"),
-        }
-    }
-    if !other.is_empty() {
-        if !s.is_empty() {
-            s.push_str("; ");
-        }
-        s.push_str(&other.join(", "));
-    }
-    s
+fn now() -> Time {
+    Time(Timestamp::now())
 }
 
-/// Sets a condition, keeping lastTransitionTime when the status did not change.
-pub fn set_condition(
-    status: &mut QueueStatus,
-    type_: &str,
-    value: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) {
-    let v = if value { "True" } else { "False" };
-    let now = Time(Timestamp::now());
-    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != v {
-                c.last_transition_time = now;
-            }
-            c.status = v.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-        }
-        None => status.conditions.push(Condition {
-            type_: type_.into(),
-            status: v.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: now,
-        }),
-    }
-}
-
+/// Patches the status, unless it is what the Queue already has.
 async fn patch_status(ctx: &Context, q: &Queue, status: QueueStatus) -> Result<(), Error> {
     if q.status.as_ref() == Some(&status) {
         return Ok(());
@@ -613,7 +313,14 @@ async fn patch_status(ctx: &Context, q: &Queue, status: QueueStatus) -> Result<(
     Ok(())
 }
 
-async fn set_finalizers(api: &Api<Queue>, q: &Queue, f: Vec<String>) -> Result<(), Error> {
+/// Removes our finalizer (Delete switched back to Retain).
+async fn remove_finalizer(api: &Api<Queue>, q: &Queue) -> Result<(), Error> {
+    let f: Vec<String> = q
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
     // resourceVersion makes the merge patch fail on a concurrent change instead of
     // clobbering another controller's finalizer.
     api.patch(
@@ -627,33 +334,24 @@ async fn set_finalizers(api: &Api<Queue>, q: &Queue, f: Vec<String>) -> Result<(
     Ok(())
 }
 
-async fn remove_finalizer(api: &Api<Queue>, q: &Queue) -> Result<(), Error> {
-    let f: Vec<String> = q
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    set_finalizers(api, q, f).await
-}
-
+/// Publishes an Event about the Queue, best effort (a failure is logged).
 async fn publish(
     ctx: &Context,
     q: &Queue,
     type_: EventType,
-    reason: &str,
+    reason: EventReason,
     action: &str,
     note: &str,
 ) {
     let ev = Event {
         type_,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         note: Some(note.chars().take(1000).collect()),
         action: action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &q.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
+        warn!(error = %e, reason = reason.as_str(), "could not publish event");
     }
 }
 
@@ -680,4 +378,65 @@ pub async fn apply_crd(client: &Client) -> Result<(), Error> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{Scenario, reconcile_with};
+    use super::*;
+    use crate::metrics::ErrorLabel;
+
+    #[tokio::test]
+    async fn delete_policy_adds_the_finalizer_first() {
+        let q = Queue::test(json!({ "deletionPolicy": "Delete" }));
+        let (res, _) = reconcile_with(q, Scenario::AddFinalizer).await;
+        assert_eq!(res.unwrap(), Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn retain_policy_removes_only_our_finalizer() {
+        let mut q = Queue::test(json!({}));
+        q.metadata.finalizers = Some(vec!["other.example/keep".into(), FINALIZER.into()]);
+        let (res, _) = reconcile_with(q, Scenario::RemoveFinalizer).await;
+        assert_eq!(res.unwrap(), Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_queue_without_finalizer_is_left_to_the_garbage_collector() {
+        let q = Queue::test(json!({})).deleting();
+        let (res, _) = reconcile_with(q, Scenario::Quiet).await;
+        assert_eq!(res.unwrap(), Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_is_reported_on_the_queue_and_counted() {
+        let (res, metrics) = reconcile_with(Queue::test(json!({})), Scenario::ApplyFails).await;
+        let err = res.unwrap_err();
+        assert_eq!(err.metric_label(), "kube");
+        assert_eq!(
+            metrics
+                .reconciliations
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: "error".into()
+                })
+                .get(),
+            1
+        );
+        // The error policy counts by kind and retries.
+        let (ctx, _verifier) = Context::test(&Queue::test(json!({})));
+        let action = error_policy(Arc::new(Queue::test(json!({}))), &err, ctx.clone());
+        assert_eq!(action, Action::requeue(RETRY_AFTER));
+        let label = ErrorLabel {
+            error: "kube".into(),
+        };
+        assert_eq!(ctx.metrics.reconcile_errors.get_or_create(&label).get(), 1);
+    }
+
+    #[test]
+    fn finalizer_errors_keep_the_step_error() {
+        let e: Error = finalizer::Error::ApplyFailed(Error::NoNamespace).into();
+        assert!(matches!(e, Error::NoNamespace));
+        let e: Error = finalizer::Error::<Error>::UnnamedObject.into();
+        assert_eq!(e.metric_label(), "finalizer");
+    }
 }
