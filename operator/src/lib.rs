@@ -2,11 +2,11 @@
 //! and the sidecar-injection webhook. The binary is `sluice-operator`.
 
 pub mod certs;
-pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
+pub mod reconcile;
 pub mod resources;
 pub mod settings;
 pub mod webhook;

@@ -1,8 +1,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::Client;
-use sluice_operator::controller::{self, Context};
 use sluice_operator::leader::LeaderElector;
 use sluice_operator::metrics::Metrics;
+use sluice_operator::reconcile::{self, Context};
 use sluice_operator::resources::Defaults;
 use sluice_operator::webhook::{self, CertResolver, Handler, InjectConfig, SelfManaged};
 use std::net::SocketAddr;
@@ -255,8 +255,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             cluster_domain: a.cluster_domain.clone(),
             token_review_binding: a.token_review_binding.clone(),
         },
-        pdb: controller::pdb_resource(&client).await?,
-        recorder: controller::recorder(client.clone(), Some(identity.clone())),
+        pdb: reconcile::pdb_resource(&client).await?,
+        recorder: reconcile::recorder(client.clone(), Some(identity.clone())),
         metrics: metrics.clone(),
         certs,
     });
@@ -305,7 +305,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
     };
     info!(namespace = ?a.watch_namespace, "starting the Queue controller");
-    controller::run(ctx, a.watch_namespace.clone(), shutdown).await;
+    reconcile::run(ctx, a.watch_namespace.clone(), shutdown).await;
     metrics.leader.set(0);
     if lost.load(Ordering::SeqCst) {
         anyhow::bail!("leadership lost; exiting so that a fresh process can queue for the Lease");

@@ -20,10 +20,16 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Which kind of error failed a reconciliation (`reconcile::Error::metric_label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub error: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciliations: Family<ResultLabel, Counter>,
-    pub reconcile_errors: Counter,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub queues_reconciled: Counter,
     pub invalid_specs: Counter,
@@ -49,10 +55,10 @@ impl Metrics {
             "Queue reconciliations by result",
             reconciliations.clone(),
         );
-        let reconcile_errors = Counter::default();
+        let reconcile_errors = Family::<ErrorLabel, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Reconciliations that failed and were retried",
+            "Reconciliations that failed and were retried, by kind of error",
             reconcile_errors.clone(),
         );
         let reconcile_duration = Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);

@@ -1,0 +1,192 @@
+//! Step: the Queue's status from what the StatefulSet and its pods report.
+
+use super::conditions::{self, Observed, Rollout};
+use super::guard::Scale;
+use super::{Context, Error, patch_status};
+use crate::crd::{Queue, QueueStatus};
+use crate::resources;
+use crate::settings::BrokerSettings;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use std::time::Duration;
+
+/// Requeue period while everything is ready and rolled (repairs PDB drift).
+pub const RESYNC_HEALTHY: Duration = Duration::from_secs(300);
+/// Requeue period otherwise: pods come and go without touching what is watched
+/// when no kubelet reports status.
+pub const RESYNC_BUSY: Duration = Duration::from_secs(15);
+
+/// What the applied StatefulSet reports.
+pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) -> Rollout {
+    let ss = applied.status.clone().unwrap_or_default();
+    Rollout {
+        replicas: scale.replicas,
+        current: ss.replicas,
+        ready: ss.ready_replicas.unwrap_or(0),
+        updated: ss.updated_replicas.unwrap_or(0),
+        generation_seen: ss.observed_generation.unwrap_or(0)
+            >= applied.metadata.generation.unwrap_or(0),
+        config_hash: rendered.hash.clone(),
+        scale_down_blocked: scale.blocked.clone(),
+        pods: None,
+    }
+}
+
+/// Writes the status (replicas, endpoints, hash, conditions) and says when to look
+/// again. `status` is the status this reconciliation builds.
+pub async fn report(
+    ctx: &Context,
+    q: &Queue,
+    mut status: QueueStatus,
+    applied: &StatefulSet,
+    scale: &Scale,
+    rendered: &BrokerSettings,
+) -> Result<Action, Error> {
+    let ns = q.namespace().ok_or(Error::NoNamespace)?;
+    let name = q.name_any();
+    let generation = q.metadata.generation;
+    let mut rollout = rollout(applied, scale, rendered);
+    let replicas = rollout.replicas;
+    status.replicas = Some(replicas);
+    status.ready_replicas = Some(rollout.ready);
+    status.config_hash = Some(rendered.hash.clone());
+    status.endpoints = (0..replicas)
+        .map(|i| {
+            format!(
+                "{}-{i}.{}.{ns}.svc.{}:{}",
+                resources::sts_name(&name),
+                resources::svc_name(&name),
+                ctx.defaults.cluster_domain,
+                resources::GRPC_PORT
+            )
+        })
+        .collect();
+    status.observed_generation = generation;
+    if !rollout.all_ready() {
+        rollout.pods = Some(pods_summary(&list_pods(ctx, &ns, &name).await));
+    }
+    conditions::merge(
+        &mut status,
+        conditions::compute(&Observed::Applied(&rollout)),
+        generation,
+        &super::now(),
+    );
+    patch_status(ctx, q, status).await?;
+    ctx.metrics.queues_reconciled.inc();
+    Ok(if rollout.all_ready() && rollout.rolled() {
+        Action::requeue(RESYNC_HEALTHY)
+    } else {
+        Action::requeue(RESYNC_BUSY)
+    })
+}
+
+async fn list_pods(ctx: &Context, ns: &str, queue: &str) -> Result<Vec<Pod>, String> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let sel = format!("{}={}", resources::QUEUE_LABEL, queue);
+    pods.list(&ListParams::default().labels(&sel))
+        .await
+        .map(|l| l.items)
+        .map_err(|e| e.to_string())
+}
+
+/// Says why pods are not ready ("3 pod(s) Pending (0/1 nodes are available…)"),
+/// from the pods' own state, or why that is unknown.
+pub fn pods_summary(pods: &Result<Vec<Pod>, String>) -> String {
+    let pods = match pods {
+        Ok(p) => p,
+        Err(e) => return format!("pods unknown ({e})"),
+    };
+    if pods.is_empty() {
+        return "no broker pod exists yet (the StatefulSet controller creates them)".into();
+    }
+    let mut pending = 0;
+    let mut unscheduled = None;
+    let mut other = Vec::new();
+    for p in pods {
+        let st = p.status.clone().unwrap_or_default();
+        let phase = st.phase.unwrap_or_else(|| "Unknown".into());
+        if phase == "Pending" {
+            pending += 1;
+            if let Some(c) = st
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            {
+                unscheduled = Some(c.message.unwrap_or_default());
+            } else if p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some()
+                && unscheduled.is_none()
+            {
+                unscheduled = Some("scheduled, waiting for the node to start it".into());
+            }
+        } else {
+            other.push(format!("{}: {phase}", p.name_any()));
+        }
+    }
+    let mut s = String::new();
+    if pending > 0 {
+        s.push_str(&format!("{pending} pod(s) Pending"));
+        match unscheduled {
+            Some(m) if !m.is_empty() => s.push_str(&format!(" ({m})")),
+            _ => s.push_str(" (not scheduled: no node has taken them yet)"),
+        }
+    }
+    if !other.is_empty() {
+        if !s.is_empty() {
+            s.push_str("; ");
+        }
+        s.push_str(&other.join(", "));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn pods_summary_says_why_brokers_are_not_ready() {
+        assert_eq!(pods_summary(&Err("boom".into())), "pods unknown (boom)");
+        assert_eq!(
+            pods_summary(&Ok(vec![])),
+            "no broker pod exists yet (the StatefulSet controller creates them)"
+        );
+        let unscheduled = pod(json!({
+            "metadata": {"name": "sluice-orders-0"},
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "message": "0/1 nodes are available"}
+            ]}
+        }));
+        let waiting = pod(json!({
+            "metadata": {"name": "sluice-orders-1"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Pending"}
+        }));
+        let failed = pod(json!({
+            "metadata": {"name": "sluice-orders-2"},
+            "status": {"phase": "Failed"}
+        }));
+        assert_eq!(
+            pods_summary(&Ok(vec![unscheduled.clone(), failed.clone()])),
+            "1 pod(s) Pending (0/1 nodes are available); sluice-orders-2: Failed"
+        );
+        assert_eq!(
+            pods_summary(&Ok(vec![waiting.clone()])),
+            "1 pod(s) Pending (scheduled, waiting for the node to start it)"
+        );
+        assert_eq!(
+            pods_summary(&Ok(vec![pod(
+                json!({"metadata": {"name": "p"}, "status": {"phase": "Pending"}})
+            )])),
+            "1 pod(s) Pending (not scheduled: no node has taken them yet)"
+        );
+    }
+}
