@@ -14,6 +14,7 @@ use crate::tls::{CertResolver, DataPlaneCerts, TlsError};
 use axum::Router;
 use axum::extract::State;
 use axum::routing::{get, post};
+use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
@@ -21,7 +22,6 @@ use kube::core::DynamicObject;
 use kube::core::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, ConvertAdmissionReviewError,
 };
-use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -58,7 +58,8 @@ type Review = axum::Json<Value>;
 fn to_json(review: &AdmissionReview<DynamicObject>) -> Value {
     let mut out = serde_json::to_value(review).expect("an AdmissionReview serializes");
     if let Some(patch) = review.response.as_ref().and_then(|r| r.patch.as_ref()) {
-        out["response"]["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
+        out["response"]["patch"] =
+            Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
     }
     out
 }
@@ -90,7 +91,10 @@ where
 }
 
 async fn mutate(State(w): State<Arc<Webhook>>, body: axum::body::Bytes) -> Review {
-    review(&w.metrics, &body, |req: AdmissionRequest<Pod>| w.mutate_pod(req)).await
+    review(&w.metrics, &body, |req: AdmissionRequest<Pod>| {
+        w.mutate_pod(req)
+    })
+    .await
 }
 
 /// The pod's namespace: the request's, else the object's, else `default`.
