@@ -741,7 +741,7 @@ impl World {
     /// GETs `path` on `port` of a pod through the API server's pod proxy (how a test
     /// reaches pods on any cluster): the body of a 2xx answer, else None.
     pub async fn pod_get(&self, ns: &str, pod: &str, port: u16, path: &str) -> Option<String> {
-        let req = http::Request::get(proxy_path(ns, pod, port, path))
+        let req = ::http::Request::get(proxy_path(ns, pod, port, path))
             .body(Vec::new())
             .ok()?;
         self.client.request_text(req).await.ok()
@@ -804,7 +804,7 @@ impl World {
     /// Starts `sluice-e2e-app <args>` as a job of the app pod's job server.
     pub async fn app_job(&self, ns: &str, pod: &str, args: &[&str]) -> AppJob {
         let body = serde_json::to_vec(&json!({ "args": args })).expect("job args");
-        let req = http::Request::post(proxy_path(ns, pod, APP_PORT, "/jobs"))
+        let req = ::http::Request::post(proxy_path(ns, pod, APP_PORT, "/jobs"))
             .header("content-type", "application/json")
             .body(body)
             .expect("job request");
@@ -846,7 +846,7 @@ pub struct AppJob {
 impl AppJob {
     /// `{"done", "acked", "result", "error"}`, or None if the pod did not answer.
     pub async fn status(&self) -> Option<Value> {
-        let req = http::Request::get(&self.path).body(Vec::new()).ok()?;
+        let req = ::http::Request::get(&self.path).body(Vec::new()).ok()?;
         let text = self.client.request_text(req).await.ok()?;
         serde_json::from_str(&text).ok()
     }

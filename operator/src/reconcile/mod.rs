@@ -61,7 +61,7 @@ pub enum Error {
     )]
     TokenReviewBindingMissing(String),
     #[error("data-plane certificates: {0}")]
-    Certs(#[from] crate::certs::CertError),
+    Certs(#[from] crate::tls::TlsError),
     #[error("finalizer: {0}")]
     Finalizer(String),
     #[error("{0} (with the {1} brokers the StatefulSet keeps while its scale-down is blocked)")]
@@ -132,7 +132,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Issues the brokers' certificates; None when the data plane runs without TLS.
-    pub certs: Option<Arc<crate::certs::DataPlaneCerts>>,
+    pub certs: Option<Arc<crate::tls::DataPlaneCerts>>,
 }
 
 /// Finds which PodDisruptionBudget version the server serves (policy/v1 from
