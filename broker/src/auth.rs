@@ -4,11 +4,16 @@
 //! API server says whose token it is (TokenReview), and the broker compares that
 //! with the list. Answers are cached briefly so the API server sees one review per
 //! token and interval, not one per call.
+//!
+//! Who answers is behind [`TokenVerifier`]: the Kubernetes TokenReview client
+//! (`tokenreview`, feature `tokenreview`) is linked only into the `sluice-broker`
+//! binary, so `sluice dev` and an embedded broker build without a Kubernetes client.
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use kube::api::{Api, PostParams};
+#[cfg(feature = "tokenreview")]
+pub mod tokenreview;
+
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 
@@ -25,11 +30,9 @@ pub const REFUSED_TTL: Duration = Duration::from_secs(5);
 const MAX_CACHED: usize = 10_000;
 /// Longest token looked at; ServiceAccount tokens are about 1 KiB.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
-/// The API server gets this long to answer a review.
-const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Debug)]
-enum Verdict {
+/// Whose token it is, as the authority (the API server) says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
     /// `namespace/name` of the ServiceAccount.
     ServiceAccount(String),
     /// Authenticated, but not as a ServiceAccount (a user, a node).
@@ -37,9 +40,27 @@ enum Verdict {
     Refused(String),
 }
 
-/// Checks ServiceAccount tokens through the Kubernetes API.
+impl Verdict {
+    /// The verdict on an authenticated user of this name.
+    pub fn of_user(username: &str) -> Verdict {
+        service_account_of(username)
+            .map(Verdict::ServiceAccount)
+            .unwrap_or_else(|| Verdict::Other(username.to_string()))
+    }
+}
+
+/// Asks the authority whose a token is: one question per call, no caching (the
+/// [`Authenticator`] caches).
+#[tonic::async_trait]
+pub trait TokenVerifier: Send + Sync + 'static {
+    /// The verdict on `token` presented for `audience`; an error when the authority
+    /// could not be asked (the call is then UNAVAILABLE, not refused).
+    async fn review(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError>;
+}
+
+/// Checks ServiceAccount tokens with a [`TokenVerifier`], caching its verdicts.
 pub struct Authenticator {
-    client: kube::Client,
+    verifier: Arc<dyn TokenVerifier>,
     /// The namespace of the queues this broker serves (part of the audience).
     namespace: String,
     /// Token -> (the queue it was reviewed for, the verdict, until when it holds).
@@ -80,9 +101,9 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, BrokerError>
 }
 
 impl Authenticator {
-    pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
+    pub fn new(verifier: Arc<dyn TokenVerifier>, namespace: impl Into<String>) -> Self {
         Authenticator {
-            client,
+            verifier,
             namespace: namespace.into(),
             cache: Mutex::new(HashMap::new()),
         }
@@ -129,7 +150,7 @@ impl Authenticator {
             return Ok(v.clone());
         }
         let audience = sluice_config::token_audience(&self.namespace, base);
-        let verdict = self.review(&audience, token).await?;
+        let verdict = self.verifier.review(&audience, token).await?;
         let ttl = match verdict {
             Verdict::Refused(_) => REFUSED_TTL,
             _ => ACCEPTED_TTL,
@@ -143,47 +164,6 @@ impl Authenticator {
             (base.to_string(), verdict.clone(), Instant::now() + ttl),
         );
         Ok(verdict)
-    }
-
-    async fn review(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError> {
-        let api: Api<TokenReview> = Api::all(self.client.clone());
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![audience.to_string()]),
-            },
-            ..Default::default()
-        };
-        let answer =
-            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
-                .await
-                .map_err(|_| {
-                    BrokerError::Unavailable(
-                        "the Kubernetes API did not answer a TokenReview in time".into(),
-                    )
-                })?
-                .map_err(|e| BrokerError::Unavailable(format!("TokenReview failed: {e}")))?;
-        let status = answer.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status
-                .error
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "not authenticated".into());
-            return Ok(Verdict::Refused(why));
-        }
-        // The API server answers for the audiences it was asked about; a token
-        // for another audience is refused above. Check the answer names ours.
-        if let Some(auds) = &status.audiences
-            && !auds.iter().any(|a| a == audience)
-        {
-            return Ok(Verdict::Refused(format!(
-                "token is not for audience {audience}"
-            )));
-        }
-        let username = status.user.and_then(|u| u.username).unwrap_or_default();
-        Ok(service_account_of(&username)
-            .map(Verdict::ServiceAccount)
-            .unwrap_or(Verdict::Other(username)))
     }
 }
 
@@ -223,5 +203,45 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
         m.insert("authorization", MetadataValue::from_static("Bearer "));
         assert!(bearer_token(&m).is_err());
+    }
+
+    /// Answers from a table and counts the questions.
+    struct Table(Mutex<usize>);
+
+    #[tonic::async_trait]
+    impl TokenVerifier for Table {
+        async fn review(&self, audience: &str, token: &str) -> Result<Verdict, BrokerError> {
+            *self.0.lock().unwrap() += 1;
+            Ok(match (audience, token) {
+                (_, "good") => Verdict::of_user("system:serviceaccount:apps:billing"),
+                _ => Verdict::Refused("not authenticated".into()),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn verdicts_are_cached_per_token_and_queue() {
+        let table = Arc::new(Table(Mutex::new(0)));
+        let auth = Authenticator::new(table.clone(), "apps");
+        let sa = Verdict::ServiceAccount("apps/billing".into());
+        assert_eq!(auth.verdict("orders", "good").await.unwrap(), sa);
+        assert_eq!(auth.verdict("orders", "good").await.unwrap(), sa);
+        assert_eq!(
+            *table.0.lock().unwrap(),
+            1,
+            "the second answer came from the cache"
+        );
+        // The same token for another queue (another audience) is asked about anew.
+        assert_eq!(auth.verdict("emails", "good").await.unwrap(), sa);
+        assert_eq!(*table.0.lock().unwrap(), 2);
+        assert!(matches!(
+            auth.verdict("orders", "bad").await.unwrap(),
+            Verdict::Refused(_)
+        ));
+        assert!(matches!(
+            auth.verdict("orders", "bad").await.unwrap(),
+            Verdict::Refused(_)
+        ));
+        assert_eq!(*table.0.lock().unwrap(), 3, "refusals are cached too");
     }
 }

@@ -28,12 +28,16 @@ pub enum BrokerError {
     Refused(#[from] EnqueueRefused),
     #[error(transparent)]
     Config(#[from] sluice_config::ConfigError),
+    #[error(transparent)]
+    Invalid(#[from] sluice_dataplane::Invalid),
 }
 
 impl BrokerError {
     pub fn code(&self) -> Code {
         match self {
-            BrokerError::InvalidArgument(_) | BrokerError::Config(_) => Code::InvalidArgument,
+            BrokerError::InvalidArgument(_) | BrokerError::Config(_) | BrokerError::Invalid(_) => {
+                Code::InvalidArgument
+            }
             BrokerError::NotFound(_) => Code::NotFound,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
             BrokerError::ResourceExhausted(_)

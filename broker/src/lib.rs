@@ -4,10 +4,13 @@
 //! - [`partition`]: queue semantics of one partition, free of I/O.
 //! - [`queue`]: partitions put together with their logs, timers and waiters.
 //! - [`broker`]: the queues a broker serves.
-//! - [`auth`]: who may use a queue (ServiceAccount tokens, TokenReview).
+//! - [`auth`]: who may use a queue (ServiceAccount tokens behind a `TokenVerifier`;
+//!   the Kubernetes TokenReview one with the `tokenreview` feature).
 //! - [`service`]: the `sluice.v1.Queues` gRPC service.
 //! - [`server`]: runs it all, with health, reflection and metrics.
-//! - [`tls`]: the mutual TLS settings of brokers and sidecars.
+//!
+//! What the sidecar speaks too (validators, receipts, partitioning, the subscription
+//! loop, server plumbing, TLS files) is in `sluice-dataplane`.
 
 pub mod auth;
 pub mod broker;
@@ -18,7 +21,6 @@ pub mod partition;
 pub mod queue;
 pub mod server;
 pub mod service;
-pub mod tls;
 
 pub use broker::{Broker, BrokerOptions};
 pub use error::BrokerError;

@@ -3,8 +3,10 @@
 use anyhow::Context;
 use clap::Parser;
 use sluice_broker::BrokerOptions;
-use sluice_broker::server::{bind, run, shutdown_signal};
+use sluice_broker::auth::{Authenticator, tokenreview::KubeTokenReview};
+use sluice_broker::server::run;
 use sluice_config::BrokerFile;
+use sluice_dataplane::server::{bind, init_tracing, shutdown_signal, tls::TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -75,7 +77,7 @@ fn ordinal_from_env() -> u32 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sluice_broker::server::init_tracing(args.log_json);
+    init_tracing(args.log_json);
     let file = match &args.config {
         Some(path) => BrokerFile::load(path)?,
         None => BrokerFile::default(),
@@ -94,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     options.storage.disk_reserve_bytes = args.disk_reserve_bytes;
     options.storage.max_waiters = args.max_waiters;
     if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
-        let files = sluice_broker::tls::TlsFiles { cert, key, ca };
+        let files = TlsFiles { cert, key, ca };
         options.tls = Some(files.server().context("TLS settings")?);
     }
     if options.queues.iter().any(|q| !q.access.is_empty()) {
@@ -103,9 +105,10 @@ async fn main() -> anyhow::Result<()> {
         let client = kube::Client::try_default().await.context(
             "a queue has an access list: connecting to the Kubernetes API to review tokens",
         )?;
-        options.authenticator = Some(std::sync::Arc::new(
-            sluice_broker::auth::Authenticator::new(client, &args.namespace),
-        ));
+        options.authenticator = Some(std::sync::Arc::new(Authenticator::new(
+            std::sync::Arc::new(KubeTokenReview::new(client)),
+            &args.namespace,
+        )));
     }
     let grpc = bind(args.listen).await?;
     let http = bind(args.metrics_listen).await?;

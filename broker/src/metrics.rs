@@ -1,4 +1,4 @@
-//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
+//! The broker's Prometheus metrics (served by `sluice_dataplane::server::http`).
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -145,57 +145,4 @@ impl Collector for QueueCollector {
         }
         Ok(())
     }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    registry: Registry,
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::{Router, http::StatusCode, routing::get};
-    let registry = Arc::new(registry);
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut out = String::new();
-                    match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(
-                                "content-type",
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            out,
-                        ),
-                        Err(_) => (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            [("content-type", "text/plain")],
-                            "encoding failed".to_string(),
-                        ),
-                    }
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

@@ -116,14 +116,7 @@ pub enum EnqueueRefused {
 }
 
 /// A new message as the service validated it.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub body: Bytes,
-    pub attributes: Vec<(String, String)>,
-    pub key: String,
-    pub dedup_id: String,
-    pub delay_ms: u64,
-}
+pub use sluice_dataplane::validate::NewMessage;
 
 /// Bytes of message bodies a broker keeps in memory; beyond it bodies are read back
 /// from the log.

@@ -4,7 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 use sluice_config::QueueSettings;
-use sluice_proto::{Receipt, partition_for_key, receipt::message_id, v1};
+use sluice_dataplane::partitioning::{Placement, place};
+use sluice_proto::{Receipt, receipt::message_id, v1};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -615,17 +616,15 @@ impl Queue {
         dedup_id: &str,
     ) -> Result<u32, BrokerError> {
         let total = self.settings.partitions;
-        let p = match explicit {
-            Some(p) if p >= total => {
+        let p = match place(explicit, key, dedup_id, total) {
+            Placement::Explicit(p) if p >= total => {
                 return Err(BrokerError::InvalidArgument(format!(
                     "partition {p} does not exist: queue {} has {total}",
                     self.name()
                 )));
             }
-            Some(p) => p,
-            None if !key.is_empty() => partition_for_key(key, total),
-            None if !dedup_id.is_empty() => partition_for_key(dedup_id, total),
-            None => {
+            Placement::Explicit(p) | Placement::Hashed(p) => p,
+            Placement::Any => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed);
                 return Ok(self.owned[i % self.owned.len()]);
             }

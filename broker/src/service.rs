@@ -1,18 +1,18 @@
-//! The `sluice.v1.Queues` gRPC service of the broker: request validation, then the
-//! queue operations.
+//! The `sluice.v1.Queues` gRPC service of the broker: request validation (shared with
+//! the sidecar, `sluice_dataplane::validate`), then the queue operations.
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
-use sluice_config::{MAX_DELAY, MAX_VISIBILITY_TIMEOUT};
+use sluice_dataplane::SettleOp;
+use sluice_dataplane::receipts::Settlement;
+use sluice_dataplane::subscription::{
+    SubscribeStream, SubscriptionBackend, spawn_subscription, subscription_start,
+};
+use sluice_dataplane::validate::{
+    MAX_WAIT, check_batch_len, validate_extension, validate_message, validate_nack_delay,
+    validate_visibility, validate_wait,
+};
 use sluice_proto::Receipt;
 use sluice_proto::v1::{self, queues_server::Queues};
-use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -22,146 +22,25 @@ use crate::error::BrokerError;
 use crate::partition::{EnqueueOutcome, NewMessage};
 use crate::queue::Queue;
 
-/// Longest long poll a Dequeue may ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
-pub const MAX_ATTRIBUTES: usize = 64;
-pub const MAX_KEY_BYTES: usize = 256;
-pub const MAX_DEDUP_ID_BYTES: usize = 128;
-/// Most credit one Subscribe stream may hold (a client cannot make the broker lease
-/// unbounded numbers of messages to it).
-pub const MAX_CREDIT: u64 = 10_000;
-
 fn invalid(msg: impl Into<String>) -> BrokerError {
     BrokerError::InvalidArgument(msg.into())
 }
 
-/// What a message counts against `max_message_bytes`: body, key, dedup id, attributes.
-pub fn message_size(m: &v1::NewMessage) -> usize {
-    m.body.len()
-        + m.key.len()
-        + m.dedup_id.len()
-        + m.attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-}
-
-/// Checks a new message against the queue's limits.
-pub fn validate_message(
-    m: v1::NewMessage,
-    max_message_bytes: u64,
-) -> Result<NewMessage, BrokerError> {
-    if m.attributes.len() > MAX_ATTRIBUTES {
-        return Err(invalid(format!(
-            "a message may carry at most {MAX_ATTRIBUTES} attributes, got {}",
-            m.attributes.len()
-        )));
-    }
-    if m.attributes.keys().any(|k| k.is_empty()) {
-        return Err(invalid("attribute names must not be empty"));
-    }
-    if m.key.len() > MAX_KEY_BYTES {
-        return Err(invalid(format!(
-            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
-            m.key.len()
-        )));
-    }
-    if m.dedup_id.len() > MAX_DEDUP_ID_BYTES {
-        return Err(invalid(format!(
-            "dedup_id is {} bytes; the limit is {MAX_DEDUP_ID_BYTES}",
-            m.dedup_id.len()
-        )));
-    }
-    if m.delay_ms > MAX_DELAY.as_millis() as u64 {
-        return Err(invalid(format!(
-            "delay_ms {} is more than the 15-day maximum ({})",
-            m.delay_ms,
-            MAX_DELAY.as_millis()
-        )));
-    }
-    let size = message_size(&m);
-    if size as u64 > max_message_bytes {
-        return Err(invalid(format!(
-            "message is {size} bytes with its key and attributes; the queue's limit (max_message_bytes) is {max_message_bytes}"
-        )));
-    }
-    let mut attributes: Vec<(String, String)> = m.attributes.into_iter().collect();
-    attributes.sort();
-    Ok(NewMessage {
-        body: m.body,
-        attributes,
-        key: m.key,
-        dedup_id: m.dedup_id,
-        delay_ms: m.delay_ms,
-    })
-}
-
-pub fn validate_visibility(ms: u64, queue: &Queue) -> Result<u64, BrokerError> {
-    if ms == 0 {
-        return Ok(queue.settings.visibility_timeout.as_millis() as u64);
-    }
-    if ms > MAX_VISIBILITY_TIMEOUT.as_millis() as u64 {
-        return Err(invalid(format!(
-            "visibility timeout {ms} ms is more than the 12-hour maximum"
-        )));
-    }
-    Ok(ms)
-}
-
-pub fn parse_receipts(
-    receipts: &[String],
-) -> Result<Vec<Result<Receipt, &'static str>>, BrokerError> {
-    if receipts.is_empty() {
-        return Err(invalid("no receipts given"));
-    }
-    Ok(receipts.iter().map(|r| r.parse::<Receipt>()).collect())
-}
-
-fn result_of(receipt: &str, r: Result<(), BrokerError>) -> v1::ReceiptResult {
-    match r {
-        Ok(()) => v1::ReceiptResult {
-            receipt: receipt.to_string(),
-            code: Code::Ok as i32,
-            error: String::new(),
-        },
-        Err(e) => v1::ReceiptResult {
-            receipt: receipt.to_string(),
-            code: e.code() as i32,
-            error: e.to_string(),
-        },
-    }
-}
-
-enum SettleOp {
-    Ack,
-    Nack { delay_ms: u64, dead_letter: bool },
-    Extend { visibility_ms: u64 },
-}
-
-/// Applies an operation to receipts, grouped by partition, answering in order.
+/// Applies an operation to receipts, partition by partition, answering in order.
 async fn settle(
     queue: &Queue,
     receipts: &[String],
     op: SettleOp,
 ) -> Result<Vec<v1::ReceiptResult>, BrokerError> {
-    let parsed = parse_receipts(receipts)?;
-    let mut results: Vec<Option<v1::ReceiptResult>> = vec![None; receipts.len()];
-    let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Receipt)>> =
-        Default::default();
-    for (i, p) in parsed.into_iter().enumerate() {
-        match p {
-            Ok(r) => by_partition.entry(r.partition).or_default().push((i, r)),
-            Err(why) => results[i] = Some(result_of(&receipts[i], Err(invalid(why)))),
-        }
-    }
-    for (pid, items) in by_partition {
+    let mut settlement = Settlement::new(receipts)?;
+    for (pid, items) in settlement.take_groups() {
         let Some(partition) = queue.partition(pid) else {
+            let e = BrokerError::FailedPrecondition(format!(
+                "partition {pid} of queue {} is not on this broker; send through the sidecar",
+                queue.name()
+            ));
             for (i, _) in items {
-                let e = BrokerError::FailedPrecondition(format!(
-                    "partition {pid} of queue {} is not on this broker; send through the sidecar",
-                    queue.name()
-                ));
-                results[i] = Some(result_of(&receipts[i], Err(e)));
+                settlement.answer_code(i, e.code(), &e.to_string());
             }
             continue;
         };
@@ -175,13 +54,13 @@ async fn settle(
             SettleOp::Extend { visibility_ms } => partition.extend(&rs, visibility_ms),
         };
         for ((i, _), r) in items.into_iter().zip(outcome) {
-            results[i] = Some(result_of(&receipts[i], r));
+            match r {
+                Ok(()) => settlement.answer_code(i, Code::Ok, ""),
+                Err(e) => settlement.answer_code(i, e.code(), &e.to_string()),
+            }
         }
     }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every receipt answered"))
-        .collect())
+    Ok(settlement.finish())
 }
 
 #[derive(Clone)]
@@ -207,28 +86,14 @@ impl QueueService {
         messages: Vec<v1::NewMessage>,
         partition: Option<u32>,
     ) -> Result<Vec<v1::EnqueueResponse>, BrokerError> {
-        if messages.is_empty() {
-            return Err(invalid("no messages given"));
-        }
-        if messages.len() > q.settings.max_batch as usize {
-            return Err(invalid(format!(
-                "batch of {} messages is over the queue's max_batch of {}",
-                messages.len(),
-                q.settings.max_batch
-            )));
-        }
+        check_batch_len(messages.len(), q.settings.max_batch)?;
         // Validate all first: a batch with one bad message writes nothing.
         let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NewMessage)>> =
             Default::default();
         let n = messages.len();
         for (i, m) in messages.into_iter().enumerate() {
-            let m = validate_message(m, q.settings.max_message_bytes).map_err(|e| {
-                if n > 1 {
-                    invalid(format!("message {i}: {e}"))
-                } else {
-                    e
-                }
-            })?;
+            let m = validate_message(m, q.settings.max_message_bytes)
+                .map_err(|e| if n > 1 { e.in_message(i) } else { e })?;
             let p = q.pick_partition(partition, &m.key, &m.dedup_id)?;
             groups.entry(p).or_default().push((i, m));
         }
@@ -253,8 +118,10 @@ impl QueueService {
     }
 }
 
-pub type SubscribeStream =
-    Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send>>;
+/// A queue's visibility timeout, for calls that leave theirs at 0.
+fn default_visibility(q: &Queue) -> u64 {
+    q.settings.visibility_timeout.as_millis() as u64
+}
 
 #[tonic::async_trait]
 impl Queues for QueueService {
@@ -293,15 +160,8 @@ impl Queues for QueueService {
             ))
             .into());
         }
-        let wait = Duration::from_millis(r.wait_ms);
-        if wait > MAX_WAIT {
-            return Err(invalid(format!(
-                "wait_ms {} is over the 60000 ms maximum",
-                r.wait_ms
-            ))
-            .into());
-        }
-        let vis = validate_visibility(r.visibility_timeout_ms, &q)?;
+        let wait = validate_wait(r.wait_ms)?;
+        let vis = validate_visibility(r.visibility_timeout_ms, default_visibility(&q))?;
         let messages = q.dequeue(max as usize, wait, vis).await?;
         Ok(Response::new(v1::DequeueResponse { messages }))
     }
@@ -319,15 +179,8 @@ impl Queues for QueueService {
     ) -> Result<Response<v1::NackResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        if r.delay_ms > MAX_DELAY.as_millis() as u64 {
-            return Err(invalid(format!(
-                "delay_ms {} is over the 15-day maximum",
-                r.delay_ms
-            ))
-            .into());
-        }
         let op = SettleOp::Nack {
-            delay_ms: r.delay_ms,
+            delay_ms: validate_nack_delay(r.delay_ms)?,
             dead_letter: r.dead_letter,
         };
         let results = settle(&q, &r.receipts, op).await?;
@@ -340,10 +193,7 @@ impl Queues for QueueService {
     ) -> Result<Response<v1::ExtendVisibilityResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
         let r = req.into_inner();
-        if r.visibility_timeout_ms == 0 {
-            return Err(invalid("visibility_timeout_ms must be above 0").into());
-        }
-        let visibility_ms = validate_visibility(r.visibility_timeout_ms, &q)?;
+        let visibility_ms = validate_extension(r.visibility_timeout_ms, default_visibility(&q))?;
         let results = settle(&q, &r.receipts, SettleOp::Extend { visibility_ms }).await?;
         Ok(Response::new(v1::ExtendVisibilityResponse { results }))
     }
@@ -358,7 +208,7 @@ impl Queues for QueueService {
         let mut inbound = req.into_inner();
         let start = subscription_start(&mut inbound).await?;
         let q = self.open(&start.queue, &metadata).await?;
-        let vis = validate_visibility(start.visibility_timeout_ms, &q)?;
+        let vis = validate_visibility(start.visibility_timeout_ms, default_visibility(&q))?;
         Ok(Response::new(spawn_subscription(q, &start, vis, inbound)))
     }
 
@@ -417,24 +267,8 @@ impl Queues for QueueService {
     }
 }
 
-/// What a Subscribe stream needs from whatever serves it: the broker's own queue,
-/// or the sidecar's route to the brokers. One subscription loop serves both.
 #[tonic::async_trait]
-pub trait SubscriptionBackend: Send + Sync + 'static {
-    /// Leases messages, waiting a while for the first: at most `credit`, the
-    /// deliveries the client can still take (a backend may lease fewer per call).
-    async fn fetch(&self, credit: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status>;
-    async fn ack(&self, receipts: Vec<String>) -> Result<Vec<v1::ReceiptResult>, Status>;
-    async fn nack(
-        &self,
-        receipts: Vec<String>,
-        delay_ms: u64,
-        dead_letter: bool,
-    ) -> Result<Vec<v1::ReceiptResult>, Status>;
-}
-
-#[tonic::async_trait]
-impl SubscriptionBackend for Arc<Queue> {
+impl SubscriptionBackend for Queue {
     async fn fetch(&self, credit: usize, visibility_ms: u64) -> Result<Vec<v1::Message>, Status> {
         let max = credit.min(self.settings.max_batch as usize);
         Ok(self.dequeue(max, MAX_WAIT, visibility_ms).await?)
@@ -454,150 +288,6 @@ impl SubscriptionBackend for Arc<Queue> {
         };
         Ok(settle(self, &receipts, op).await?)
     }
-}
-
-type Fetch = Pin<Box<dyn std::future::Future<Output = Result<Vec<v1::Message>, Status>> + Send>>;
-type Settling = Pin<
-    Box<dyn std::future::Future<Output = Result<v1::subscribe_response::Response, Status>> + Send>,
->;
-
-/// Acks and nacks of one subscription settling at once. Each waits for its fsync (and,
-/// through the sidecar, a broker round trip): settled one after another, they would
-/// cap a subscription at one settle per fsync; in flight together, the broker covers
-/// them with one group commit.
-const MAX_SETTLING: usize = 64;
-
-/// Reads the `start` message of a Subscribe stream.
-pub async fn subscription_start(
-    inbound: &mut Streaming<v1::SubscribeRequest>,
-) -> Result<v1::SubscribeStart, Status> {
-    match inbound.message().await? {
-        Some(v1::SubscribeRequest {
-            request: Some(v1::subscribe_request::Request::Start(s)),
-        }) => Ok(s),
-        _ => Err(invalid("the first message of a subscription must be `start`").into()),
-    }
-}
-
-/// Drives one Subscribe stream: deliveries as credit allows, acks and nacks inline
-/// (up to [`MAX_SETTLING`] in flight, answered in the order they came).
-/// A fetch in progress is never cancelled (a cancelled remote fetch could strand
-/// leased messages), and messages delivered but unsettled when the stream ends are
-/// given back at once, as AMQP does with a closed channel's unacknowledged messages.
-pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
-    backend: B,
-    start: &v1::SubscribeStart,
-    visibility_ms: u64,
-    mut inbound: Streaming<v1::SubscribeRequest>,
-) -> SubscribeStream {
-    use v1::subscribe_request::Request as In;
-    use v1::subscribe_response::Response as Out;
-    let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
-    let mut credit = u64::from(start.initial_credit).min(MAX_CREDIT);
-    tokio::spawn(async move {
-        let send = |out: Out| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(v1::SubscribeResponse {
-                    response: Some(out),
-                }))
-                .await
-                .is_ok()
-            }
-        };
-        let mut outstanding: HashSet<String> = HashSet::new();
-        let mut fetch: Option<Fetch> = None;
-        let mut settling: FuturesOrdered<Settling> = FuturesOrdered::new();
-        'stream: loop {
-            if fetch.is_none() && credit > 0 {
-                let (b, credit) = (backend.clone(), credit as usize);
-                fetch = Some(Box::pin(
-                    async move { b.fetch(credit, visibility_ms).await },
-                ));
-            }
-            tokio::select! {
-                incoming = inbound.message(), if settling.len() < MAX_SETTLING => {
-                    match incoming {
-                        Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {
-                            credit = (credit + u64::from(n)).min(MAX_CREDIT);
-                        }
-                        Ok(Some(v1::SubscribeRequest { request: Some(In::Ack(a)) })) => {
-                            for r in &a.receipts {
-                                outstanding.remove(r);
-                            }
-                            let b = backend.clone();
-                            settling.push_back(Box::pin(async move {
-                                let results = b.ack(a.receipts).await?;
-                                Ok(Out::Ack(v1::AckResponse { results }))
-                            }));
-                        }
-                        Ok(Some(v1::SubscribeRequest { request: Some(In::Nack(n)) })) => {
-                            for r in &n.receipts {
-                                outstanding.remove(r);
-                            }
-                            let delay = n.delay_ms.min(MAX_DELAY.as_millis() as u64);
-                            let b = backend.clone();
-                            settling.push_back(Box::pin(async move {
-                                let results = b.nack(n.receipts, delay, n.dead_letter).await?;
-                                Ok(Out::Nack(v1::NackResponse { results }))
-                            }));
-                        }
-                        Ok(Some(_)) => {
-                            let e = invalid("expected credit, ack or nack after start");
-                            let _ = tx.send(Err(e.into())).await;
-                            break 'stream;
-                        }
-                        Ok(None) | Err(_) => break 'stream,
-                    }
-                }
-                Some(reply) = settling.next(), if !settling.is_empty() => {
-                    match reply {
-                        Ok(out) => {
-                            if !send(out).await {
-                                break 'stream;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            break 'stream;
-                        }
-                    }
-                }
-                got = async { fetch.as_mut().expect("guarded by the condition").await }, if fetch.is_some() => {
-                    fetch = None;
-                    match got {
-                        Ok(messages) => {
-                            for m in messages {
-                                credit = credit.saturating_sub(1);
-                                outstanding.insert(m.receipt.clone());
-                                if !send(Out::Message(m)).await {
-                                    break 'stream;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            break 'stream;
-                        }
-                    }
-                }
-            }
-        }
-        // Settles already asked for still happen (their answers may have nobody to go to).
-        while settling.next().await.is_some() {}
-        // A fetch still running may yet lease messages: give those back too.
-        if let Some(f) = fetch
-            && let Ok(messages) = f.await
-        {
-            outstanding.extend(messages.into_iter().map(|m| m.receipt));
-        }
-        if !outstanding.is_empty() {
-            let _ = backend
-                .nack(outstanding.into_iter().collect(), 0, false)
-                .await;
-        }
-    });
-    Box::pin(ReceiverStream::new(rx))
 }
 
 pub fn stats_of(q: &Queue) -> v1::StatsResponse {

@@ -127,8 +127,8 @@ async fn connect(addr: &str) -> Result<QueuesClient<Channel>> {
             format!("cannot reach Sluice at {addr} (is `sluice dev` or the sidecar running?)")
         })?;
     Ok(client
-        .max_decoding_message_size(sluice_broker::server::MAX_REQUEST_BYTES)
-        .max_encoding_message_size(sluice_broker::server::MAX_REQUEST_BYTES))
+        .max_decoding_message_size(sluice_dataplane::server::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(sluice_dataplane::server::MAX_REQUEST_BYTES))
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
@@ -210,7 +210,7 @@ async fn run() -> Result<()> {
             visibility_timeout,
             max_deliveries,
         } => {
-            sluice_broker::server::init_tracing(false);
+            sluice_dataplane::server::init_tracing(false);
             let template = QueueSettings {
                 fsync,
                 partitions,
@@ -220,8 +220,8 @@ async fn run() -> Result<()> {
             };
             let mut options = sluice_broker::BrokerOptions::new(&data_dir);
             options.auto_create = Some(template);
-            let grpc = sluice_broker::server::bind(listen).await?;
-            let http = sluice_broker::server::bind(metrics_listen).await?;
+            let grpc = sluice_dataplane::server::bind(listen).await?;
+            let http = sluice_dataplane::server::bind(metrics_listen).await?;
             eprintln!(
                 "sluice dev: API on {listen} (queues are created on first use), metrics on http://{metrics_listen}/metrics, data in {}",
                 data_dir.display()
@@ -230,7 +230,7 @@ async fn run() -> Result<()> {
                 options,
                 grpc,
                 Some(http),
-                sluice_broker::server::shutdown_signal(),
+                sluice_dataplane::server::shutdown_signal(),
             )
             .await?;
         }

@@ -5,7 +5,8 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use sluice_broker::service::{message_size, parse_receipts, validate_message};
+use sluice_dataplane::receipts::parse_receipts;
+use sluice_dataplane::validate::{message_size, validate_message};
 use sluice_proto::{Receipt, v1};
 use std::collections::HashMap;
 

@@ -350,6 +350,39 @@ impl Sidecar {
     }
 }
 
+/// `sluice dev`: the broker and the API in one process, queues created on first use.
+pub struct Dev {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Dev {
+    pub async fn start(dir: &Path) -> Dev {
+        let addr = free_addr();
+        let metrics = free_addr();
+        let mut cmd = Command::new(bin("sluice"));
+        cmd.arg("dev")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .arg("--data-dir")
+            .arg(dir.join("dev-data"));
+        let proc = Proc::spawn(&mut cmd, dir.join(format!("dev-{}.log", addr.port())));
+        wait_serving(addr).await;
+        Dev {
+            proc,
+            addr,
+            metrics,
+        }
+    }
+
+    pub async fn client(&self) -> QueuesClient<Channel> {
+        client(self.addr).await
+    }
+}
+
 async fn wait_serving(addr: SocketAddr) {
     eventually(
         Duration::from_secs(30),

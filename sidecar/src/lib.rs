@@ -1,20 +1,30 @@
 //! The Sluice sidecar: the `sluice.v1.Queues` API on localhost, routed to the
 //! broker pods of each queue.
 //!
+//! Layers, each importing only those above it in this list:
+//!
 //! - [`routes`]: which addresses serve which queue.
-//! - [`router`]: broker discovery, partition ownership, per-partition batching.
 //! - [`credentials`]: the ServiceAccount token each route presents to its brokers.
-//! - [`service`]: the API, call by call.
+//! - [`metrics`]: batch sizes, and brokers up (asked of the router at scrape time).
+//! - [`router`]: broker discovery, partition ownership, per-partition batching.
+//! - [`settle`]: acks, nacks and extensions sent to the owners of their partitions.
 //! - [`subscription`]: Subscribe relayed over broker Subscribe streams.
+//! - [`service`]: the API, call by call.
+//!
+//! What the broker speaks too (validators, receipts, partitioning, the subscription
+//! loop, server plumbing) is in `sluice-dataplane`. The broker itself is linked only
+//! with the `embedded` feature (`sluice-sidecar --embedded`).
 
 pub mod credentials;
 pub mod metrics;
 pub mod router;
 pub mod routes;
 pub mod service;
+pub mod settle;
 pub mod subscription;
 
-use sluice_broker::server::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW};
+use sluice_dataplane::server::reflection::reflection_routes;
+use sluice_dataplane::server::{MAX_REQUEST_BYTES, grpc_server, incoming_nodelay, serve_http};
 use sluice_proto::v1::queues_server::QueuesServer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,41 +63,22 @@ pub async fn run(
     }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = http {
-        let registry = metrics::registry(&router);
-        tokio::spawn(sluice_broker::metrics::serve_http(
-            listener,
-            registry,
-            ready.clone(),
-            async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            },
-        ));
+        let registry = metrics::registry(&router.metrics, &router);
+        tokio::spawn(serve_http(listener, registry, ready.clone(), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the API's descriptor set is valid");
-    let max = sluice_broker::server::MAX_REQUEST_BYTES;
+    let max = MAX_REQUEST_BYTES;
     tracing::info!(addr = ?grpc.local_addr().ok(), ready = router.is_ready(), "sidecar serving");
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // Large windows: h2 budgets the overhead of small DATA frames against
-        // half the connection window, and gRPC messages of a queue are often tiny;
-        // with the 64 KiB default, a burst of ~150 concurrent small calls on one
-        // connection ends in GOAWAY(ENHANCE_YOUR_CALM).
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        // hyper's default of 200 makes a burst of new streams on a fresh
-        // connection fail before the client has seen the server's settings.
-        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+    let result = grpc_server()
+        .add_routes(reflection_routes())
         .add_service(
             QueuesServer::new(SidecarService::new(router))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(sluice_broker::server::incoming_nodelay(grpc), shutdown)
+        .serve_with_incoming_shutdown(incoming_nodelay(grpc), shutdown)
         .await;
     let _ = stop_tx.send(true);
     result

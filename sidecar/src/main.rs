@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_broker::server::{bind, init_tracing, shutdown_signal};
+use sluice_dataplane::server::{bind, init_tracing, shutdown_signal, tls::TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -26,6 +26,7 @@ struct Args {
     #[arg(long, env = "SLUICE_ROUTES", default_value = "")]
     routes_env: String,
     /// Run the broker in this process (no Kubernetes), on a local data directory.
+    /// Only in a sidecar built with the `embedded` feature; `sluice dev` does the same.
     #[arg(long)]
     embedded: bool,
     /// Directory of ServiceAccount tokens, one file per queue (`<dir>/<queue>`),
@@ -54,13 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = bind(args.listen).await?;
     let http = bind(args.metrics_listen).await?;
     if args.embedded {
-        // One in-process broker serves the API directly: with a single local
-        // broker there is nothing to route, so no hop is added.
-        let mut options = sluice_broker::BrokerOptions::new(&args.data_dir);
-        options.auto_create = Some(sluice_config::QueueSettings::default());
-        return sluice_broker::server::run(options, grpc, Some(http), shutdown_signal())
-            .await
-            .context("embedded broker failed");
+        return embedded(&args.data_dir, grpc, http).await;
     }
     let routes = sluice_sidecar::routes::parse_routes(
         args.routes
@@ -74,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let tls = match (args.tls_cert, args.tls_key, args.tls_ca) {
-        (Some(cert), Some(key), Some(ca)) => Some(sluice_broker::tls::TlsFiles { cert, key, ca }),
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
         _ => None,
     };
     let security = sluice_sidecar::router::RouteSecurity {
@@ -85,4 +80,30 @@ async fn main() -> anyhow::Result<()> {
     sluice_sidecar::run(router, grpc, Some(http), shutdown_signal())
         .await
         .context("sidecar failed")
+}
+
+/// One in-process broker serves the API directly: with a single local broker there
+/// is nothing to route, so no hop is added.
+#[cfg(feature = "embedded")]
+async fn embedded(
+    data_dir: &std::path::Path,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let mut options = sluice_broker::BrokerOptions::new(data_dir);
+    options.auto_create = Some(sluice_config::QueueSettings::default());
+    sluice_broker::server::run(options, grpc, Some(http), shutdown_signal())
+        .await
+        .context("embedded broker failed")
+}
+
+#[cfg(not(feature = "embedded"))]
+async fn embedded(
+    _data_dir: &std::path::Path,
+    _grpc: tokio::net::TcpListener,
+    _http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this sidecar was built without the broker: run `sluice dev`, or build with `cargo build -p sluice-sidecar --features embedded`"
+    )
 }

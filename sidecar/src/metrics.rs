@@ -1,5 +1,6 @@
 //! The sidecar's metrics: how many brokers of each queue answer, and how well
-//! single enqueues coalesce into batches.
+//! single enqueues coalesce into batches. Below the router: the router records into
+//! [`SidecarMetrics`] and answers [`BrokersUp`] at scrape time.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -8,8 +9,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Weak};
-
-use crate::router::Router;
 
 #[derive(Debug)]
 pub struct SidecarMetrics {
@@ -25,21 +24,34 @@ impl Default for SidecarMetrics {
     }
 }
 
-pub fn registry(router: &Arc<Router>) -> Registry {
+/// How many brokers of each queue answer, read at scrape time.
+pub trait BrokersUp: Send + Sync + 'static {
+    /// (queue, brokers answering) for every route.
+    fn brokers_up(&self) -> Vec<(String, usize)>;
+}
+
+/// The sidecar's registry: `metrics`, and `up` for as long as it lives.
+pub fn registry<U: BrokersUp>(metrics: &SidecarMetrics, up: &Arc<U>) -> Registry {
     let mut r = Registry::with_prefix("sluice_sidecar");
     r.register(
         "enqueue_batch_size",
         "Messages per coalesced batch sent to a broker",
-        router.metrics.batch_size.clone(),
+        metrics.batch_size.clone(),
     );
-    r.register_collector(Box::new(BrokersUp(Arc::downgrade(router))));
+    let up: Weak<dyn BrokersUp> = Arc::downgrade(up) as Weak<dyn BrokersUp>;
+    r.register_collector(Box::new(BrokersUpCollector(up)));
     r
 }
 
-#[derive(Debug)]
-struct BrokersUp(Weak<Router>);
+struct BrokersUpCollector(Weak<dyn BrokersUp>);
 
-impl Collector for BrokersUp {
+impl std::fmt::Debug for BrokersUpCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokersUpCollector")
+    }
+}
+
+impl Collector for BrokersUpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(router) = self.0.upgrade() else {
             return Ok(());

@@ -12,12 +12,15 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use sluice_dataplane::server::tls::{TlsError, TlsFiles};
+use sluice_dataplane::server::{CONNECTION_WINDOW, MAX_REQUEST_BYTES, STREAM_WINDOW};
+use tonic::{Code, Request, Status};
+
 use crate::credentials::Credentials;
-use sluice_broker::tls::{TlsError, TlsFiles};
+use crate::metrics::{BrokersUp, SidecarMetrics};
 
 /// A client of one broker, presenting the route's credentials on every call.
 pub type BrokerClient = QueuesClient<InterceptedService<Channel, Credentials>>;
-use tonic::{Code, Status};
 
 /// How often brokers are re-resolved and re-described.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -25,6 +28,14 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 pub const RETRY: Duration = Duration::from_millis(200);
 /// No unary call to a broker waits longer than this (a long poll adds its wait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request to a broker that gives up after [`CALL_TIMEOUT`] and `extra` (a long
+/// poll's own wait).
+pub fn timed<T>(msg: T, extra: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(CALL_TIMEOUT + extra);
+    r
+}
 
 pub struct BrokerConn {
     pub addr: SocketAddr,
@@ -49,10 +60,10 @@ impl BrokerConn {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .initial_connection_window_size(sluice_broker::server::CONNECTION_WINDOW)
-            .initial_stream_window_size(sluice_broker::server::STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(STREAM_WINDOW)
             .connect_lazy();
-        let max = sluice_broker::server::MAX_REQUEST_BYTES;
+        let max = MAX_REQUEST_BYTES;
         Ok(Arc::new(BrokerConn {
             addr,
             client: QueuesClient::with_interceptor(channel, credentials)
@@ -133,7 +144,7 @@ pub struct QueueRoute {
     next: AtomicUsize,
     batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
     changed: Notify,
-    metrics: Arc<crate::metrics::SidecarMetrics>,
+    metrics: Arc<SidecarMetrics>,
 }
 
 impl QueueRoute {
@@ -142,7 +153,7 @@ impl QueueRoute {
         addrs: Vec<String>,
         credentials: Credentials,
         tls: Option<&TlsFiles>,
-        metrics: Arc<crate::metrics::SidecarMetrics>,
+        metrics: Arc<SidecarMetrics>,
     ) -> Result<Arc<Self>, TlsError> {
         let tls = match tls {
             None => None,
@@ -456,7 +467,7 @@ fn host_of(addr: &str) -> &str {
 /// Every queue the sidecar may reach.
 pub struct Router {
     routes: BTreeMap<String, Arc<QueueRoute>>,
-    pub metrics: Arc<crate::metrics::SidecarMetrics>,
+    pub metrics: Arc<SidecarMetrics>,
 }
 
 impl Router {
@@ -471,7 +482,7 @@ impl Router {
         routes: BTreeMap<String, Vec<String>>,
         security: &RouteSecurity,
     ) -> Result<Arc<Self>, TlsError> {
-        let metrics = Arc::new(crate::metrics::SidecarMetrics::default());
+        let metrics = Arc::new(SidecarMetrics::default());
         let mut built = BTreeMap::new();
         for (q, addrs) in routes {
             let credentials = match &security.token_dir {
@@ -516,15 +527,16 @@ impl Router {
         })
     }
 
-    /// (queue, brokers answering) for every route.
-    pub fn brokers_up(&self) -> Vec<(String, usize)> {
+    pub fn is_ready(&self) -> bool {
+        !self.routes.is_empty() && self.routes.values().all(|r| r.is_ready())
+    }
+}
+
+impl BrokersUp for Router {
+    fn brokers_up(&self) -> Vec<(String, usize)> {
         self.routes
             .iter()
             .map(|(q, r)| (q.clone(), r.healthy_brokers().len()))
             .collect()
-    }
-
-    pub fn is_ready(&self) -> bool {
-        !self.routes.is_empty() && self.routes.values().all(|r| r.is_ready())
     }
 }

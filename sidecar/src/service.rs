@@ -3,171 +3,39 @@
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use sluice_broker::service::{
-    SubscribeStream, spawn_subscription, subscription_start, validate_message,
-};
+use sluice_dataplane::SettleOp;
+use sluice_dataplane::partitioning::{Placement, is_pinned, place};
+use sluice_dataplane::subscription::{SubscribeStream, spawn_subscription, subscription_start};
+use sluice_dataplane::validate::{check_batch_len, check_message, validate_extension};
 use sluice_proto::v1::{self, queues_server::Queues};
-use sluice_proto::{Receipt, partition_for_key};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::router::{BrokerConn, CALL_TIMEOUT, QueueRoute, Router, is_transport_failure};
+use crate::router::{BrokerConn, QueueRoute, Router, is_transport_failure, timed};
+use crate::settle::{ThenMap, settle};
 use crate::subscription::RelayedSubscription;
-
-fn timed<T>(msg: T, extra: Duration) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.set_timeout(CALL_TIMEOUT + extra);
-    r
-}
 
 /// Checks a message against the queue's limits before it joins a shared batch, so
 /// one bad message cannot fail the batch of others.
 fn check(route: &QueueRoute, m: &v1::NewMessage) -> Result<(), Status> {
     let settings = route.settings()?;
-    validate_message(m.clone(), settings.max_message_bytes)
-        .map(|_| ())
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+    Ok(check_message(m, settings.max_message_bytes)?)
 }
 
+/// The partition of a message: by explicit choice, key or dedup id, else any
+/// partition with a healthy owner.
 fn partition_of(
     route: &QueueRoute,
     m: &v1::NewMessage,
     explicit: Option<u32>,
 ) -> Result<u32, Status> {
-    let n = route.partitions();
-    if let Some(p) = explicit {
-        return Ok(p);
-    }
-    if n == 0 {
-        return route.any_partition(None);
-    }
-    if !m.key.is_empty() {
-        Ok(partition_for_key(&m.key, n))
-    } else if !m.dedup_id.is_empty() {
-        Ok(partition_for_key(&m.dedup_id, n))
-    } else {
-        route.any_partition(None)
+    match place(explicit, &m.key, &m.dedup_id, route.partitions()) {
+        Placement::Explicit(p) | Placement::Hashed(p) => Ok(p),
+        Placement::Any => route.any_partition(None),
     }
 }
-
-#[derive(Clone, Copy)]
-pub(crate) enum SettleOp {
-    Ack,
-    Nack { delay_ms: u64, dead_letter: bool },
-    Extend { visibility_ms: u64 },
-}
-
-fn failed_result(receipt: &str, status: &Status) -> v1::ReceiptResult {
-    v1::ReceiptResult {
-        receipt: receipt.to_string(),
-        code: status.code() as i32,
-        error: status.message().to_string(),
-    }
-}
-
-/// Sends receipts to the brokers owning their partitions; answers in order. Acks and
-/// nacks of a relayed subscription go inline on its stream to the owner when it has
-/// one, everything else as calls.
-pub(crate) async fn settle(
-    route: &QueueRoute,
-    queue: &str,
-    receipts: Vec<String>,
-    op: SettleOp,
-    relay: Option<&RelayedSubscription>,
-) -> Result<Vec<v1::ReceiptResult>, Status> {
-    if receipts.is_empty() {
-        return Err(Status::invalid_argument("no receipts given"));
-    }
-    let mut results: Vec<Option<v1::ReceiptResult>> = vec![None; receipts.len()];
-    let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, r) in receipts.iter().enumerate() {
-        match r.parse::<Receipt>() {
-            Ok(rc) => groups.entry(rc.partition).or_default().push(i),
-            Err(why) => results[i] = Some(failed_result(r, &Status::invalid_argument(why))),
-        }
-    }
-    let calls = groups.into_iter().map(|(p, idx)| {
-        let batch: Vec<String> = idx.iter().map(|&i| receipts[i].clone()).collect();
-        async move {
-            let broker = route.owner(p)?;
-            if let Some(inline) = relay.and_then(|r| r.settle_inline(broker.addr, &batch, op)) {
-                // The stream's reader has judged the broker's health already.
-                return inline.await;
-            }
-            let mut c = broker.client();
-            let q = queue.to_string();
-            let out = match op {
-                SettleOp::Ack => c
-                    .ack(timed(
-                        v1::AckRequest {
-                            queue: q,
-                            receipts: batch,
-                        },
-                        Duration::ZERO,
-                    ))
-                    .await
-                    .map(|r| r.into_inner().results),
-                SettleOp::Nack {
-                    delay_ms,
-                    dead_letter,
-                } => c
-                    .nack(timed(
-                        v1::NackRequest {
-                            queue: q,
-                            receipts: batch,
-                            delay_ms,
-                            dead_letter,
-                        },
-                        Duration::ZERO,
-                    ))
-                    .await
-                    .map(|r| r.into_inner().results),
-                SettleOp::Extend { visibility_ms } => c
-                    .extend_visibility(timed(
-                        v1::ExtendVisibilityRequest {
-                            queue: q,
-                            receipts: batch,
-                            visibility_timeout_ms: visibility_ms,
-                        },
-                        Duration::ZERO,
-                    ))
-                    .await
-                    .map(|r| r.into_inner().results),
-            };
-            out.map_err(|e| broker.failed(e))
-        }
-        .then_map(idx)
-    });
-    for (idx, outcome) in futures::future::join_all(calls).await {
-        match outcome {
-            Ok(rs) => {
-                for (i, r) in idx.into_iter().zip(rs) {
-                    results[i] = Some(r);
-                }
-            }
-            Err(status) if status.code() == Code::InvalidArgument => return Err(status),
-            Err(status) => {
-                for i in idx {
-                    results[i] = Some(failed_result(&receipts[i], &status));
-                }
-            }
-        }
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every receipt answered"))
-        .collect())
-}
-
-/// Pairs a future's output with a value known up front.
-trait ThenMap: std::future::Future + Sized {
-    fn then_map<T>(self, t: T) -> impl std::future::Future<Output = (T, Self::Output)> {
-        async move { (t, self.await) }
-    }
-}
-impl<F: std::future::Future> ThenMap for F {}
 
 async fn dequeue_from(
     broker: &BrokerConn,
@@ -308,7 +176,7 @@ impl Queues for SidecarService {
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
         check(&route, &m)?;
         let p = partition_of(&route, &m, r.partition)?;
-        let movable = r.partition.is_none() && m.key.is_empty() && m.dedup_id.is_empty();
+        let movable = !is_pinned(r.partition, &m.key, &m.dedup_id);
         if r.queue != route.queue {
             let mut out = route.enqueue_batch(&r.queue, p, vec![m]).await?;
             return Ok(Response::new(out.remove(0)));
@@ -345,16 +213,9 @@ impl Queues for SidecarService {
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
-        if r.messages.is_empty() {
-            return Err(Status::invalid_argument("no messages given"));
-        }
-        let max_batch = route.settings()?.max_batch as usize;
-        if r.messages.len() > max_batch {
-            return Err(Status::invalid_argument(format!(
-                "batch of {} messages is over the queue's max_batch of {max_batch}",
-                r.messages.len()
-            )));
-        }
+        // An empty batch is refused even while no broker has described the queue.
+        check_batch_len(r.messages.len(), u32::MAX)?;
+        check_batch_len(r.messages.len(), route.settings()?.max_batch)?;
         let mut groups: BTreeMap<u32, (Vec<usize>, Vec<v1::NewMessage>)> = BTreeMap::new();
         for (i, m) in r.messages.into_iter().enumerate() {
             check(&route, &m)
@@ -415,14 +276,8 @@ impl Queues for SidecarService {
     ) -> Result<Response<v1::ExtendVisibilityResponse>, Status> {
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
-        if r.visibility_timeout_ms == 0 {
-            return Err(Status::invalid_argument(
-                "visibility_timeout_ms must be above 0",
-            ));
-        }
-        let op = SettleOp::Extend {
-            visibility_ms: r.visibility_timeout_ms,
-        };
+        let visibility_ms = validate_extension(r.visibility_timeout_ms, 0)?;
+        let op = SettleOp::Extend { visibility_ms };
         let results = settle(&route, &r.queue, r.receipts, op, None).await?;
         Ok(Response::new(v1::ExtendVisibilityResponse { results }))
     }

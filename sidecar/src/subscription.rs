@@ -10,7 +10,8 @@
 //! the brokers leased to this relay and it did not deliver is given back by the brokers
 //! when their streams close with the app's.
 
-use sluice_broker::service::SubscriptionBackend;
+use sluice_dataplane::SettleOp;
+use sluice_dataplane::subscription::SubscriptionBackend;
 use sluice_proto::v1;
 use sluice_proto::v1::subscribe_request::Request as In;
 use sluice_proto::v1::subscribe_response::Response as Out;
@@ -24,7 +25,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
 use crate::router::{BrokerConn, QueueRoute, is_transport_failure};
-use crate::service::{SettleOp, settle};
+use crate::settle::{InlineAnswers, InlineSettle, settle};
 
 /// How long a fetch waits for a delivery before it looks at the brokers again (one may
 /// have come up, or its stream may have ended).
@@ -84,15 +85,17 @@ impl RelayedSubscription {
             deliveries: tokio::sync::Mutex::new(rx),
         }))
     }
+}
 
+impl InlineSettle for RelayedSubscription {
     /// Sends an ack or nack inline on the open stream to `broker`, if there is one;
     /// the answer comes when the broker has settled them.
-    pub(crate) fn settle_inline(
+    fn settle_inline(
         &self,
         broker: SocketAddr,
         receipts: &[String],
         op: SettleOp,
-    ) -> Option<impl Future<Output = Result<Vec<v1::ReceiptResult>, Status>> + use<>> {
+    ) -> Option<InlineAnswers> {
         let request = match op {
             SettleOp::Ack => In::Ack(v1::AckRequest {
                 queue: self.0.queue.clone(),
@@ -125,7 +128,7 @@ impl RelayedSubscription {
                 .ok()?;
             inflight.waiting.push_back(tx);
         }
-        Some(async move {
+        Some(Box::pin(async move {
             match rx.await {
                 Ok(Ok(Out::Ack(a))) => Ok(a.results),
                 Ok(Ok(Out::Nack(n))) => Ok(n.results),
@@ -133,7 +136,7 @@ impl RelayedSubscription {
                 Ok(Err(status)) => Err(status),
                 Err(_) => Err(Status::unavailable("the broker stream ended")),
             }
-        })
+        }))
     }
 }
 
@@ -290,7 +293,7 @@ impl SubscriptionBackend for RelayedSubscription {
             &relay.queue,
             receipts,
             SettleOp::Ack,
-            Some(self),
+            Some(self as &dyn InlineSettle),
         )
         .await
     }
@@ -306,6 +309,7 @@ impl SubscriptionBackend for RelayedSubscription {
             delay_ms,
             dead_letter,
         };
-        settle(&relay.route, &relay.queue, receipts, op, Some(self)).await
+        let inline = Some(self as &dyn InlineSettle);
+        settle(&relay.route, &relay.queue, receipts, op, inline).await
     }
 }
