@@ -237,7 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_access_list_adds_the_brokers_to_the_token_review_binding_first() {
-        let q = Queue::test(json!({ "access": { "serviceAccounts": ["shop/app"] } }));
+        let q = Queue::test(json!({ "access": { "serviceAccounts": [{ "name": "app" }] } }));
         let (res, _) = reconcile_with(q, Scenario::AccessList).await;
         assert_eq!(res.unwrap(), Action::requeue(RESYNC_BUSY));
     }

@@ -107,22 +107,20 @@ mod tests {
 
 #[cfg(test)]
 mod mock_tests {
-    use super::super::fixtures::{Scenario, existing_sts, reconcile_with};
+    use super::super::fixtures::{NAME, NS, Scenario, existing_sts, reconcile_with};
     use super::super::status::RESYNC_HEALTHY;
     use crate::crd::Queue;
+    use crate::settings;
     use kube::runtime::controller::Action;
     use serde_json::json;
 
     #[tokio::test]
     async fn a_scale_down_is_refused_and_said() {
         let q = Queue::test(json!({ "replicas": 3 }));
-        let (res, _) = reconcile_with(
-            q,
-            Scenario::ScaleDownBlocked {
-                old: existing_sts(5, "0000000000000000"),
-            },
-        )
-        .await;
+        // Same settings as running: the only change asked for is the scale-down.
+        let hash = settings::render(NAME, NS, &q.spec, 5).unwrap().hash;
+        let old = existing_sts(5, &hash);
+        let (res, _) = reconcile_with(q, Scenario::ScaleDownBlocked { old }).await;
         assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));
     }
 }
