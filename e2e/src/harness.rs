@@ -22,7 +22,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
 use sluice_testkit::k8s::{wait_ca_bundle, webhook_configuration};
-use sluice_testkit::{ChildGuard, eventually, eventually_within, free_port, http};
+use sluice_testkit::{ChildGuard, eventually, eventually_within, free_port};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -721,7 +721,7 @@ impl Operator {
     }
 
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        http::get_async("127.0.0.1", self.metrics_port, path).await
+        sluice_testkit::http::get_async("127.0.0.1", self.metrics_port, path).await
     }
 
     pub fn log_text(&self) -> String {
