@@ -242,7 +242,7 @@ impl Dev {
             .arg(metrics.to_string())
             .arg("--data-dir")
             .arg(dir.join("dev-data"));
-        let proc = Proc::spawn(&mut cmd, dir.join(format!("dev-{}.log", addr.port())));
+        let proc = spawn(&mut cmd, dir.join(format!("dev-{}.log", addr.port())));
         wait_serving(addr).await;
         Dev {
             proc,

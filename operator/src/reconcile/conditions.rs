@@ -308,7 +308,8 @@ mod tests {
             ..rollout()
         };
         let healthy = rollout();
-        let table: Vec<(&str, Observed, Vec<(ConditionType, bool, Reason)>)> = vec![
+        type Expected = Vec<(ConditionType, bool, Reason)>;
+        let table: Vec<(&str, Observed, Expected)> = vec![
             (
                 "invalid spec",
                 Observed::InvalidSpec { error: "bad" },

@@ -19,7 +19,11 @@ pub enum Validation {
 /// Event once per message, the `invalid_specs` metric) and nothing is applied.
 /// `status` is the status this reconciliation builds (its address already set).
 pub async fn validate(ctx: &Context, q: &Queue, status: &QueueStatus) -> Result<Validation, Error> {
-    let Err(e) = settings::validate(&q.name_any(), q.namespace().as_deref().unwrap_or_default(), &q.spec) else {
+    let Err(e) = settings::validate(
+        &q.name_any(),
+        q.namespace().as_deref().unwrap_or_default(),
+        &q.spec,
+    ) else {
         return Ok(Validation::Valid);
     };
     let msg = e.to_string();
@@ -76,7 +80,9 @@ mod tests {
     async fn an_invalid_spec_already_reported_makes_no_request() {
         // The status the first reconciliation wrote.
         let q = lopsided();
-        let msg = settings::validate(NAME, NS, &q.spec).unwrap_err().to_string();
+        let msg = settings::validate(NAME, NS, &q.spec)
+            .unwrap_err()
+            .to_string();
         let mut status = QueueStatus {
             address: Some(resources::address(NAME, NS, "cluster.local")),
             observed_generation: q.metadata.generation,
