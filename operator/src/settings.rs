@@ -448,7 +448,7 @@ overflow = \"reject_new\"
                     )
                 });
                 let meant = queue_settings(name, "shop", &spec, spec.replicas).unwrap();
-                assert_eq!(file.queues, [meant.clone()], "{spec_json}");
+                assert_eq!(file.queues, std::slice::from_ref(&meant), "{spec_json}");
                 meant.dead_letter_queue().validate().unwrap();
                 Runs
             }
