@@ -474,6 +474,90 @@ mod tests {
     }
 
     #[test]
+    fn validation_names_fields_the_callers_way() {
+        fn spec_path(field: &'static str) -> &'static str {
+            match field {
+                "redelivery_delay" => "delivery.redeliveryDelay",
+                "redelivery_delay_max" => "delivery.redeliveryDelayMax",
+                "retention_max_bytes" => "retention.maxBytes",
+                "max_message_bytes" => "maxMessageBytes",
+                other => other,
+            }
+        }
+        let q = QueueSettings {
+            redelivery_delay: Duration::from_secs(3600),
+            redelivery_delay_max: Duration::from_secs(60),
+            ..QueueSettings::named("q")
+        };
+        let err = q.validate_naming(spec_path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "queue q: delivery.redeliveryDelay: 1h exceeds delivery.redeliveryDelayMax 1m (0s: no upper bound)"
+        );
+        assert!(
+            q.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("redelivery_delay_max")
+        );
+        let unbounded = QueueSettings {
+            redelivery_delay_max: Duration::ZERO,
+            ..q
+        };
+        unbounded.validate().unwrap();
+
+        // A retention limit below the largest message: refused, by both names.
+        let small = QueueSettings {
+            retention_max_bytes: 10,
+            ..QueueSettings::named("q")
+        };
+        assert!(
+            small
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("retention_max_bytes")
+        );
+        let err = small.validate_naming(spec_path).unwrap_err().to_string();
+        assert!(
+            err.contains("retention.maxBytes: 10 is smaller than maxMessageBytes"),
+            "{err}"
+        );
+        assert!(
+            small.dead_letter_queue().validate().is_ok(),
+            "no limit on the DLQ"
+        );
+
+        // The limits the operator's schema takes over.
+        for (q, field) in [
+            (
+                QueueSettings {
+                    partitions: MAX_PARTITIONS + 1,
+                    ..QueueSettings::named("q")
+                },
+                "partitions",
+            ),
+            (
+                QueueSettings {
+                    max_batch: MAX_BATCH_LIMIT + 1,
+                    ..QueueSettings::named("q")
+                },
+                "max_batch",
+            ),
+            (
+                QueueSettings {
+                    visibility_timeout: MAX_VISIBILITY_TIMEOUT + Duration::from_millis(1),
+                    ..QueueSettings::named("q")
+                },
+                "visibility_timeout",
+            ),
+        ] {
+            let err = q.validate().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("queue q: {field}: ")), "{err}");
+        }
+    }
+
+    #[test]
     fn access_entries_and_audience() {
         let file = BrokerFile::from_toml(
             "[[queue]]\nname = \"q\"\naccess = [\"apps/billing\"]\n",
