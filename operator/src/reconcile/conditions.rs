@@ -275,8 +275,11 @@ mod tests {
         }
     }
 
+    /// (type, status, reason), as the table states a condition.
+    type Row = (ConditionType, bool, Reason);
+
     /// (type, status, reason) triples, in order.
-    fn summary(cs: &[QueueCondition]) -> Vec<(ConditionType, bool, Reason)> {
+    fn summary(cs: &[QueueCondition]) -> Vec<Row> {
         cs.iter().map(|c| (c.type_, c.status, c.reason)).collect()
     }
 
@@ -308,7 +311,7 @@ mod tests {
             ..rollout()
         };
         let healthy = rollout();
-        let table: Vec<(&str, Observed, Vec<(ConditionType, bool, Reason)>)> = vec![
+        let table: Vec<(&str, Observed, Vec<Row>)> = vec![
             (
                 "invalid spec",
                 Observed::InvalidSpec { error: "bad" },
