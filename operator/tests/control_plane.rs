@@ -147,10 +147,13 @@ async fn wait_broker_may_review_tokens(client: &Client, ns: &str, queue: &str, b
         queue,
         "owned by the Queue"
     );
-    let sts = Api::<StatefulSet>::namespaced(client.clone(), ns)
-        .get(&format!("sluice-{queue}"))
-        .await
-        .expect("StatefulSet");
+    // The StatefulSet is applied after the binding (and the ConfigMap, the Service
+    // and the brokers' certificate): wait for it too.
+    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
+    let sts = eventually(&format!("StatefulSet sluice-{queue}"), || async {
+        sts_api.get_opt(&format!("sluice-{queue}")).await.ok()?
+    })
+    .await;
     let pod = sts.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.service_account_name.as_deref(), Some(sa.as_str()));
 }

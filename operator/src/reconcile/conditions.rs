@@ -275,8 +275,11 @@ mod tests {
         }
     }
 
+    /// (type, status, reason), as the table states a condition.
+    type Row = (ConditionType, bool, Reason);
+
     /// (type, status, reason) triples, in order.
-    fn summary(cs: &[QueueCondition]) -> Vec<(ConditionType, bool, Reason)> {
+    fn summary(cs: &[QueueCondition]) -> Vec<Row> {
         cs.iter().map(|c| (c.type_, c.status, c.reason)).collect()
     }
 
@@ -308,8 +311,7 @@ mod tests {
             ..rollout()
         };
         let healthy = rollout();
-        type Expected = Vec<(ConditionType, bool, Reason)>;
-        let table: Vec<(&str, Observed, Expected)> = vec![
+        let table: Vec<(&str, Observed, Vec<Row>)> = vec![
             (
                 "invalid spec",
                 Observed::InvalidSpec { error: "bad" },
