@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use sluice_testkit::ChildGuard;
-pub use sluice_testkit::process::tail;
 
 /// Fails with the tail of the log when the process has exited.
 pub fn check_alive(child: &mut ChildGuard) -> Result<()> {
