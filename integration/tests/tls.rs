@@ -1,8 +1,8 @@
 //! Mutual TLS between sidecar and broker, as real processes: certificates issued as
-//! the operator issues them (sluice_operator::pki), files passed by flag.
+//! the operator issues them (sluice_operator::tls), files passed by flag.
 
 use sluice_integration::*;
-use sluice_operator::pki::{Ca, Usage};
+use sluice_operator::tls::{Ca, Usage};
 use sluice_proto::v1::queues_client::QueuesClient;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

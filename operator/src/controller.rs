@@ -43,7 +43,7 @@ pub enum Error {
     )]
     TokenReviewBindingMissing(String),
     #[error("data-plane certificates: {0}")]
-    Certs(#[from] crate::certs::CertError),
+    Certs(#[from] crate::tls::TlsError),
 }
 
 /// Lets the brokers of a Queue with an access list review callers' tokens: their
@@ -93,7 +93,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Issues the brokers' certificates; None when the data plane runs without TLS.
-    pub certs: Option<Arc<crate::certs::DataPlaneCerts>>,
+    pub certs: Option<Arc<crate::tls::DataPlaneCerts>>,
 }
 
 /// Finds which PodDisruptionBudget version the server serves (policy/v1 from

@@ -1,12 +1,12 @@
 //! Sluice control plane: the `Queue` CRD, its reconciler, leader election, metrics
 //! and the sidecar-injection webhook. The binary is `sluice-operator`.
 
-pub mod certs;
+pub mod admission;
 pub mod controller;
 pub mod crd;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
-pub mod pki;
 pub mod resources;
 pub mod settings;
-pub mod webhook;
+pub mod tls;

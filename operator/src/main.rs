@@ -1,11 +1,14 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::Client;
+use sluice_operator::admission::{self, Webhook};
 use sluice_operator::controller::{self, Context};
+use sluice_operator::inject::InjectConfig;
 use sluice_operator::leader::LeaderElector;
 use sluice_operator::metrics::Metrics;
 use sluice_operator::resources::Defaults;
+use sluice_operator::resources::SidecarDefaults;
 use sluice_operator::settings::parse_duration_ms;
-use sluice_operator::webhook::{self, CertResolver, Handler, InjectConfig, SelfManaged};
+use sluice_operator::tls::{self, CertResolver, DataPlaneCerts, SelfManaged};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -175,7 +178,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     });
 
     let certs = a.data_plane_tls.then(|| {
-        Arc::new(sluice_operator::certs::DataPlaneCerts::new(
+        Arc::new(DataPlaneCerts::new(
             client.clone(),
             &a.namespace,
             &a.data_plane_ca_secret,
@@ -199,7 +202,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let resolver = Arc::new(CertResolver::default());
         match &a.webhook_cert_dir {
             Some(dir) => {
-                tokio::spawn(webhook::watch_cert_dir(
+                tokio::spawn(tls::watch_cert_dir(
                     dir.clone(),
                     resolver.clone(),
                     metrics.clone(),
@@ -227,23 +230,25 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 tokio::spawn(sm.run(client.clone(), resolver.clone(), metrics.clone()));
             }
         }
-        let handler = Arc::new(Handler {
+        let webhook = Arc::new(Webhook {
             client: client.clone(),
             cfg: InjectConfig {
-                sidecar_image: a.sidecar_image.clone(),
-                image_pull_policy: a.image_pull_policy.clone(),
+                sidecar: SidecarDefaults {
+                    image: a.sidecar_image.clone(),
+                    image_pull_policy: a.image_pull_policy.clone(),
+                    cpu_request: a.sidecar_cpu_request.clone(),
+                    memory_request: a.sidecar_memory_request.clone(),
+                    memory_limit: a.sidecar_memory_limit.clone(),
+                    tls: a.data_plane_tls,
+                },
                 cluster_domain: a.cluster_domain.clone(),
-                cpu_request: a.sidecar_cpu_request.clone(),
-                memory_request: a.sidecar_memory_request.clone(),
-                memory_limit: a.sidecar_memory_limit.clone(),
-                tls: a.data_plane_tls,
             },
             metrics: metrics.clone(),
             certs: certs.clone(),
         });
         let addr = a.webhook_listen;
         tokio::spawn(async move {
-            if let Err(e) = webhook::serve_tls(addr, resolver, webhook::router(handler)).await {
+            if let Err(e) = admission::serve_tls(addr, resolver, admission::router(webhook)).await {
                 error!(error = %e, "webhook server stopped");
                 std::process::exit(1);
             }

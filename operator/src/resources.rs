@@ -7,10 +7,13 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
-use k8s_openapi::api::core::v1::{SecretVolumeSource, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    SecretVolumeSource, ServiceAccount, ServiceAccountTokenProjection,
+};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -25,6 +28,19 @@ pub const METRICS_PORT: i32 = 9090;
 pub const CONFIG_KEY: &str = "broker.toml";
 pub const HASH_ANNOTATION: &str = "sluice.dev/config-hash";
 pub const QUEUE_LABEL: &str = "sluice.dev/queue";
+
+/// The container the webhook injects into app pods, and what it listens on.
+pub const SIDECAR_NAME: &str = "sluice-sidecar";
+pub const SIDECAR_GRPC_PORT: i32 = 7070;
+pub const SIDECAR_METRICS_PORT: i32 = 9191;
+/// Where the sidecar finds its per-queue ServiceAccount tokens.
+pub const TOKEN_DIR: &str = "/var/run/secrets/sluice.dev/tokens";
+/// The sidecar's volumes in an app pod: its tokens, and (with data-plane TLS) the
+/// namespace's client certificate.
+pub const TOKEN_VOLUME: &str = "sluice-tokens";
+pub const SIDECAR_TLS_VOLUME: &str = "sluice-tls";
+/// Lifetime asked of the projected tokens; the kubelet renews them at 80 %.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
 /// Names of the owned objects.
 pub fn sts_name(queue: &str) -> String {
@@ -156,6 +172,16 @@ pub fn tls_env() -> Vec<EnvVar> {
     .collect()
 }
 
+/// Mounts the certificate files of `volume` at [`TLS_DIR`], read-only.
+fn tls_mount(volume: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: TLS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
 /// Serves the brokers over mutual TLS with the Queue's certificate Secret;
 /// `fingerprint` (of the certificate) rolls them when it is issued again.
 pub fn with_tls(sts: &mut StatefulSet, queue: &str, fingerprint: &str) {
@@ -180,12 +206,7 @@ pub fn with_tls(sts: &mut StatefulSet, queue: &str, fingerprint: &str) {
     c.env.get_or_insert_with(Vec::new).extend(tls_env());
     c.volume_mounts
         .get_or_insert_with(Vec::new)
-        .push(VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
+        .push(tls_mount("tls"));
 }
 
 pub fn config_map(q: &Queue, toml: &str) -> ConfigMap {
@@ -226,11 +247,12 @@ pub fn service(q: &Queue) -> Service {
     }
 }
 
-fn probe(path: &str, period: i32, failure: i32) -> Probe {
+/// An HTTP probe of `path` on `port` (a number or a container port's name).
+fn http_probe(path: &str, port: IntOrString, period: i32, failure: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("metrics".into()),
+            port,
             scheme: Some("HTTP".into()),
             ..Default::default()
         }),
@@ -271,6 +293,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
     let restricted = !q.spec.access.service_accounts.is_empty();
     let mut pod_labels = labels(&name);
     pod_labels.extend(selector_labels(&name));
+    let metrics_port = IntOrString::String("metrics".into());
     let container = Container {
         name: "broker".into(),
         image: Some(t.image.clone().unwrap_or_else(|| d.broker_image.clone())),
@@ -295,21 +318,11 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
             field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
         ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".into()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("metrics".into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
+            tcp_port("grpc", GRPC_PORT),
+            tcp_port("metrics", METRICS_PORT),
         ]),
-        readiness_probe: Some(probe("/readyz", 5, 3)),
-        liveness_probe: Some(probe("/healthz", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", metrics_port.clone(), 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", metrics_port, 10, 6)),
         resources: t.resources.clone(),
         volume_mounts: Some(vec![
             VolumeMount {
@@ -324,16 +337,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
                 ..Default::default()
             },
         ]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(locked_down()),
         ..Default::default()
     };
     let mut storage_req = BTreeMap::new();
@@ -419,6 +423,30 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
     }
 }
 
+fn tcp_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// Non-root, no privilege escalation, no capabilities, read-only root filesystem:
+/// what the broker and the sidecar both run with.
+fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -431,6 +459,140 @@ fn field_env(name: &str, path: &str) -> EnvVar {
         }),
         ..Default::default()
     }
+}
+
+/// Operator-wide settings of the injected sidecar (what [`Defaults`] is for the
+/// brokers).
+#[derive(Debug, Clone)]
+pub struct SidecarDefaults {
+    pub image: String,
+    pub image_pull_policy: String,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    /// Mount the namespace's client certificate and talk TLS to the brokers.
+    pub tls: bool,
+}
+
+/// The sidecar container of an app pod, routing each queue to its brokers
+/// (`routes`: `queue=host:port` entries, `SLUICE_ROUTES`).
+pub fn sidecar_container(d: &SidecarDefaults, routes: &[String]) -> Container {
+    let metrics_port = IntOrString::Int(SIDECAR_METRICS_PORT);
+    let mut env = vec![
+        EnvVar {
+            name: "SLUICE_ROUTES".into(),
+            value: Some(routes.join(";")),
+            ..Default::default()
+        },
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        EnvVar {
+            name: "SLUICE_TOKEN_DIR".into(),
+            value: Some(TOKEN_DIR.into()),
+            ..Default::default()
+        },
+    ];
+    let mut mounts = vec![VolumeMount {
+        name: TOKEN_VOLUME.into(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if d.tls {
+        env.extend(tls_env());
+        mounts.push(tls_mount(SIDECAR_TLS_VOLUME));
+    }
+    let quantities = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+            .collect::<BTreeMap<_, _>>()
+    };
+    Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(d.image.clone()),
+        image_pull_policy: Some(d.image_pull_policy.clone()),
+        command: Some(vec!["sluice-sidecar".into()]),
+        // gRPC stays on loopback (only the app talks to it); the metrics port listens
+        // on all interfaces so that the kubelet's probes reach it.
+        args: Some(vec![
+            "--listen".into(),
+            format!("127.0.0.1:{SIDECAR_GRPC_PORT}"),
+            "--metrics-listen".into(),
+            format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
+        ]),
+        env: Some(env),
+        volume_mounts: Some(mounts),
+        ports: Some(vec![
+            tcp_port("sluice-grpc", SIDECAR_GRPC_PORT),
+            tcp_port("sluice-metrics", SIDECAR_METRICS_PORT),
+        ]),
+        readiness_probe: Some(http_probe("/readyz", metrics_port.clone(), 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", metrics_port, 10, 6)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[
+                ("cpu", &d.cpu_request),
+                ("memory", &d.memory_request),
+            ])),
+            limits: Some(quantities(&[("memory", &d.memory_limit)])),
+            ..Default::default()
+        }),
+        // The app pod's security context is not ours: name the user here.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(65532),
+            ..locked_down()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One ServiceAccount token for a queue the sidecar routes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueToken {
+    /// The token's audience: only that queue's brokers accept it.
+    pub audience: String,
+    /// File name in [`TOKEN_DIR`] (the route's queue name).
+    pub path: String,
+}
+
+/// The sidecar's volumes: a projected volume with one token per route, and with
+/// `d.tls` the namespace's client certificate. Readable by the sidecar whatever user
+/// the app runs as; mounted in no other container.
+pub fn sidecar_volumes(d: &SidecarDefaults, tokens: &[QueueToken]) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(
+                tokens
+                    .iter()
+                    .map(|t| VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(t.audience.clone()),
+                            expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                            path: t.path.clone(),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            default_mode: Some(0o444),
+        }),
+        ..Default::default()
+    }];
+    if d.tls {
+        // The webhook issues the namespace's certificate before it answers.
+        volumes.push(Volume {
+            name: SIDECAR_TLS_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(crate::tls::SIDECAR_SECRET.into()),
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    volumes
 }
 
 /// The PodDisruptionBudget as JSON, for `policy/v1` or `policy/v1beta1` (Kubernetes
@@ -582,6 +744,110 @@ mod tests {
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
         assert_eq!(pod.node_selector.unwrap()["disk"], "ssd");
         assert_eq!(pod.termination_grace_period_seconds, Some(5));
+    }
+
+    fn sidecar_defaults(tls: bool) -> SidecarDefaults {
+        SidecarDefaults {
+            image: "sluice-sidecar:test".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            cpu_request: "50m".into(),
+            memory_request: "32Mi".into(),
+            memory_limit: "128Mi".into(),
+            tls,
+        }
+    }
+
+    #[test]
+    fn sidecar_container_shape() {
+        let routes = ["orders=sluice-orders.shop.svc.cluster.local:7171".to_string()];
+        let c = sidecar_container(&sidecar_defaults(true), &routes);
+        assert_eq!(c.name, SIDECAR_NAME);
+        assert_eq!(c.image.as_deref(), Some("sluice-sidecar:test"));
+        assert_eq!(
+            c.args.as_deref().unwrap(),
+            [
+                "--listen",
+                "127.0.0.1:7070",
+                "--metrics-listen",
+                "0.0.0.0:9191"
+            ]
+        );
+        let env = c.env.as_ref().unwrap();
+        assert_eq!(env[0].name, "SLUICE_ROUTES");
+        assert_eq!(env[0].value.as_deref(), Some(routes[0].as_str()));
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        for want in [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "POD_SERVICE_ACCOUNT",
+            "SLUICE_TOKEN_DIR",
+            "SLUICE_TLS_CA",
+        ] {
+            assert!(names.contains(&want), "{want} in {names:?}");
+        }
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::Int(SIDECAR_METRICS_PORT));
+        let live = c.liveness_probe.as_ref().unwrap();
+        assert_eq!(live.period_seconds, Some(10));
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(
+            res.requests.as_ref().unwrap()["cpu"],
+            Quantity("50m".into())
+        );
+        assert_eq!(
+            res.limits.as_ref().unwrap()["memory"],
+            Quantity("128Mi".into())
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, [TOKEN_DIR, TLS_DIR]);
+
+        let plain = sidecar_container(&sidecar_defaults(false), &routes);
+        assert_eq!(plain.volume_mounts.unwrap().len(), 1);
+        assert!(
+            !plain
+                .env
+                .unwrap()
+                .iter()
+                .any(|e| e.name.starts_with("SLUICE_TLS"))
+        );
+    }
+
+    #[test]
+    fn sidecar_volumes_hold_one_token_per_queue_and_the_certificate() {
+        let tokens = [QueueToken {
+            audience: "sluice.dev/shop/orders".into(),
+            path: "orders".into(),
+        }];
+        let v = sidecar_volumes(&sidecar_defaults(true), &tokens);
+        assert_eq!(v.len(), 2);
+        let projected = v[0].projected.as_ref().unwrap();
+        let token = projected.sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(token.audience.as_deref(), Some("sluice.dev/shop/orders"));
+        assert_eq!(token.expiration_seconds, Some(3600));
+        assert_eq!(
+            v[1].secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("sluice-sidecar-tls")
+        );
+        assert_eq!(sidecar_volumes(&sidecar_defaults(false), &tokens).len(), 1);
     }
 
     #[test]

@@ -1,6 +1,5 @@
-//! The certificates the operator issues: a CA, and leaves it signs for servers
-//! (the webhook, brokers) and clients (sidecars). One place, so every certificate
-//! has the same shape.
+//! Issuing: a CA, and leaves it signs for servers (the webhook, brokers) and
+//! clients (sidecars). One place, so every certificate has the same shape.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -109,6 +108,20 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// A new CA named `ca_name` and a serving certificate it signs for `sans` (the
+/// first also names the leaf). The CA outlives its leaf by a day, so a leaf is never
+/// checked against an expired CA.
+pub fn new_ca_and_server_leaf(
+    ca_name: &str,
+    sans: &[String],
+    validity: Duration,
+) -> Result<(Ca, Leaf), rcgen::Error> {
+    let ca = Ca::generate(ca_name, validity + Duration::from_secs(86_400))?;
+    let name = sans.first().map(String::as_str).unwrap_or(ca_name);
+    let leaf = ca.issue(name, sans, Usage::Server, validity)?;
+    Ok((ca, leaf))
 }
 
 #[cfg(test)]

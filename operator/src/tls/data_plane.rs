@@ -4,12 +4,13 @@
 //! injected sidecars. Brokers accept only clients with a certificate of this CA;
 //! sidecars accept only brokers whose certificate it signed for the queue's name.
 
-use crate::pki::{Ca, Leaf, Usage};
+use super::issue::{Ca, Leaf, Usage};
+use super::{TlsError, leaf_secret, outlives, secret_text};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,23 +22,11 @@ use tracing::info;
 pub const CA_NAME: &str = "sluice-data-plane-ca";
 /// Secret of the sidecars' client certificate, in every namespace with injected pods.
 pub const SIDECAR_SECRET: &str = "sluice-sidecar-tls";
-/// When a leaf expires (Unix seconds), so that renewal needs no certificate parsing.
-pub const NOT_AFTER_ANNOTATION: &str = "sluice.dev/not-after";
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 /// A leaf this close to expiry is issued again (brokers roll; new sidecars get it).
 pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 const FIELD_MANAGER: &str = "sluice-operator";
-
-#[derive(Debug, thiserror::Error)]
-pub enum CertError {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("issuing a certificate: {0}")]
-    Issue(#[from] rcgen::Error),
-    #[error("Secret {0} lacks {1}")]
-    Incomplete(String, &'static str),
-}
 
 /// Issues and keeps the data plane's certificates.
 pub struct DataPlaneCerts {
@@ -46,20 +35,6 @@ pub struct DataPlaneCerts {
     ca_namespace: String,
     ca_secret: String,
     ca: Mutex<Option<Arc<Ca>>>,
-}
-
-fn text(s: &Secret, key: &'static str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// First 16 hex digits of the SHA-256 of a certificate: a pod annotation that rolls
@@ -93,7 +68,7 @@ impl DataPlaneCerts {
 
     /// The CA, read from its Secret, or made and stored there if there is none.
     /// Operator replicas race to create it; the loser reads the winner's.
-    pub async fn ca(&self) -> Result<Arc<Ca>, CertError> {
+    pub async fn ca(&self) -> Result<Arc<Ca>, TlsError> {
         let mut cached = self.ca.lock().await;
         if let Some(ca) = cached.as_ref() {
             return Ok(ca.clone());
@@ -131,10 +106,10 @@ impl DataPlaneCerts {
                 }
             }
         };
-        let cert = text(&secret, "ca.crt")
-            .ok_or_else(|| CertError::Incomplete(self.ca_secret.clone(), "ca.crt"))?;
-        let key = text(&secret, "ca.key")
-            .ok_or_else(|| CertError::Incomplete(self.ca_secret.clone(), "ca.key"))?;
+        let cert = secret_text(&secret, "ca.crt")
+            .ok_or_else(|| TlsError::Incomplete(self.ca_secret.clone(), "ca.crt"))?;
+        let key = secret_text(&secret, "ca.key")
+            .ok_or_else(|| TlsError::Incomplete(self.ca_secret.clone(), "ca.key"))?;
         let ca = Arc::new(Ca::from_pem(CA_NAME, &cert, &key)?);
         *cached = Some(ca.clone());
         Ok(ca)
@@ -148,45 +123,21 @@ impl DataPlaneCerts {
         name: &str,
         meta: ObjectMeta,
         issue: impl FnOnce(&Ca) -> Result<Leaf, rcgen::Error>,
-    ) -> Result<String, CertError> {
+    ) -> Result<String, TlsError> {
         let ca = self.ca().await?;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        if let Some(existing) = api.get_opt(name).await? {
-            let not_after: u64 = existing
-                .annotations()
-                .get(NOT_AFTER_ANNOTATION)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let current = text(&existing, "ca.crt").as_deref() == Some(ca.cert_pem.as_str())
-                && not_after > now_unix() + RENEW_BEFORE.as_secs();
-            if current && let Some(cert) = text(&existing, "tls.crt") {
-                return Ok(fingerprint(&cert));
-            }
+        if let Some(existing) = api.get_opt(name).await?
+            && secret_text(&existing, "ca.crt").as_deref() == Some(ca.cert_pem.as_str())
+            && outlives(&existing, RENEW_BEFORE)
+            && let Some(cert) = secret_text(&existing, "tls.crt")
+        {
+            return Ok(fingerprint(&cert));
         }
         let leaf = issue(&ca)?;
         let mut meta = meta;
         meta.name = Some(name.to_string());
         meta.namespace = Some(ns.to_string());
-        meta.annotations = Some(BTreeMap::from([(
-            NOT_AFTER_ANNOTATION.to_string(),
-            (now_unix() + LEAF_VALIDITY.as_secs()).to_string(),
-        )]));
-        let secret = Secret {
-            metadata: meta,
-            type_: Some("kubernetes.io/tls".into()),
-            data: Some(BTreeMap::from([
-                (
-                    "tls.crt".into(),
-                    ByteString(leaf.cert_pem.clone().into_bytes()),
-                ),
-                ("tls.key".into(), ByteString(leaf.key_pem.into_bytes())),
-                (
-                    "ca.crt".into(),
-                    ByteString(ca.cert_pem.clone().into_bytes()),
-                ),
-            ])),
-            ..Default::default()
-        };
+        let secret = leaf_secret(meta, &ca.cert_pem, &leaf, LEAF_VALIDITY);
         api.patch(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -206,7 +157,7 @@ impl DataPlaneCerts {
         secret: &str,
         meta: ObjectMeta,
         cluster_domain: &str,
-    ) -> Result<String, CertError> {
+    ) -> Result<String, TlsError> {
         let names = broker_names(queue, ns, cluster_domain);
         self.ensure_leaf(ns, secret, meta, |ca| {
             ca.issue(&names[0], &names, Usage::Server, LEAF_VALIDITY)
@@ -215,7 +166,7 @@ impl DataPlaneCerts {
     }
 
     /// The injected sidecars' client certificate in namespace `ns`.
-    pub async fn sidecar_secret(&self, ns: &str) -> Result<String, CertError> {
+    pub async fn sidecar_secret(&self, ns: &str) -> Result<String, TlsError> {
         let meta = ObjectMeta {
             labels: Some(BTreeMap::from([(
                 "app.kubernetes.io/part-of".to_string(),

@@ -1,0 +1,508 @@
+//! Sidecar injection, pure: a typed Pod in, a JSON patch out, no I/O.
+//!
+//! A pod annotated `sluice.dev/inject: "true"` gets the `sluice-sidecar` container
+//! (built in [`crate::resources::sidecar_container`], beside the broker's), routes
+//! to the brokers of the queues named in `sluice.dev/queues`, one token per route,
+//! and `SLUICE_ADDR` in its other containers. Injecting twice is a no-op. A pod
+//! opts out with `sluice.dev/inject: "false"` (namespaces with the label
+//! `sluice.dev/injection: disabled`, through the chart's namespaceSelector).
+//!
+//! What needs the API server (whether a Queue admits the pod's ServiceAccount, the
+//! namespace's client certificate) is decided by the caller:
+//! [`crate::admission`].
+
+use crate::crd::Queue;
+use crate::resources::{self, QueueToken, SIDECAR_GRPC_PORT, SIDECAR_NAME, SidecarDefaults};
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use serde::Serialize;
+
+pub const INJECT_ANNOTATION: &str = "sluice.dev/inject";
+pub const QUEUES_ANNOTATION: &str = "sluice.dev/queues";
+pub const INJECTED_ANNOTATION: &str = "sluice.dev/injected";
+pub const DENIED_ANNOTATION: &str = "sluice.dev/denied-queues";
+/// What the app's containers are given to find the sidecar.
+pub const ADDR_ENV: &str = "SLUICE_ADDR";
+
+/// What the webhook injects.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    pub sidecar: SidecarDefaults,
+    pub cluster_domain: String,
+}
+
+/// Access decision for one queue named by a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The Queue does not exist (yet): route anyway, the sidecar reports it unready.
+    Unknown,
+    Allowed,
+    Denied,
+}
+
+/// Whether `queue` (in `queue_ns`) admits pods of ServiceAccount `sa` in `pod_ns`:
+/// an empty access list admits everyone; an entry without a namespace means the
+/// Queue's own.
+pub fn access(queue: &Queue, queue_ns: &str, sa: &str, pod_ns: &str) -> Access {
+    let list = &queue.spec.access.service_accounts;
+    let listed = list
+        .iter()
+        .any(|r| r.name == sa && r.namespace.as_deref().unwrap_or(queue_ns) == pod_ns);
+    if list.is_empty() || listed {
+        Access::Allowed
+    } else {
+        Access::Denied
+    }
+}
+
+/// A queue named in `sluice.dev/queues`: `name`, `ns/name`, or a dead-letter queue
+/// `name.dlq` (served by the brokers of `name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRef {
+    pub route: String,
+    pub namespace: String,
+    pub queue: String,
+}
+
+pub fn parse_queues(annotation: &str, pod_ns: &str) -> Vec<QueueRef> {
+    annotation
+        .split([',', ' ', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (ns, name) = match s.split_once('/') {
+                Some((ns, n)) => (ns.to_string(), n.to_string()),
+                None => (pod_ns.to_string(), s.to_string()),
+            };
+            let queue = name.strip_suffix(".dlq").unwrap_or(&name).to_string();
+            QueueRef {
+                route: name,
+                namespace: ns,
+                queue,
+            }
+        })
+        .collect()
+}
+
+/// Why a pod is left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// No `sluice.dev/inject: "true"`.
+    NotAnnotated,
+    /// It has the sidecar already.
+    AlreadyInjected,
+}
+
+impl Skip {
+    /// The `result` label of the webhook request counter.
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::NotAnnotated => "not-annotated",
+            Skip::AlreadyInjected => "already-injected",
+        }
+    }
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Whether (and why not) the pod gets a sidecar.
+pub fn skip(pod: &Pod) -> Option<Skip> {
+    if annotation(pod, INJECT_ANNOTATION) != Some("true") {
+        return Some(Skip::NotAnnotated);
+    }
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice());
+    if containers
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.name == SIDECAR_NAME)
+    {
+        return Some(Skip::AlreadyInjected);
+    }
+    None
+}
+
+/// The queues a pod names (whatever its inject annotation says).
+pub fn queues(pod: &Pod, pod_ns: &str) -> Vec<QueueRef> {
+    parse_queues(annotation(pod, QUEUES_ANNOTATION).unwrap_or(""), pod_ns)
+}
+
+/// Outcome of looking at one pod.
+#[derive(Debug, Default)]
+pub struct Injection {
+    /// Empty when skipped.
+    pub patch: Patch,
+    /// For the API client (denied or missing queues).
+    pub warnings: Vec<String>,
+    pub skipped: Option<Skip>,
+}
+
+fn add(path: &[&str], value: impl Serialize) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value: serde_json::to_value(value).expect("Kubernetes types serialize"),
+    })
+}
+
+/// The JSON patch that injects the sidecar into `pod` (created in `pod_ns`);
+/// `access` decides each named queue.
+pub fn inject(
+    pod: &Pod,
+    pod_ns: &str,
+    cfg: &InjectConfig,
+    access: impl Fn(&QueueRef) -> Access,
+) -> Injection {
+    if let Some(why) = skip(pod) {
+        return Injection {
+            skipped: Some(why),
+            ..Default::default()
+        };
+    }
+    let mut routes = Vec::new();
+    let mut tokens = Vec::new();
+    let mut denied = Vec::new();
+    let mut warnings = Vec::new();
+    for q in queues(pod, pod_ns) {
+        match access(&q) {
+            Access::Denied => {
+                warnings.push(format!(
+                    "sluice: queue {}/{} does not allow this pod's ServiceAccount; no route injected",
+                    q.namespace, q.queue
+                ));
+                denied.push(q.route);
+            }
+            a => {
+                if a == Access::Unknown {
+                    warnings.push(format!(
+                        "sluice: queue {}/{} does not exist yet; the sidecar stays unready until it does",
+                        q.namespace, q.queue
+                    ));
+                }
+                routes.push(format!(
+                    "{}={}",
+                    q.route,
+                    resources::address(&q.queue, &q.namespace, &cfg.cluster_domain)
+                ));
+                // A token for this queue alone: a broker refuses tokens issued for
+                // other audiences, so one leaked token opens one queue.
+                tokens.push(QueueToken {
+                    audience: sluice_config::token_audience(&q.namespace, &q.queue),
+                    path: q.route,
+                });
+            }
+        }
+    }
+
+    let spec = pod.spec.as_ref();
+    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+    let mut ops = vec![add(
+        &["spec", "containers", "-"],
+        resources::sidecar_container(&cfg.sidecar, &routes),
+    )];
+    let volumes = resources::sidecar_volumes(&cfg.sidecar, &tokens);
+    if spec.and_then(|s| s.volumes.as_ref()).is_some() {
+        ops.extend(volumes.iter().map(|v| add(&["spec", "volumes", "-"], v)));
+    } else {
+        ops.push(add(&["spec", "volumes"], &volumes));
+    }
+    let addr = EnvVar {
+        name: ADDR_ENV.into(),
+        value: Some(format!("127.0.0.1:{SIDECAR_GRPC_PORT}")),
+        ..Default::default()
+    };
+    for (i, c) in containers.iter().enumerate() {
+        let i = i.to_string();
+        match &c.env {
+            None => ops.push(add(&["spec", "containers", i.as_str(), "env"], [&addr])),
+            Some(env) if !env.iter().any(|e| e.name == ADDR_ENV) => {
+                ops.push(add(&["spec", "containers", i.as_str(), "env", "-"], &addr))
+            }
+            Some(_) => {}
+        }
+    }
+    // The inject annotation is there, so the annotations map is.
+    ops.push(add(
+        &["metadata", "annotations", INJECTED_ANNOTATION],
+        "true",
+    ));
+    if !denied.is_empty() {
+        ops.push(add(
+            &["metadata", "annotations", DENIED_ANNOTATION],
+            denied.join(","),
+        ));
+    }
+    Injection {
+        patch: Patch(ops),
+        warnings,
+        skipped: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::QueueSpec;
+    use crate::resources::{SIDECAR_TLS_VOLUME, TLS_DIR, TOKEN_DIR, TOKEN_VOLUME};
+    use k8s_openapi::api::core::v1::Container;
+    use serde_json::{Value, json};
+
+    fn cfg(tls: bool) -> InjectConfig {
+        InjectConfig {
+            sidecar: SidecarDefaults {
+                image: "sluice-sidecar:test".into(),
+                image_pull_policy: "IfNotPresent".into(),
+                cpu_request: "50m".into(),
+                memory_request: "32Mi".into(),
+                memory_limit: "128Mi".into(),
+                tls,
+            },
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn pod(ann: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "app", "annotations": ann},
+            "spec": {"containers": [
+                {"name": "app", "image": "app"},
+                {"name": "b", "image": "b", "env": [{"name": "X", "value": "1"}]},
+            ]}
+        }))
+        .unwrap()
+    }
+
+    fn annotated(queues: &str) -> Pod {
+        pod(json!({"sluice.dev/inject": "true", "sluice.dev/queues": queues}))
+    }
+
+    /// Applies the patch as the API server does (RFC 6902), back to a typed Pod.
+    fn apply(pod: &Pod, patch: &Patch) -> Pod {
+        let mut doc = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut doc, patch).expect("the patch applies");
+        serde_json::from_value(doc).unwrap()
+    }
+
+    fn containers(pod: &Pod) -> &[Container] {
+        &pod.spec.as_ref().unwrap().containers
+    }
+
+    fn env<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+        c.env
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
+
+    fn allowed(_: &QueueRef) -> Access {
+        Access::Allowed
+    }
+
+    #[test]
+    fn annotated_pod_gets_the_sidecar_routes_tokens_and_env() {
+        let p = annotated("orders, billing/invoices,orders.dlq");
+        let m = inject(&p, "shop", &cfg(true), allowed);
+        assert_eq!(m.skipped, None);
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+        let out = apply(&p, &m.patch);
+        let cs = containers(&out);
+        let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app", "b", SIDECAR_NAME]);
+        let side = &cs[2];
+        assert_eq!(side.image.as_deref(), Some("sluice-sidecar:test"));
+        assert_eq!(
+            env(side, "SLUICE_ROUTES"),
+            Some(
+                "orders=sluice-orders.shop.svc.cluster.local:7171;invoices=sluice-invoices.billing.svc.cluster.local:7171;orders.dlq=sluice-orders.shop.svc.cluster.local:7171"
+            )
+        );
+        assert_eq!(env(side, "SLUICE_TOKEN_DIR"), Some(TOKEN_DIR));
+        assert!(env(side, "SLUICE_TLS_CA").is_some());
+        // Every other container finds the sidecar; existing env is kept.
+        assert_eq!(env(&cs[0], ADDR_ENV), Some("127.0.0.1:7070"));
+        assert_eq!(env(&cs[1], "X"), Some("1"));
+        assert_eq!(env(&cs[1], ADDR_ENV), Some("127.0.0.1:7070"));
+        assert!(cs[0].volume_mounts.is_none(), "tokens for the sidecar only");
+        let ann = out.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann[INJECTED_ANNOTATION], "true");
+        assert!(!ann.contains_key(DENIED_ANNOTATION));
+
+        // One projected token per route, for that queue's audience.
+        let volumes = out.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert_eq!(volumes[0].name, TOKEN_VOLUME);
+        let tokens: Vec<(&str, &str)> = volumes[0]
+            .projected
+            .as_ref()
+            .unwrap()
+            .sources
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let t = s.service_account_token.as_ref().unwrap();
+                (t.audience.as_deref().unwrap(), t.path.as_str())
+            })
+            .collect();
+        assert_eq!(
+            tokens,
+            [
+                ("sluice.dev/shop/orders", "orders"),
+                ("sluice.dev/billing/invoices", "invoices"),
+                ("sluice.dev/shop/orders", "orders.dlq"),
+            ]
+        );
+        // The namespace's client certificate, mounted in the sidecar.
+        assert_eq!(volumes[1].name, SIDECAR_TLS_VOLUME);
+        assert_eq!(
+            volumes[1].secret.as_ref().unwrap().secret_name.as_deref(),
+            Some(crate::tls::SIDECAR_SECRET)
+        );
+        let mounts = side.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts[0].mount_path, TOKEN_DIR);
+        assert_eq!(mounts[1].mount_path, TLS_DIR);
+    }
+
+    #[test]
+    fn injecting_an_injected_pod_is_a_no_op() {
+        let p = annotated("orders");
+        let once = apply(&p, &inject(&p, "shop", &cfg(true), allowed).patch);
+        let again = inject(&once, "shop", &cfg(true), allowed);
+        assert_eq!(again.skipped, Some(Skip::AlreadyInjected));
+        assert!(again.patch.0.is_empty());
+        assert!(again.warnings.is_empty());
+    }
+
+    #[test]
+    fn unannotated_and_opted_out_pods_are_untouched() {
+        for ann in [json!({}), json!({"sluice.dev/inject": "false"})] {
+            let m = inject(&pod(ann), "shop", &cfg(true), allowed);
+            assert_eq!(m.skipped, Some(Skip::NotAnnotated));
+            assert!(m.patch.0.is_empty());
+        }
+        let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+        assert_eq!(skip(&bare), Some(Skip::NotAnnotated));
+    }
+
+    #[test]
+    fn denied_queue_gets_no_route_and_is_named() {
+        let p = annotated("orders,secret");
+        let m = inject(&p, "shop", &cfg(true), |q| {
+            if q.queue == "secret" {
+                Access::Denied
+            } else {
+                Access::Allowed
+            }
+        });
+        let out = apply(&p, &m.patch);
+        let side = &containers(&out)[2];
+        assert_eq!(
+            env(side, "SLUICE_ROUTES"),
+            Some("orders=sluice-orders.shop.svc.cluster.local:7171")
+        );
+        let sources = out.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
+            .projected
+            .as_ref()
+            .unwrap()
+            .sources
+            .clone()
+            .unwrap();
+        assert_eq!(sources.len(), 1, "no token for a denied queue");
+        assert_eq!(
+            out.metadata.annotations.as_ref().unwrap()[DENIED_ANNOTATION],
+            "secret"
+        );
+        assert_eq!(m.warnings.len(), 1);
+        assert!(m.warnings[0].contains("shop/secret"), "{:?}", m.warnings);
+    }
+
+    #[test]
+    fn a_missing_queue_is_routed_with_a_warning() {
+        let p = annotated("later");
+        let m = inject(&p, "shop", &cfg(true), |_| Access::Unknown);
+        let out = apply(&p, &m.patch);
+        assert_eq!(
+            env(&containers(&out)[2], "SLUICE_ROUTES"),
+            Some("later=sluice-later.shop.svc.cluster.local:7171")
+        );
+        assert_eq!(m.warnings.len(), 1);
+        assert!(m.warnings[0].contains("does not exist yet"));
+    }
+
+    #[test]
+    fn existing_volumes_and_addr_are_kept() {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "app", "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "orders"}},
+            "spec": {
+                "containers": [{"name": "app", "image": "app", "env": [{"name": "SLUICE_ADDR", "value": "elsewhere:1"}]}],
+                "volumes": [{"name": "data", "emptyDir": {}}]
+            }
+        }))
+        .unwrap();
+        let out = apply(&p, &inject(&p, "shop", &cfg(false), allowed).patch);
+        let volumes: Vec<&str> = out
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(
+            volumes,
+            ["data", TOKEN_VOLUME],
+            "no certificate without TLS"
+        );
+        let app = &containers(&out)[0];
+        assert_eq!(app.env.as_ref().unwrap().len(), 1);
+        assert_eq!(env(app, ADDR_ENV), Some("elsewhere:1"));
+        assert!(env(&containers(&out)[1], "SLUICE_TLS_CA").is_none());
+    }
+
+    #[test]
+    fn queue_names_and_access_lists() {
+        assert_eq!(
+            parse_queues("orders, billing/invoices\norders.dlq", "shop"),
+            [
+                QueueRef {
+                    route: "orders".into(),
+                    namespace: "shop".into(),
+                    queue: "orders".into()
+                },
+                QueueRef {
+                    route: "invoices".into(),
+                    namespace: "billing".into(),
+                    queue: "invoices".into()
+                },
+                QueueRef {
+                    route: "orders.dlq".into(),
+                    namespace: "shop".into(),
+                    queue: "orders".into()
+                },
+            ]
+        );
+        let queue = |spec: &str| Queue::new("q", serde_yaml::from_str::<QueueSpec>(spec).unwrap());
+        let open = queue("{}");
+        assert_eq!(
+            access(&open, "shop", "anyone", "elsewhere"),
+            Access::Allowed
+        );
+        let listed = queue(
+            "{access: {serviceAccounts: [{name: mailer}, {name: billing, namespace: finance}]}}",
+        );
+        assert_eq!(access(&listed, "shop", "mailer", "shop"), Access::Allowed);
+        assert_eq!(access(&listed, "shop", "mailer", "other"), Access::Denied);
+        assert_eq!(
+            access(&listed, "shop", "billing", "finance"),
+            Access::Allowed
+        );
+        assert_eq!(access(&listed, "shop", "default", "shop"), Access::Denied);
+    }
+}
