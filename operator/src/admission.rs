@@ -254,19 +254,11 @@ pub async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::SidecarDefaults;
     use serde_json::json;
 
     fn cfg() -> InjectConfig {
         InjectConfig {
-            sidecar: SidecarDefaults {
-                image: "sluice-sidecar:test".into(),
-                image_pull_policy: "IfNotPresent".into(),
-                cpu_request: "50m".into(),
-                memory_request: "32Mi".into(),
-                memory_limit: "128Mi".into(),
-                tls: false,
-            },
+            sidecar: crate::resources::test_sidecar_defaults(false),
             cluster_domain: "cluster.local".into(),
         }
     }

@@ -254,14 +254,7 @@ mod tests {
 
     fn cfg(tls: bool) -> InjectConfig {
         InjectConfig {
-            sidecar: SidecarDefaults {
-                image: "sluice-sidecar:test".into(),
-                image_pull_policy: "IfNotPresent".into(),
-                cpu_request: "50m".into(),
-                memory_request: "32Mi".into(),
-                memory_limit: "128Mi".into(),
-                tls,
-            },
+            sidecar: crate::resources::test_sidecar_defaults(tls),
             cluster_domain: "cluster.local".into(),
         }
     }

@@ -610,6 +610,19 @@ pub fn pdb(q: &Queue, api_version: &str) -> Value {
     })
 }
 
+/// The sidecar settings the operator's unit tests inject with.
+#[cfg(test)]
+pub(crate) fn test_sidecar_defaults(tls: bool) -> SidecarDefaults {
+    SidecarDefaults {
+        image: "sluice-sidecar:test".into(),
+        image_pull_policy: "IfNotPresent".into(),
+        cpu_request: "50m".into(),
+        memory_request: "32Mi".into(),
+        memory_limit: "128Mi".into(),
+        tls,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -746,16 +759,7 @@ mod tests {
         assert_eq!(pod.termination_grace_period_seconds, Some(5));
     }
 
-    fn sidecar_defaults(tls: bool) -> SidecarDefaults {
-        SidecarDefaults {
-            image: "sluice-sidecar:test".into(),
-            image_pull_policy: "IfNotPresent".into(),
-            cpu_request: "50m".into(),
-            memory_request: "32Mi".into(),
-            memory_limit: "128Mi".into(),
-            tls,
-        }
-    }
+    use super::test_sidecar_defaults as sidecar_defaults;
 
     #[test]
     fn sidecar_container_shape() {
