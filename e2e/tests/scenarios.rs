@@ -508,20 +508,22 @@ async fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy
 }
 
 #[test]
-fn setting_and_replica_changes_roll_out_while_the_queue_serves() {
+fn setting_and_partition_changes_roll_out_while_the_queue_serves() {
     isolated(
-        "setting_and_replica_changes_roll_out_while_the_queue_serves",
+        "setting_and_partition_changes_roll_out_while_the_queue_serves",
         WorldOptions::default(),
-        setting_and_replica_changes_roll_out_while_the_queue_serves_in,
+        setting_and_partition_changes_roll_out_while_the_queue_serves_in,
     );
 }
 
-async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<World>) {
+async fn setting_and_partition_changes_roll_out_while_the_queue_serves_in(w: Arc<World>) {
     let client = w.client.clone();
     let ns = &w.ns("shop");
     w.app_namespace(ns).await;
-    let spec = |replicas: u32, vt: &str| json!({"replicas": replicas, "partitions": 6, "delivery": {"visibilityTimeout": vt}});
-    apply_queue(&client, ns, "orders", spec(2, "30s")).await;
+    // Replicas stay: a replica change would move partitions with messages, and is
+    // refused (operator/tests/control_plane.rs shows the refusal).
+    let spec = |partitions: u32, vt: &str| json!({"replicas": 2, "partitions": partitions, "delivery": {"visibilityTimeout": vt}});
+    apply_queue(&client, ns, "orders", spec(6, "30s")).await;
     let before = queue_ready(&client, ns, "orders", 2).await;
     w.app_pod(ns, "app", "orders", "default").await;
     let d = w.app(ns, "app", &["describe", "--queue", "orders"]).await;
@@ -553,7 +555,7 @@ async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<W
         )
         .await;
 
-    apply_queue(&client, ns, "orders", spec(3, "45s")).await;
+    apply_queue(&client, ns, "orders", spec(8, "45s")).await;
     let queues = queue_api(&client, ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     // Status tells the truth throughout: sampled until the rollout completes.
@@ -579,16 +581,16 @@ async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<W
                     .ok()?;
                 let really_ready = list.items.iter().filter(|p| pod_ready(p)).count() as u64;
                 if ready == "True" {
-                    assert_eq!(ready_n, 3, "Ready=True claims all brokers ready: {q}");
+                    assert_eq!(ready_n, 2, "Ready=True claims all brokers ready: {q}");
                 } else {
                     assert!(!msg.is_empty(), "Ready=False says why: {q}");
                 }
-                assert!(ready_n <= 3, "{q}");
+                assert!(ready_n <= 2, "{q}");
                 if progressing == "True" {
                     assert_eq!(preason, "RollingOut", "{q}");
                     saw.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                let all_new = list.items.len() == 3
+                let all_new = list.items.len() == 2
                     && list
                         .items
                         .iter()
@@ -601,7 +603,7 @@ async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<W
                         "RolloutComplete only once every pod runs the new settings: {q}"
                     );
                 }
-                (done && really_ready == 3).then_some(())
+                (done && really_ready == 2).then_some(())
             }
         },
     )
@@ -610,7 +612,7 @@ async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<W
         saw_rolling_out.load(std::sync::atomic::Ordering::Relaxed),
         "Progressing=True (RollingOut) was reported during the rollout"
     );
-    let after = queue_ready(&client, ns, "orders", 3).await;
+    let after = queue_ready(&client, ns, "orders", 2).await;
     for p in &before {
         let now = after.iter().find(|a| a.name_any() == p.name_any()).unwrap();
         assert_ne!(now.uid(), p.uid(), "{} was replaced", p.name_any());
@@ -618,17 +620,33 @@ async fn setting_and_replica_changes_roll_out_while_the_queue_serves_in(w: Arc<W
 
     // The queue kept serving through the rollout, and serves with the new settings.
     let produced = producer.result().await;
-    assert!(produced["acked"].as_u64().unwrap() > 0, "{produced}");
+    let n_acked = produced["acked"].as_u64().unwrap();
+    assert!(n_acked > 0, "{produced}");
     eventually("app pod Ready again", || async {
         pods.get("app").await.ok().filter(pod_ready).map(|_| ())
     })
     .await;
+    // Every message acknowledged before and during the change is delivered: the
+    // old partitions kept their brokers.
+    let producer_id = producer.id.to_string();
+    let consumed = w
+        .app(
+            ns,
+            "app",
+            &["consume", "--queue", "orders", "--expect-job", &producer_id],
+        )
+        .await;
+    assert_eq!(
+        consumed["missing"], 0,
+        "acknowledged messages stranded: {consumed}"
+    );
+    assert_eq!(consumed["expected"].as_u64().unwrap(), n_acked);
     let d = eventually("brokers describe the new settings", || async {
         let d = w.app(ns, "app", &["describe", "--queue", "orders"]).await;
         (d["visibility_timeout_ms"] == 45_000).then_some(d)
     })
     .await;
-    assert_eq!(d["partitions"], 6, "{d}");
+    assert_eq!(d["partitions"], 8, "{d}");
     round_trip(&w, ns, "app", "after", 1000).await;
 }
 

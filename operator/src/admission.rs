@@ -3,12 +3,14 @@
 //!
 //! `POST /mutate` injects the sidecar into pods ([`crate::inject`]); what needs the
 //! API server (the Queues' access lists, the namespace's sidecar certificate) is
-//! looked up here. Another admission handler is one more route: a function from an
+//! looked up here. `POST /validate-queue` refuses Queue updates that would strand
+//! messages ([`crate::layout::check_update`]). Each handler is a function from an
 //! [`AdmissionRequest`] of its kind to an [`AdmissionResponse`], wrapped by
 //! [`review`].
 
 use crate::crd::Queue;
 use crate::inject::{self, Access, InjectConfig, Injection, Skip};
+use crate::layout;
 use crate::metrics::Metrics;
 use crate::tls::{CertResolver, DataPlaneCerts, TlsError};
 use axum::Router;
@@ -33,6 +35,9 @@ use tracing::{debug, info, warn};
 /// Path of the sidecar-injection (mutating) webhook; the chart's
 /// MutatingWebhookConfiguration calls it.
 pub const MUTATE_PATH: &str = "/mutate";
+/// Path of the Queue-update (validating) webhook; the chart's
+/// ValidatingWebhookConfiguration calls it.
+pub const VALIDATE_QUEUE_PATH: &str = "/validate-queue";
 
 /// What the handlers share.
 pub struct Webhook {
@@ -46,6 +51,7 @@ pub struct Webhook {
 pub fn router(w: Arc<Webhook>) -> Router {
     Router::new()
         .route(MUTATE_PATH, post(mutate))
+        .route(VALIDATE_QUEUE_PATH, post(validate_queue))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(w)
 }
@@ -95,6 +101,46 @@ async fn mutate(State(w): State<Arc<Webhook>>, body: axum::body::Bytes) -> Revie
         w.mutate_pod(req)
     })
     .await
+}
+
+async fn validate_queue(State(w): State<Arc<Webhook>>, body: axum::body::Bytes) -> Review {
+    let metrics = w.metrics.clone();
+    review(
+        &w.metrics,
+        &body,
+        |req: AdmissionRequest<Queue>| async move {
+            let response = queue_update_response(&req);
+            metrics.webhook(if response.allowed {
+                "queue_allowed"
+            } else {
+                "queue_refused"
+            });
+            response
+        },
+    )
+    .await
+}
+
+/// Refuses an update of a Queue that would strand messages, saying why and what to
+/// do instead (`kubectl apply` prints it). Anything else is admitted: creations,
+/// and reviews without both objects.
+pub fn queue_update_response(req: &AdmissionRequest<Queue>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(req);
+    let (Some(old), Some(new)) = (req.old_object.as_ref(), req.object.as_ref()) else {
+        return response;
+    };
+    let held = old.status.as_ref().and_then(|s| s.layout.as_ref());
+    let refusals = layout::check_update(&old.spec, held, &new.spec);
+    if refusals.is_empty() {
+        return response;
+    }
+    info!(queue = %req.name, ns = ?req.namespace, "refused a Queue update that would strand messages");
+    let mut denied = response.deny(format!("sluice: {}", layout::message(&refusals)));
+    // 422 Unprocessable Entity: what the API server itself answers for a field it
+    // does not accept (kubectl prints "is invalid").
+    denied.result.code = 422;
+    denied.result.reason = "Invalid".into();
+    denied
 }
 
 /// The pod's namespace: the request's, else the object's, else `default`.
@@ -343,5 +389,106 @@ mod tests {
                 .unwrap()
                 .contains("unreadable review")
         );
+    }
+}
+
+#[cfg(test)]
+mod queue_update_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A review as the API server sends it for `kubectl apply` of a changed Queue.
+    fn update(old_spec: Value, old_status: Value, new_spec: Value) -> Vec<u8> {
+        let queue = |spec: Value, status: Value| {
+            json!({
+                "apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+                "metadata": {"name": "orders", "namespace": "shop"},
+                "spec": spec, "status": status
+            })
+        };
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "e911857d-c318-11e8-bbad-025000000001",
+                "kind": {"group": "sluice.dev", "version": "v1alpha1", "kind": "Queue"},
+                "resource": {"group": "sluice.dev", "version": "v1alpha1", "resource": "queues"},
+                "name": "orders",
+                "namespace": "shop",
+                "operation": "UPDATE",
+                "userInfo": {"username": "admin"},
+                "object": queue(new_spec, json!({})),
+                "oldObject": queue(old_spec, old_status),
+                "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn answer(body: &[u8]) -> Value {
+        let metrics = Metrics::new();
+        let axum::Json(out) = review(&metrics, body, |req: AdmissionRequest<Queue>| async move {
+            queue_update_response(&req)
+        })
+        .await;
+        out["response"].clone()
+    }
+
+    #[tokio::test]
+    async fn a_scale_that_moves_partitions_is_denied_with_the_reason() {
+        let r = answer(&update(
+            json!({"replicas": 2, "partitions": 6}),
+            json!({}),
+            json!({"replicas": 3, "partitions": 6}),
+        ))
+        .await;
+        assert_eq!(r["uid"], "e911857d-c318-11e8-bbad-025000000001");
+        assert_eq!(r["allowed"], false);
+        assert_eq!(r["status"]["code"], 422);
+        let msg = r["status"]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("sluice: spec.replicas cannot change from 2 to 3"),
+            "{msg}"
+        );
+        assert!(msg.contains("create a new Queue"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn the_recorded_layout_is_what_an_update_is_checked_against() {
+        // The old spec already asked for 3 replicas (refused by the reconciler while
+        // the webhook was away); the volumes hold 8 partitions over 2 brokers.
+        let held = json!({"layout": {"partitions": 8, "brokers": 2, "storage": {"size": "1Gi"}}});
+        let back = answer(&update(
+            json!({"replicas": 3, "partitions": 8}),
+            held.clone(),
+            json!({"replicas": 2, "partitions": 8}),
+        ))
+        .await;
+        assert_eq!(back["allowed"], true, "{back}");
+        let fewer = answer(&update(
+            json!({"replicas": 2, "partitions": 8}),
+            held,
+            json!({"replicas": 2, "partitions": 7}),
+        ))
+        .await;
+        assert_eq!(fewer["allowed"], false);
+        assert!(
+            fewer["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.partitions cannot go down from 8 to 7")
+        );
+    }
+
+    #[tokio::test]
+    async fn growing_partitions_and_other_settings_are_admitted() {
+        let r = answer(&update(
+            json!({"replicas": 2, "partitions": 6}),
+            json!({}),
+            json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"}}),
+        ))
+        .await;
+        assert_eq!(r["allowed"], true, "{r}");
+        assert!(r.get("patch").is_none());
     }
 }

@@ -47,8 +47,9 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
     /// Number of broker pods. Partition p is owned by the broker of ordinal
-    /// `p % replicas`. Scaling down below the pods that hold partition data is refused
-    /// (condition `Degraded`, reason `ScaleDownBlocked`) until data can move.
+    /// `p % replicas`, so a change that gives a partition with messages another
+    /// broker is refused (by the admission webhook, else condition `Degraded` with
+    /// reason `ScaleUpBlocked` or `ScaleDownBlocked`) until data can move.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 64))]
     pub replicas: i32,
@@ -335,8 +336,8 @@ pub struct QueueStatus {
     /// `Ready`, `Progressing` and `Degraded`, in the Kubernetes convention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Broker pods the StatefulSet runs (may differ from spec.replicas when a
-    /// scale-down is blocked).
+    /// Broker pods the StatefulSet runs (differs from spec.replicas while a scale
+    /// is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
     /// Broker pods ready.
@@ -351,6 +352,12 @@ pub struct QueueStatus {
     /// Hash of the broker settings the pods were last rolled with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// What the brokers' volumes hold: the partitions rolled out so far, the brokers
+    /// they are spread over and the volume claim template. Changes that would strand
+    /// the messages in it are refused, from this record, even when the StatefulSet
+    /// is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<crate::layout::Layout>,
 }
 
 fn default_replicas() -> i32 {

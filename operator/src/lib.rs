@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod crd;
 pub mod inject;
+pub mod layout;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

@@ -88,7 +88,7 @@ impl Metrics {
         let webhook_requests = Family::<ResultLabel, Counter>::default();
         registry.register(
             "webhook_requests",
-            "Admission requests by outcome (injected, skipped, error)",
+            "Admission requests by outcome (pods: injected, a skip reason, error; Queue updates: queue_allowed, queue_refused)",
             webhook_requests.clone(),
         );
         let cert_rotations = Counter::default();

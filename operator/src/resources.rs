@@ -285,9 +285,9 @@ fn default_affinity(queue: &str) -> Affinity {
     }
 }
 
-/// The broker StatefulSet. `replicas` is what it should run (spec.replicas unless a
-/// scale-down is blocked); `hash` rolls the pods when the settings change.
-pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> StatefulSet {
+/// The broker StatefulSet of `q` as carried out (refused changes held back, see
+/// [`crate::layout::plan`]); `hash` rolls the pods when the settings change.
+pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str) -> StatefulSet {
     let name = q.name_any();
     let t = q.spec.template.clone().unwrap_or_default();
     let restricted = !q.spec.access.service_accounts.is_empty();
@@ -345,7 +345,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, replicas: i32, hash: &str) -> State
     StatefulSet {
         metadata: meta(q, sts_name(&name)),
         spec: Some(StatefulSetSpec {
-            replicas: Some(replicas),
+            replicas: Some(q.spec.replicas),
             service_name: Some(svc_name(&name)),
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn tls_mounts_the_queue_certificate_and_points_the_broker_at_it() {
-        let mut sts = stateful_set(&queue("{}"), &defaults(), 1, "h");
+        let mut sts = stateful_set(&queue("{}"), &defaults(), "h");
         with_tls(&mut sts, "orders", "abc");
         let t = sts.spec.unwrap().template;
         assert_eq!(
@@ -679,12 +679,12 @@ mod tests {
 
     #[test]
     fn brokers_of_a_restricted_queue_get_their_own_service_account() {
-        let open = stateful_set(&queue("{}"), &defaults(), 1, "h");
+        let open = stateful_set(&queue("{}"), &defaults(), "h");
         let pod = open.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.service_account_name, None);
         assert_eq!(pod.automount_service_account_token, Some(false));
         let q = queue("{access: {serviceAccounts: [{name: billing}]}}");
-        let pod = stateful_set(&q, &defaults(), 1, "h")
+        let pod = stateful_set(&q, &defaults(), "h")
             .spec
             .unwrap()
             .template
@@ -707,7 +707,7 @@ mod tests {
     #[test]
     fn statefulset_shape() {
         let q = queue("{replicas: 3, storage: {size: 2Gi, storageClassName: fast}}");
-        let s = stateful_set(&q, &defaults(), 3, "abc");
+        let s = stateful_set(&q, &defaults(), "abc");
         let spec = s.spec.unwrap();
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.service_name.as_deref(), Some("sluice-orders"));
@@ -751,7 +751,7 @@ mod tests {
         let q = queue(
             "template: {image: my/broker:1, priorityClassName: high, nodeSelector: {disk: ssd}, terminationGracePeriodSeconds: 5}",
         );
-        let s = stateful_set(&q, &defaults(), 3, "h");
+        let s = stateful_set(&q, &defaults(), "h");
         let pod = s.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some("my/broker:1"));
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));

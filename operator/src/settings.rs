@@ -79,14 +79,12 @@ impl From<ConfigError> for SpecError {
 }
 
 /// The spec as the settings of queue `name`, checked by sluice-config's validator.
-///
-/// `replicas` is the number of brokers the StatefulSet actually runs (it differs
-/// from spec.replicas while a scale-down is blocked).
+/// The reconciler passes the spec it carries out (with refused changes held back,
+/// see [`crate::layout::plan`]), so the brokers read the layout they run.
 pub fn queue_settings(
     name: &str,
     namespace: &str,
     spec: &QueueSpec,
-    replicas: i32,
 ) -> Result<QueueSettings, SpecError> {
     fn int<T: TryFrom<i64>>(field: &'static str, v: i64, min: i64) -> Result<T, SpecError> {
         T::try_from(v)
@@ -100,7 +98,7 @@ pub fn queue_settings(
     let settings = QueueSettings {
         name: name.to_string(),
         partitions: int("partitions", spec.partitions.into(), 1)?,
-        replicas: int("replicas", replicas.into(), 1)?,
+        replicas: int("replicas", spec.replicas.into(), 1)?,
         fsync: match spec.durability.fsync {
             Fsync::Always => FsyncMode::Always,
             Fsync::Interval => FsyncMode::Interval,
@@ -135,17 +133,9 @@ pub fn queue_settings(
 
 /// Checks what the schema cannot (Kubernetes 1.20 has no CEL rules, and older
 /// objects may predate the schema) and renders `broker.toml`.
-///
-/// `replicas` is the number of brokers the StatefulSet actually runs (it differs
-/// from spec.replicas while a scale-down is blocked).
-pub fn render(
-    name: &str,
-    namespace: &str,
-    spec: &QueueSpec,
-    replicas: i32,
-) -> Result<BrokerSettings, SpecError> {
+pub fn render(name: &str, namespace: &str, spec: &QueueSpec) -> Result<BrokerSettings, SpecError> {
     validate_template(spec)?;
-    let settings = queue_settings(name, namespace, spec, replicas)?;
+    let settings = queue_settings(name, namespace, spec)?;
     let file = BrokerFile {
         queues: vec![settings],
     };
@@ -176,7 +166,7 @@ pub fn access_list(namespace: &str, spec: &QueueSpec) -> Vec<String> {
 /// refuse, and the pod template.
 pub fn validate(name: &str, namespace: &str, spec: &QueueSpec) -> Result<(), SpecError> {
     validate_template(spec)?;
-    queue_settings(name, namespace, spec, spec.replicas).map(drop)
+    queue_settings(name, namespace, spec).map(drop)
 }
 
 /// The operator's own checks: the broker pod template.
@@ -217,7 +207,7 @@ mod tests {
     #[test]
     fn defaults_render_the_documented_broker_toml() {
         let s = spec("{}");
-        let r = render("orders", "ns", &s, 3).unwrap();
+        let r = render("orders", "ns", &s).unwrap();
         let expected = "# Written by sluice-operator from Queue orders. Do not edit.
 [[queue]]
 name = \"orders\"
@@ -245,8 +235,8 @@ overflow = \"reject_new\"
 
     #[test]
     fn settings_change_changes_hash() {
-        let a = render("q", "ns", &spec("{}"), 3).unwrap();
-        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}"), 3).unwrap();
+        let a = render("q", "ns", &spec("{}")).unwrap();
+        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}")).unwrap();
         assert_ne!(a.hash, b.hash);
         assert!(b.toml.contains("visibility_timeout = \"1m\""));
     }
@@ -254,15 +244,12 @@ overflow = \"reject_new\"
     #[test]
     fn access_list_is_rendered_for_the_broker_to_read() {
         let s = spec("access: {serviceAccounts: [{name: billing}, {name: audit, namespace: ops}]}");
-        let r = render("orders", "shop", &s, 1).unwrap();
+        let r = render("orders", "shop", &s).unwrap();
         let file = sluice_config::BrokerFile::from_toml(&r.toml, "rendered").unwrap();
         assert_eq!(file.queues[0].access, ["shop/billing", "ops/audit"]);
-        assert_ne!(
-            r.hash,
-            render("orders", "shop", &spec("{}"), 1).unwrap().hash
-        );
+        assert_ne!(r.hash, render("orders", "shop", &spec("{}")).unwrap().hash);
         assert!(
-            !render("orders", "shop", &spec("{}"), 1)
+            !render("orders", "shop", &spec("{}"))
                 .unwrap()
                 .toml
                 .contains("access")
@@ -434,7 +421,7 @@ overflow = \"reject_new\"
         let spec: QueueSpec = serde_json::from_value(spec_json.clone()).unwrap_or_else(|e| {
             panic!("the schema accepts {spec_json} but the operator cannot read it: {e}")
         });
-        match render(name, "shop", &spec, spec.replicas) {
+        match render(name, "shop", &spec) {
             Ok(rendered) => {
                 assert_eq!(validate(name, "shop", &spec), Ok(()));
                 let dir = tempfile::tempdir().unwrap();
@@ -447,7 +434,7 @@ overflow = \"reject_new\"
                         rendered.toml
                     )
                 });
-                let meant = queue_settings(name, "shop", &spec, spec.replicas).unwrap();
+                let meant = queue_settings(name, "shop", &spec).unwrap();
                 assert_eq!(file.queues, std::slice::from_ref(&meant), "{spec_json}");
                 meant.dead_letter_queue().validate().unwrap();
                 Runs
@@ -718,16 +705,6 @@ overflow = \"reject_new\"
                 Invalid("metadata.name")
             ));
         }
-    }
-
-    #[test]
-    fn a_blocked_scale_down_never_writes_more_brokers_than_partitions() {
-        // spec.replicas 2 is valid, but the StatefulSet still runs 4 brokers.
-        let s = spec("replicas: 2\npartitions: 2");
-        assert_eq!(validate("q", "ns", &s), Ok(()));
-        let e = render("q", "ns", &s, 4).unwrap_err();
-        assert!(e.to_string().starts_with("spec.partitions: "), "{e}");
-        assert!(render("q", "ns", &s, 2).is_ok());
     }
 
     #[test]

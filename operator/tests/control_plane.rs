@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
@@ -298,6 +300,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     })
     .await;
 
+    // Without the webhook (this operator runs none), the reconciler holds the line.
     // Scale down below the brokers owning partitions: refused, with a condition.
     let mut smaller = changed.clone();
     smaller["spec"]["replicas"] = json!(2);
@@ -324,14 +327,54 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         Some(3)
     );
     wait_event(&client, ns, "orders", "ScaleDownBlocked").await;
-    // Scale up is carried out.
+    // Scale up moves partitions too (p % replicas): refused the same way.
     let mut bigger = changed.clone();
     bigger["spec"]["replicas"] = json!(4);
     apply_queue(&client, ns, bigger).await;
-    eventually("StatefulSet scaled to 4", || async {
-        (sts_api.get("sluice-orders").await.ok()?.spec?.replicas == Some(4)).then_some(())
+    let q = wait_queue(&client, ns, "orders", "Degraded=True ScaleUpBlocked", |q| {
+        condition(q, "Degraded").is_some_and(|c| c.status == "True" && c.reason == "ScaleUpBlocked")
     })
     .await;
+    assert!(
+        condition(&q, "Degraded")
+            .unwrap()
+            .message
+            .contains("partitions 3, 4, 5 would move"),
+        "{:?}",
+        condition(&q, "Degraded")
+    );
+    wait_event(&client, ns, "orders", "ScaleUpBlocked").await;
+    let layout = q.status.as_ref().unwrap().layout.clone().unwrap();
+    assert_eq!((layout.partitions, layout.brokers), (6, 3));
+    assert_eq!(
+        sts_api
+            .get("sluice-orders")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(3)
+    );
+    // Fewer partitions: refused, the brokers keep reading all six.
+    let mut fewer = changed.clone();
+    fewer["spec"]["partitions"] = json!(4);
+    apply_queue(&client, ns, fewer).await;
+    wait_queue(
+        &client,
+        ns,
+        "orders",
+        "Degraded=True PartitionsDecreaseBlocked",
+        |q| {
+            condition(q, "Degraded")
+                .is_some_and(|c| c.status == "True" && c.reason == "PartitionsDecreaseBlocked")
+        },
+    )
+    .await;
+    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    assert!(cm.data.unwrap()["broker.toml"].contains("partitions = 6"));
+    // Back to what the volumes hold: Degraded clears.
+    apply_queue(&client, ns, changed.clone()).await;
     wait_queue(&client, ns, "orders", "Degraded back to False", |q| {
         condition(q, "Degraded").is_some_and(|c| c.status == "False")
     })
@@ -343,11 +386,22 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         .delete("sluice-orders", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("StatefulSet recreated", || async {
+    // A scale-down asked for while no StatefulSet exists is still refused: the
+    // guard reads status.layout, not the StatefulSet.
+    let mut smaller = changed.clone();
+    smaller["spec"]["replicas"] = json!(1);
+    apply_queue(&client, ns, smaller).await;
+    let back = eventually("StatefulSet recreated", || async {
         let s = sts_api.get_opt("sluice-orders").await.ok().flatten()?;
-        (s.uid().unwrap() != old_uid && s.metadata.deletion_timestamp.is_none()).then_some(())
+        (s.uid().unwrap() != old_uid && s.metadata.deletion_timestamp.is_none()).then_some(s)
     })
     .await;
+    assert_eq!(
+        back.spec.unwrap().replicas,
+        Some(3),
+        "recreated at the layout's size"
+    );
+    apply_queue(&client, ns, changed.clone()).await;
     cm_api
         .patch(
             "sluice-orders-config",
@@ -941,6 +995,174 @@ async fn api_server_calls_the_webhook_over_tls_and_pods_come_back_injected() {
         "{metrics}"
     );
     mwcs.delete(cfg_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_changes_apply() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let cfg_name = &unique("it-guard");
+    let ns = &unique("it-guard");
+    namespace(&client, ns, json!({"sluice-test": cfg_name})).await;
+    let port = free_port();
+    // As the chart does (both configurations under one name), by URL, for this
+    // test's namespace only.
+    let selector = json!({"matchLabels": {"sluice-test": cfg_name}});
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let vwcs: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = mwcs.delete(cfg_name, &DeleteParams::default()).await;
+    let _ = vwcs.delete(cfg_name, &DeleteParams::default()).await;
+    mwcs.create(
+        &PostParams::default(),
+        &webhook_configuration(cfg_name, port, selector.clone()),
+    )
+    .await
+    .unwrap();
+    vwcs.create(
+        &PostParams::default(),
+        &queue_webhook_configuration(cfg_name, port, selector),
+    )
+    .await
+    .unwrap();
+    let op = start_operator(
+        "guard",
+        &cluster().kubeconfig,
+        &[
+            &format!("--namespace={ns}"),
+            &format!("--watch-namespace={ns}"),
+            "--lease-name=op-guard",
+            &format!("--webhook-listen=127.0.0.1:{port}"),
+            "--webhook-extra-san=127.0.0.1",
+            &format!("--webhook-config-name={cfg_name}"),
+            "--broker-image=sluice-broker:test",
+        ],
+    );
+    op.wait_webhook_ready(&mwcs, cfg_name).await;
+    wait_queue_webhook_ca_bundle(&vwcs, cfg_name).await;
+
+    let manifest = |spec: Value| {
+        serde_json::to_string(&json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+            "metadata": {"name": "orders", "namespace": ns},
+            "spec": spec
+        }))
+        .unwrap()
+    };
+    let (ok, _, err) = kubectl_apply(&manifest(json!({"replicas": 2, "partitions": 6})), &[]);
+    assert!(ok, "{err}");
+    wait_queue(&client, ns, "orders", "status.layout recorded", |q| {
+        q.status
+            .as_ref()
+            .and_then(|s| s.layout.as_ref())
+            .is_some_and(|l| (l.partitions, l.brokers) == (6, 2))
+    })
+    .await;
+
+    // Each change that would strand messages: kubectl prints why, nothing changes.
+    let refused = [
+        (
+            json!({"replicas": 3, "partitions": 6}),
+            "spec.replicas cannot change from 2 to 3 yet: partition p lives on broker p % replicas, so partitions 2, 3, 4, 5 would move",
+        ),
+        (
+            json!({"replicas": 1, "partitions": 6}),
+            "spec.replicas cannot change from 2 to 1",
+        ),
+        (
+            json!({"replicas": 2, "partitions": 4}),
+            "spec.partitions cannot go down from 6 to 4",
+        ),
+        (
+            json!({"replicas": 2, "partitions": 6, "storage": {"size": "5Gi"}}),
+            "spec.storage.size cannot change from 1Gi to 5Gi",
+        ),
+    ];
+    for (spec, why) in refused {
+        // The API server may need a moment to trust the new caBundle: retry until
+        // the webhook itself answers.
+        let err = eventually(&format!("the webhook refuses {spec}"), || async {
+            let (ok, _, err) = kubectl_apply(&manifest(spec.clone()), &[]);
+            assert!(!ok, "{spec} was applied");
+            err.contains("denied the request").then_some(err)
+        })
+        .await;
+        assert!(err.contains(why), "{spec}: {err}");
+        assert!(
+            err.contains("create a new Queue") || err.contains("keep partitions"),
+            "{err}"
+        );
+    }
+    let q: Queue = Api::namespaced(client.clone(), ns)
+        .get("orders")
+        .await
+        .unwrap();
+    assert_eq!(
+        (q.spec.replicas, q.spec.partitions),
+        (2, 6),
+        "nothing of it stored"
+    );
+
+    // Not wedged: a valid change applies and rolls out.
+    let (ok, _, err) = kubectl_apply(
+        &manifest(
+            json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"}}),
+        ),
+        &[],
+    );
+    assert!(ok, "{err}");
+    let q = wait_queue(&client, ns, "orders", "8 partitions rolled out", |q| {
+        q.status
+            .as_ref()
+            .and_then(|s| s.layout.as_ref())
+            .is_some_and(|l| (l.partitions, l.brokers) == (8, 2))
+    })
+    .await;
+    assert_eq!(condition(&q, "Degraded").unwrap().status, "False");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("sluice-orders-config")
+        .await
+        .unwrap();
+    let toml = &cm.data.unwrap()["broker.toml"];
+    assert!(
+        toml.contains("partitions = 8") && toml.contains("visibility_timeout = \"45s\""),
+        "{toml}"
+    );
+    // Metadata-only updates pass too (the operator's finalizer patches are ones).
+    let (ok, _, err) = kubectl_apply(
+        &manifest(
+            json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"}, "deletionPolicy": "Delete"}),
+        ),
+        &[],
+    );
+    assert!(ok, "{err}");
+    wait_queue(&client, ns, "orders", "finalizer added", |q| {
+        q.finalizers()
+            .iter()
+            .any(|f| f == "sluice.dev/delete-volumes")
+    })
+    .await;
+
+    let (_, metrics) = op.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("sluice_operator_webhook_requests_total{result=\"queue_refused\"}"),
+        "{metrics}"
+    );
+    // Deletion passes (DELETE is not checked) and the finalizer is released.
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    queues
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Queue deleted through its finalizer", || async {
+        queues.get_opt("orders").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    mwcs.delete(cfg_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    vwcs.delete(cfg_name, &DeleteParams::default())
         .await
         .unwrap();
 }

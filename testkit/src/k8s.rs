@@ -3,7 +3,9 @@
 //! and reading what the operator put into a StatefulSet.
 
 use crate::eventually;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Probe;
 use kube::api::Api;
@@ -32,6 +34,48 @@ pub fn webhook_configuration(
         }]
     }))
     .expect("webhook configuration")
+}
+
+/// The chart's ValidatingWebhookConfiguration `name` (Queue updates), reaching the
+/// operator process by URL on `https://127.0.0.1:<port>/validate-queue` and limited
+/// to the namespaces `namespace_selector` selects; failurePolicy Fail.
+pub fn queue_webhook_configuration(
+    name: &str,
+    port: u16,
+    namespace_selector: Value,
+) -> ValidatingWebhookConfiguration {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "queues.sluice.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-queue")},
+            "rules": [{"apiGroups": ["sluice.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"], "resources": ["queues"]}],
+            "namespaceSelector": namespace_selector
+        }]
+    }))
+    .expect("validating webhook configuration")
+}
+
+/// Waits until the operator has patched its CA into the validating configuration
+/// `name` too.
+pub async fn wait_queue_webhook_ca_bundle(vwcs: &Api<ValidatingWebhookConfiguration>, name: &str) {
+    eventually(
+        "caBundle of the Queue check patched by the operator",
+        || async {
+            let c = vwcs.get(name).await.ok()?;
+            c.webhooks?[0]
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .filter(|b| !b.0.is_empty())
+                .map(|_| ())
+        },
+    )
+    .await;
 }
 
 /// Waits until the operator has patched its CA into the webhook configuration

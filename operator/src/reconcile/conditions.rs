@@ -39,8 +39,14 @@ pub enum Reason {
     RollingOut,
     /// Degraded=False.
     AsExpected,
-    /// Degraded=True: a scale-down was refused.
+    /// Degraded=True: fewer replicas were refused (partitions would move).
     ScaleDownBlocked,
+    /// Degraded=True: more replicas were refused (partitions would move).
+    ScaleUpBlocked,
+    /// Degraded=True: fewer partitions were refused.
+    PartitionsDecreaseBlocked,
+    /// Degraded=True: a change of the volumes' size or class was refused.
+    StorageChangeBlocked,
     /// Ready=False, Degraded=True, Progressing=False: the spec failed validation.
     InvalidSpec,
     /// Degraded=True: the last reconciliation failed.
@@ -56,6 +62,9 @@ impl Reason {
             Reason::RollingOut => "RollingOut",
             Reason::AsExpected => "AsExpected",
             Reason::ScaleDownBlocked => "ScaleDownBlocked",
+            Reason::ScaleUpBlocked => "ScaleUpBlocked",
+            Reason::PartitionsDecreaseBlocked => "PartitionsDecreaseBlocked",
+            Reason::StorageChangeBlocked => "StorageChangeBlocked",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ReconcileError => "ReconcileError",
         }
@@ -86,8 +95,8 @@ impl QueueCondition {
 /// applies.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Rollout {
-    /// Brokers the StatefulSet was given (spec.replicas, or more while a scale-down
-    /// is blocked).
+    /// Brokers the StatefulSet was given (spec.replicas, or other while a scale is
+    /// refused).
     pub replicas: i32,
     /// `status.replicas`: pods that exist.
     pub current: i32,
@@ -97,8 +106,8 @@ pub struct Rollout {
     /// The StatefulSet controller has seen the latest StatefulSet spec.
     pub generation_seen: bool,
     pub config_hash: String,
-    /// Why a scale-down was refused.
-    pub scale_down_blocked: Option<String>,
+    /// The changes of the spec held back: the first one's reason, and why (all).
+    pub refused: Option<(Reason, String)>,
     /// Why pods are not ready (see `status::pods_summary`); asked only when not all
     /// brokers are ready.
     pub pods: Option<String>,
@@ -188,8 +197,8 @@ pub fn compute(observed: &Observed) -> Vec<QueueCondition> {
                     ),
                 )
             };
-            let degraded = match &r.scale_down_blocked {
-                Some(msg) => QueueCondition::new(Degraded, true, Reason::ScaleDownBlocked, msg),
+            let degraded = match &r.refused {
+                Some((reason, msg)) => QueueCondition::new(Degraded, true, *reason, msg),
                 None => QueueCondition::new(
                     Degraded,
                     false,
@@ -270,7 +279,7 @@ mod tests {
             updated: 3,
             generation_seen: true,
             config_hash: "abc".into(),
-            scale_down_blocked: None,
+            refused: None,
             pods: None,
         }
     }
@@ -307,7 +316,10 @@ mod tests {
             current: 5,
             ready: 5,
             updated: 5,
-            scale_down_blocked: Some("scale-down from 5 to 3 refused".into()),
+            refused: Some((
+                Reason::ScaleDownBlocked,
+                "scale-down from 5 to 3 refused".into(),
+            )),
             ..rollout()
         };
         let healthy = rollout();
@@ -392,7 +404,7 @@ mod tests {
             ready: 1,
             updated: 2,
             pods: Some("2 pod(s) Pending (no nodes)".into()),
-            scale_down_blocked: Some("refused".into()),
+            refused: Some((Reason::ScaleDownBlocked, "refused".into())),
             ..rollout()
         };
         let cs = compute(&Observed::Applied(&r));

@@ -91,9 +91,9 @@ pub enum Scenario {
     /// A new Queue: the StatefulSet does not exist; ConfigMap, Service, StatefulSet,
     /// PDB applied in that order; `Created`; brokers not ready (pods listed); status.
     Create,
-    /// The StatefulSet exists with other settings and fewer replicas: the applies,
-    /// `RollingUpdate` and `Scaled`; the applied StatefulSet reports every broker
-    /// ready and rolled, so no pods are listed.
+    /// The StatefulSet exists with other settings (and `Scaled` when `replicas`
+    /// differs from its 3): the applies, `RollingUpdate`; the applied StatefulSet
+    /// reports every broker ready and rolled, so no pods are listed.
     Update { old: StatefulSet, replicas: i32 },
     /// An access list: the brokers' ServiceAccount is applied and added to the
     /// TokenReview binding before the other applies.
@@ -102,8 +102,8 @@ pub enum Scenario {
     InvalidSpec,
     /// An invalid spec already reported: no request at all.
     Quiet,
-    /// A scale-down: the StatefulSet keeps its replicas, `ScaleDownBlocked` Event
-    /// and condition.
+    /// A scale-down (the StatefulSet exists, status.layout does not yet): the
+    /// StatefulSet keeps its replicas, `ScaleDownBlocked` Event and condition.
     ScaleDownBlocked { old: StatefulSet },
     /// `deletionPolicy: Delete` on a Queue without the finalizer: it is added.
     AddFinalizer,
@@ -358,9 +358,14 @@ impl ApiServerVerifier {
                 assert_eq!(sts["spec"]["replicas"], r);
                 let note = self.event("Normal", "RollingUpdate").await;
                 assert!(note.starts_with("broker settings changed (hash "), "{note}");
-                let note = self.event("Normal", "Scaled").await;
-                assert_eq!(note, format!("scaled from 3 to {r} brokers"));
+                if r != 3 {
+                    let note = self.event("Normal", "Scaled").await;
+                    assert_eq!(note, format!("scaled from 3 to {r} brokers"));
+                }
                 let st = self.status().await;
+                let layout = st.layout.clone().expect("status.layout recorded");
+                assert_eq!(layout.brokers, r);
+                assert_eq!(Some(layout.partitions), self.queue.spec.partitions.into());
                 assert_eq!((st.replicas, st.ready_replicas), (Some(r), Some(r)));
                 assert_conditions(
                     &st,
@@ -438,9 +443,13 @@ impl ApiServerVerifier {
                     "the StatefulSet keeps its size"
                 );
                 let note = self.event("Warning", "ScaleDownBlocked").await;
-                assert!(note.starts_with(&format!("scale-down from {cur} to 3 refused")));
+                assert!(
+                    note.starts_with(&format!("spec.replicas cannot change from {cur} to 3")),
+                    "{note}"
+                );
                 let st = self.status().await;
                 assert_eq!(st.replicas, Some(cur));
+                assert_eq!(st.layout.as_ref().map(|l| l.brokers), Some(cur));
                 assert_eq!(st.endpoints.len(), cur as usize);
                 assert_conditions(
                     &st,

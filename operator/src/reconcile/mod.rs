@@ -4,7 +4,7 @@
 //! ConfigMaps they own). A reconciliation goes through kube's finalizer helper when
 //! the Queue needs the finalizer (`deletionPolicy: Delete`, or it still carries it):
 //! [`cleanup`](cleanup::cleanup) on deletion, else the steps of [`apply`]:
-//! [`validate`](validate::validate), the scale-down [`guard`], the applies
+//! [`validate`](validate::validate), the layout [`guard`], the applies
 //! ([`apply`](mod@apply)), the Events, and the [`status`] with conditions computed by
 //! [`conditions::compute`].
 
@@ -64,8 +64,10 @@ pub enum Error {
     Certs(#[from] crate::tls::TlsError),
     #[error("finalizer: {0}")]
     Finalizer(String),
-    #[error("{0} (with the {1} brokers the StatefulSet keeps while its scale-down is blocked)")]
-    Settings(crate::settings::SpecError, i32),
+    /// The spec passed validation but the one carried out (with refused changes held
+    /// back) did not: a bug, as every plan of a valid spec is valid.
+    #[error("the spec carried out, with refused changes held back: {0}")]
+    Settings(crate::settings::SpecError),
 }
 
 impl Error {
@@ -79,7 +81,7 @@ impl Error {
             Error::TokenReviewBindingMissing(_) => "token_review_binding_missing",
             Error::Certs(_) => "certs",
             Error::Finalizer(_) => "finalizer",
-            Error::Settings(..) => "settings",
+            Error::Settings(_) => "settings",
         }
     }
 }
@@ -104,7 +106,8 @@ pub enum EventReason {
     Created,
     RollingUpdate,
     Scaled,
-    ScaleDownBlocked,
+    /// A change of the spec held back (the `Degraded` condition's reason).
+    Refused(conditions::Reason),
     InvalidSpec,
     ReconcileError,
     VolumesDeleted,
@@ -116,7 +119,7 @@ impl EventReason {
             EventReason::Created => "Created",
             EventReason::RollingUpdate => "RollingUpdate",
             EventReason::Scaled => "Scaled",
-            EventReason::ScaleDownBlocked => "ScaleDownBlocked",
+            EventReason::Refused(reason) => reason.as_str(),
             EventReason::InvalidSpec => "InvalidSpec",
             EventReason::ReconcileError => "ReconcileError",
             EventReason::VolumesDeleted => "VolumesDeleted",
@@ -278,7 +281,7 @@ async fn reconcile_queue(q: Arc<Queue>, ctx: &Context) -> Result<Action, Error> 
     }
 }
 
-/// The steps of a live Queue: validate, guard the scale, apply, announce, report.
+/// The steps of a live Queue: validate, guard the layout, apply, announce, report.
 async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     let ns = q.namespace().ok_or(Error::NoNamespace)?;
     let name = q.name_any();
@@ -289,11 +292,14 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let existing = guard::existing(ctx, &ns, &name).await?;
-    let scale = guard::check(q.spec.replicas, existing.as_ref());
-    // Fails only with the brokers a blocked scale-down keeps: more than partitions.
-    let rendered = settings::render(&name, &ns, &q.spec, scale.replicas)
-        .map_err(|e| Error::Settings(e, scale.replicas))?;
-    let applied = apply::apply_all(ctx, q, &ns, scale.replicas, &rendered).await?;
+    let scale = guard::check(q, existing.as_ref());
+    // What is applied: the Queue with the refused changes held back.
+    let carried = Queue {
+        spec: scale.plan.spec.clone(),
+        ..q.clone()
+    };
+    let rendered = settings::render(&name, &ns, &carried.spec).map_err(Error::Settings)?;
+    let applied = apply::apply_all(ctx, &carried, &ns, &rendered).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
     guard::announce(ctx, q, &status, &scale).await;
     status::report(ctx, q, status, &applied, &scale, &rendered).await

@@ -23,14 +23,14 @@ pub const RESYNC_BUSY: Duration = Duration::from_secs(15);
 pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) -> Rollout {
     let ss = applied.status.clone().unwrap_or_default();
     Rollout {
-        replicas: scale.replicas,
+        replicas: scale.replicas(),
         current: ss.replicas,
         ready: ss.ready_replicas.unwrap_or(0),
         updated: ss.updated_replicas.unwrap_or(0),
         generation_seen: ss.observed_generation.unwrap_or(0)
             >= applied.metadata.generation.unwrap_or(0),
         config_hash: rendered.hash.clone(),
-        scale_down_blocked: scale.blocked.clone(),
+        refused: scale.refused(),
         pods: None,
     }
 }
@@ -53,6 +53,7 @@ pub async fn report(
     status.replicas = Some(replicas);
     status.ready_replicas = Some(rollout.ready);
     status.config_hash = Some(rendered.hash.clone());
+    status.layout = Some(scale.plan.layout.clone());
     status.endpoints = (0..replicas)
         .map(|i| {
             format!(

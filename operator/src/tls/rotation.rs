@@ -1,6 +1,7 @@
 //! The webhook's self-managed serving certificate: a CA and a leaf in a Secret
 //! shared by the operator replicas (optimistic concurrency decides who writes), the
-//! CA patched into every webhook of the MutatingWebhookConfiguration, and rotation
+//! CA patched into every webhook of the Mutating- and ValidatingWebhookConfiguration
+//! (one name for both), and rotation
 //! before expiry with the previous CA kept in the bundle during the change.
 
 use super::issue::new_ca_and_server_leaf;
@@ -8,7 +9,9 @@ use super::resolver::CertResolver;
 use super::{TlsError, leaf_secret, outlives, secret_text};
 use crate::metrics::Metrics;
 use base64::Engine;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -148,32 +151,36 @@ impl SelfManaged {
         ))
     }
 
-    /// Writes the CA bundle into every webhook of the configuration; false when the
-    /// configuration does not exist (yet).
+    /// Writes the CA bundle into every webhook of the mutating configuration and,
+    /// when it exists, of the validating one; false when the mutating configuration
+    /// does not exist (yet).
     pub async fn patch_ca_bundle(&self, client: &Client, bundle: &str) -> Result<bool, TlsError> {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        let Some(cfg) = api.get_opt(&self.webhook_config_name).await? else {
-            return Ok(false);
-        };
-        let want = bundle.as_bytes().to_vec();
-        let hooks: Vec<Value> = cfg
-            .webhooks
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|w| w.client_config.ca_bundle.as_ref().map(|b| &b.0) != Some(&want))
-            .map(|w| json!({"name": w.name, "clientConfig": {"caBundle": base64::engine::general_purpose::STANDARD.encode(&want)}}))
-            .collect();
-        if hooks.is_empty() {
-            return Ok(true);
-        }
-        api.patch(
-            &self.webhook_config_name,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({ "webhooks": hooks })),
+        let name = &self.webhook_config_name;
+        let mutating = patch_config(
+            &Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            name,
+            bundle,
+            |c| {
+                let hooks = c.webhooks.iter().flatten();
+                hooks
+                    .map(|w| (w.name.clone(), w.client_config.clone()))
+                    .collect()
+            },
         )
         .await?;
-        info!(config = %self.webhook_config_name, "patched caBundle");
-        Ok(true)
+        patch_config(
+            &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            name,
+            bundle,
+            |c| {
+                let hooks = c.webhooks.iter().flatten();
+                hooks
+                    .map(|w| (w.name.clone(), w.client_config.clone()))
+                    .collect()
+            },
+        )
+        .await?;
+        Ok(mutating)
     }
 
     /// Keeps the certificate valid and the caBundle current, forever.
@@ -203,6 +210,40 @@ impl SelfManaged {
             tokio::time::sleep(self.check_interval).await;
         }
     }
+}
+
+/// Patches `bundle` into the webhooks of configuration `name` whose caBundle
+/// differs; false when the configuration does not exist.
+async fn patch_config<K>(
+    api: &Api<K>,
+    name: &str,
+    bundle: &str,
+    hooks: impl Fn(&K) -> Vec<(String, WebhookClientConfig)>,
+) -> Result<bool, TlsError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let Some(cfg) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let want = bundle.as_bytes().to_vec();
+    let stale: Vec<Value> = hooks(&cfg)
+        .into_iter()
+        .filter(|(_, c)| c.ca_bundle.as_ref().map(|b| &b.0) != Some(&want))
+        .map(|(name, _)| json!({"name": name, "clientConfig": {"caBundle": base64::engine::general_purpose::STANDARD.encode(&want)}}))
+        .collect();
+    if stale.is_empty() {
+        return Ok(true);
+    }
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Strategic(json!({ "webhooks": stale })),
+    )
+    .await?;
+    info!(config = %name, kind = %K::kind(&Default::default()), "patched caBundle");
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -1,0 +1,367 @@
+//! Which changes of a Queue keep every message reachable.
+//!
+//! A broker opens the partitions `p` with `p % brokers == ordinal`, from its own
+//! volume. Partition data cannot move between brokers yet, so a change that gives a
+//! partition another owner, drops a partition, or changes the volumes' claim template
+//! would leave acknowledged messages on a volume nobody reads (or wedge the
+//! StatefulSet, whose claim templates are immutable). The admission webhook refuses
+//! such changes with these messages ([`check_update`]); the reconciler holds the same
+//! line from the layout recorded in `status.layout` ([`plan`]), so the guard stands
+//! without the webhook and without the StatefulSet.
+
+use crate::crd::{QueueSpec, StorageSpec};
+use crate::reconcile::conditions::Reason;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the brokers' volumes hold: partition `p` lives on broker `p % brokers`.
+/// `partitions` is a high-water mark: a partition once rolled out keeps its messages
+/// until they can be drained.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Layout {
+    /// Partitions rolled out so far.
+    pub partitions: i32,
+    /// Brokers the partitions are spread over.
+    pub brokers: i32,
+    /// The brokers' volume claim template.
+    pub storage: StorageSpec,
+}
+
+impl Layout {
+    /// The layout a spec asks for.
+    pub fn of(spec: &QueueSpec) -> Self {
+        Self {
+            partitions: spec.partitions,
+            brokers: spec.replicas,
+            storage: spec.storage.clone(),
+        }
+    }
+
+    /// Partitions that hold messages whose owner differs with `brokers` brokers.
+    fn moved_by(&self, brokers: i32) -> Vec<i32> {
+        (0..self.partitions)
+            .filter(|p| p % self.brokers.max(1) != p % brokers.max(1))
+            .collect()
+    }
+}
+
+/// A change refused because it would strand messages or wedge the Queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "spec.partitions cannot go down from {from} to {to}: partitions {to}..{last} hold messages that no broker would read any more (as in Kafka, partitions only grow); keep partitions at {from} or more",
+        last = from - 1
+    )]
+    PartitionsDecrease { from: i32, to: i32 },
+    #[error(
+        "spec.replicas cannot change from {from} to {to} yet: partition p lives on broker p % replicas, so partitions {moved} would move to brokers whose volumes do not hold their messages (partition data cannot move between brokers yet); keep replicas at {from}, or create a new Queue with the replicas you want and move the traffic to it",
+        moved = list(.moved)
+    )]
+    MovesPartitions { from: i32, to: i32, moved: Vec<i32> },
+    #[error(
+        "spec.storage.{field} cannot change from {from} to {to}: the brokers' volume claims are fixed when the StatefulSet is made (Kubernetes refuses changes to its claim templates); keep {from}, or create a new Queue with the storage you want and move the traffic to it"
+    )]
+    Storage {
+        field: &'static str,
+        from: String,
+        to: String,
+    },
+}
+
+impl Refusal {
+    /// The reason of the `Degraded` condition (and the Event) that reports it.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Refusal::PartitionsDecrease { .. } => Reason::PartitionsDecreaseBlocked,
+            Refusal::MovesPartitions { from, to, .. } if to < from => Reason::ScaleDownBlocked,
+            Refusal::MovesPartitions { .. } => Reason::ScaleUpBlocked,
+            Refusal::Storage { .. } => Reason::StorageChangeBlocked,
+        }
+    }
+}
+
+/// Every refusal in one message, as the webhook and the condition say it.
+pub fn message(refusals: &[Refusal]) -> String {
+    refusals
+        .iter()
+        .map(Refusal::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn list(ps: &[i32]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = ps
+        .iter()
+        .take(SHOWN)
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ps.len() > SHOWN {
+        s.push_str(&format!(" and {} more", ps.len() - SHOWN));
+    }
+    s
+}
+
+/// What the reconciler carries out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The spec with every refused change held back.
+    pub spec: QueueSpec,
+    /// What the volumes hold once it is applied: the next `status.layout`.
+    pub layout: Layout,
+    /// What was held back, and why.
+    pub refusals: Vec<Refusal>,
+}
+
+/// Moves from the layout the volumes hold (none for a new Queue) towards `wanted`:
+/// partitions may grow (new partitions get owners, old ones keep theirs); a replica
+/// change may not give a partition with messages another owner; the claim template
+/// stays as it is.
+pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
+    let mut spec = wanted.clone();
+    let mut refusals = Vec::new();
+    if let Some(held) = held {
+        if wanted.partitions < held.partitions {
+            refusals.push(Refusal::PartitionsDecrease {
+                from: held.partitions,
+                to: wanted.partitions,
+            });
+            spec.partitions = held.partitions;
+        }
+        if wanted.replicas != held.brokers {
+            let moved = held.moved_by(wanted.replicas);
+            if !moved.is_empty() {
+                refusals.push(Refusal::MovesPartitions {
+                    from: held.brokers,
+                    to: wanted.replicas,
+                    moved,
+                });
+                spec.replicas = held.brokers;
+            }
+        }
+        let storage = check_storage(&held.storage, &wanted.storage);
+        if !storage.is_empty() {
+            refusals.extend(storage);
+            spec.storage = held.storage.clone();
+        }
+    }
+    Plan {
+        layout: Layout::of(&spec),
+        spec,
+        refusals,
+    }
+}
+
+/// Checks a change of the volumes' claim template.
+fn check_storage(held: &StorageSpec, wanted: &StorageSpec) -> Vec<Refusal> {
+    let mut refusals = Vec::new();
+    if held.size != wanted.size {
+        refusals.push(Refusal::Storage {
+            field: "size",
+            from: held.size.clone(),
+            to: wanted.size.clone(),
+        });
+    }
+    if held.storage_class_name != wanted.storage_class_name {
+        let show = |c: &Option<String>| {
+            c.clone()
+                .unwrap_or_else(|| "the cluster default class".into())
+        };
+        refusals.push(Refusal::Storage {
+            field: "storageClassName",
+            from: show(&held.storage_class_name),
+            to: show(&wanted.storage_class_name),
+        });
+    }
+    refusals
+}
+
+/// What the admission webhook refuses in an update from `old` (whose volumes hold
+/// `held` when the status says so; else what `old` asked for) to `new`. An update
+/// that leaves replicas, partitions and storage as they were is never refused, so
+/// metadata (finalizers, labels) and the other settings can always change.
+pub fn check_update(old: &QueueSpec, held: Option<&Layout>, new: &QueueSpec) -> Vec<Refusal> {
+    if Layout::of(old) == Layout::of(new) {
+        return Vec::new();
+    }
+    let held = held.cloned().unwrap_or_else(|| Layout::of(old));
+    plan(new, Some(&held)).refusals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: serde_json::Value) -> QueueSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn held(partitions: i32, brokers: i32) -> Layout {
+        Layout {
+            partitions,
+            brokers,
+            storage: StorageSpec::default(),
+        }
+    }
+
+    #[test]
+    fn a_new_queue_is_carried_out_as_asked() {
+        let s = spec(json!({"replicas": 2, "partitions": 6}));
+        let p = plan(&s, None);
+        assert_eq!((p.spec.clone(), p.refusals.clone()), (s.clone(), vec![]));
+        assert_eq!(p.layout, held(6, 2));
+    }
+
+    #[test]
+    fn growing_partitions_keeps_every_owner() {
+        let p = plan(
+            &spec(json!({"replicas": 2, "partitions": 8})),
+            Some(&held(6, 2)),
+        );
+        assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+        assert_eq!(p.layout, held(8, 2));
+    }
+
+    #[test]
+    fn fewer_partitions_is_refused_and_held() {
+        let p = plan(
+            &spec(json!({"replicas": 2, "partitions": 4})),
+            Some(&held(8, 2)),
+        );
+        assert_eq!(
+            p.refusals,
+            vec![Refusal::PartitionsDecrease { from: 8, to: 4 }]
+        );
+        assert_eq!(p.refusals[0].reason(), Reason::PartitionsDecreaseBlocked);
+        assert!(p.refusals[0].to_string().contains("partitions 4..7"));
+        assert_eq!(p.spec.partitions, 8, "the partitions with messages stay");
+        assert_eq!(p.layout, held(8, 2));
+    }
+
+    #[test]
+    fn a_replica_change_that_moves_partitions_is_refused_with_them_named() {
+        // The case: 6 partitions over 2 brokers, then 3.
+        let p = plan(
+            &spec(json!({"replicas": 3, "partitions": 6})),
+            Some(&held(6, 2)),
+        );
+        assert_eq!(
+            p.refusals,
+            vec![Refusal::MovesPartitions {
+                from: 2,
+                to: 3,
+                moved: vec![2, 3, 4, 5]
+            }]
+        );
+        assert_eq!(p.refusals[0].reason(), Reason::ScaleUpBlocked);
+        assert!(
+            p.refusals[0]
+                .to_string()
+                .contains("partitions 2, 3, 4, 5 would move"),
+            "{}",
+            p.refusals[0]
+        );
+        assert_eq!(p.spec.replicas, 2);
+        let down = plan(
+            &spec(json!({"replicas": 2, "partitions": 6})),
+            Some(&held(6, 3)),
+        );
+        assert_eq!(down.refusals[0].reason(), Reason::ScaleDownBlocked);
+        assert_eq!(down.spec.replicas, 3);
+    }
+
+    #[test]
+    fn partitions_may_grow_while_a_replica_change_is_held() {
+        let p = plan(
+            &spec(json!({"replicas": 4, "partitions": 12})),
+            Some(&held(6, 3)),
+        );
+        assert_eq!(p.refusals.len(), 1);
+        assert_eq!((p.spec.replicas, p.spec.partitions), (3, 12));
+        assert_eq!(p.layout, held(12, 3));
+    }
+
+    #[test]
+    fn a_held_plan_always_has_a_partition_per_broker() {
+        // What validation asks of a spec (partitions >= replicas) holds for every plan
+        // carried out from valid specs, refused or not.
+        for (hp, hb) in [(1, 1), (4, 2), (6, 3), (8, 8)] {
+            for wp in 1..=10 {
+                for wb in 1..=wp {
+                    let p = plan(
+                        &spec(json!({"replicas": wb, "partitions": wp})),
+                        Some(&held(hp, hb)),
+                    );
+                    assert!(p.spec.partitions >= p.spec.replicas, "{p:?}");
+                    assert!(p.layout.partitions >= hp, "{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_lists_are_cut() {
+        let p = plan(
+            &spec(json!({"replicas": 3, "partitions": 100})),
+            Some(&held(100, 2)),
+        );
+        let msg = p.refusals[0].to_string();
+        assert!(msg.contains("and 58 more"), "{msg}");
+    }
+
+    #[test]
+    fn storage_changes_are_refused_field_by_field() {
+        let s = spec(json!({"storage": {"size": "5Gi", "storageClassName": "fast"}}));
+        let p = plan(&s, Some(&held(6, 3)));
+        assert_eq!(p.refusals.len(), 2);
+        assert!(
+            p.refusals[0]
+                .to_string()
+                .starts_with("spec.storage.size cannot change from 1Gi to 5Gi"),
+            "{}",
+            p.refusals[0]
+        );
+        assert!(
+            p.refusals[1]
+                .to_string()
+                .contains("from the cluster default class to fast"),
+            "{}",
+            p.refusals[1]
+        );
+        assert!(
+            p.refusals
+                .iter()
+                .all(|r| r.reason() == Reason::StorageChangeBlocked)
+        );
+        assert_eq!(p.spec.storage, StorageSpec::default());
+    }
+
+    #[test]
+    fn updates_that_leave_the_layout_alone_are_never_refused() {
+        // A Queue whose earlier scale-up the reconciler holds back (the webhook was
+        // down): its finalizers and other settings may still change.
+        let old = spec(json!({"replicas": 3, "partitions": 6}));
+        let mut new = old.clone();
+        new.delivery.max_deliveries = 9;
+        assert!(check_update(&old, Some(&held(6, 2)), &new).is_empty());
+        // But a new layout change is checked against what the volumes hold.
+        let more = spec(json!({"replicas": 3, "partitions": 7}));
+        let r = check_update(&old, Some(&held(6, 2)), &more);
+        assert_eq!(r[0].reason(), Reason::ScaleUpBlocked);
+        // With no status yet, against the old spec.
+        let r = check_update(&old, None, &spec(json!({"replicas": 3, "partitions": 4})));
+        assert_eq!(r, vec![Refusal::PartitionsDecrease { from: 6, to: 4 }]);
+        assert_eq!(
+            message(&[
+                Refusal::PartitionsDecrease { from: 6, to: 4 },
+                Refusal::PartitionsDecrease { from: 6, to: 5 }
+            ])
+            .matches("; ")
+            .count(),
+            1
+        );
+    }
+}
