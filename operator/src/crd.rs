@@ -358,6 +358,23 @@ pub struct QueueStatus {
     /// is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<crate::layout::Layout>,
+    /// Every broker pod, with the settings it runs: during a rollout, which brokers
+    /// run the new settings (`configHash` equal to the Queue's) and which the old.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub brokers: Vec<BrokerStatus>,
+}
+
+/// One broker pod as the status reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerStatus {
+    /// The pod's name (`sluice-<queue>-<ordinal>`).
+    pub name: String,
+    /// Hash of the settings the pod was started with (its `sluice.dev/config-hash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// The pod is Ready.
+    pub ready: bool,
 }
 
 fn default_replicas() -> i32 {

@@ -49,7 +49,15 @@ pub fn sts_name(queue: &str) -> String {
 pub fn svc_name(queue: &str) -> String {
     sts_name(queue)
 }
-pub fn cm_name(queue: &str) -> String {
+/// The ConfigMap of one version of the settings, named by their hash: a pod template
+/// names exactly the settings it was rolled out with, so a broker that restarts in
+/// the middle of a rollout reads its own version, never a newer one.
+pub fn cm_name(queue: &str, hash: &str) -> String {
+    format!("{}-{hash}", cm_prefix(queue))
+}
+/// What the names of a queue's settings ConfigMaps start with (the prefix alone was
+/// the name of the single ConfigMap of operators before the hashed names).
+pub fn cm_prefix(queue: &str) -> String {
     format!("sluice-{queue}-config")
 }
 pub fn pdb_name(queue: &str) -> String {
@@ -209,10 +217,18 @@ pub fn with_tls(sts: &mut StatefulSet, queue: &str, fingerprint: &str) {
         .push(tls_mount("tls"));
 }
 
-pub fn config_map(q: &Queue, toml: &str) -> ConfigMap {
+/// One version of the settings: immutable (its name is its content's hash), kept
+/// until no broker runs it.
+pub fn config_map(q: &Queue, toml: &str, hash: &str) -> ConfigMap {
+    let mut metadata = meta(q, cm_name(&q.name_any(), hash));
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(HASH_ANNOTATION.into(), hash.into());
     ConfigMap {
-        metadata: meta(q, cm_name(&q.name_any())),
+        metadata,
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), toml.to_string())])),
+        immutable: Some(true),
         ..Default::default()
     }
 }
@@ -392,7 +408,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str) -> StatefulSet {
                     volumes: Some(vec![Volume {
                         name: "config".into(),
                         config_map: Some(ConfigMapVolumeSource {
-                            name: cm_name(&name),
+                            name: cm_name(&name, hash),
                             ..Default::default()
                         }),
                         ..Default::default()

@@ -211,7 +211,15 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let hash1 = config_hash(&sts).expect("config hash");
 
     let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    let cm = cm_api
+        .get(&format!("sluice-orders-config-{hash1}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        cm.immutable,
+        Some(true),
+        "a version of the settings never changes"
+    );
     let toml = cm.data.unwrap()["broker.toml"].clone();
     for line in [
         "name = \"orders\"",
@@ -292,8 +300,18 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         (h != hash1).then_some(h)
     })
     .await;
-    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    let cm = cm_api
+        .get(&format!("sluice-orders-config-{hash2}"))
+        .await
+        .unwrap();
     assert!(cm.data.unwrap()["broker.toml"].contains("visibility_timeout = \"1m\""));
+    // The pods still run the first settings (no kubelet here rolls them): theirs
+    // stay, so a broker restarting now reads what its pod was rolled with.
+    let first = cm_api
+        .get(&format!("sluice-orders-config-{hash1}"))
+        .await
+        .unwrap();
+    assert!(!first.data.unwrap()["broker.toml"].contains("visibility_timeout = \"1m\""));
     wait_event(&client, ns, "orders", "RollingUpdate").await;
     wait_queue(&client, ns, "orders", "status.configHash follows", |q| {
         q.status.as_ref().and_then(|s| s.config_hash.clone()) == Some(hash2.clone())
@@ -371,7 +389,10 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         },
     )
     .await;
-    let cm = cm_api.get("sluice-orders-config").await.unwrap();
+    let cm = cm_api
+        .get(&format!("sluice-orders-config-{hash2}"))
+        .await
+        .unwrap();
     assert!(cm.data.unwrap()["broker.toml"].contains("partitions = 6"));
     // Back to what the volumes hold: Degraded clears.
     apply_queue(&client, ns, changed.clone()).await;
@@ -402,20 +423,31 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         "recreated at the layout's size"
     );
     apply_queue(&client, ns, changed.clone()).await;
-    cm_api
+    // The settings cannot be edited in place (immutable); a deleted version comes back.
+    let current = format!("sluice-orders-config-{hash2}");
+    let edit = cm_api
         .patch(
-            "sluice-orders-config",
+            &current,
             &PatchParams::default(),
             &Patch::Merge(json!({"data": {"broker.toml": "# vandalised"}})),
         )
+        .await;
+    assert!(
+        matches!(&edit, Err(kube::Error::Api(e)) if e.code == 422),
+        "{edit:?}"
+    );
+    cm_api
+        .delete(&current, &DeleteParams::default())
         .await
         .unwrap();
     eventually("ConfigMap restored", || async {
-        let cm = cm_api.get("sluice-orders-config").await.ok()?;
-        cm.data?
-            .get("broker.toml")?
-            .contains("visibility_timeout = \"1m\"")
-            .then_some(())
+        let cm = cm_api.get_opt(&current).await.ok()??;
+        (cm.metadata.deletion_timestamp.is_none()
+            && cm
+                .data?
+                .get("broker.toml")?
+                .contains("visibility_timeout = \"1m\""))
+        .then_some(())
     })
     .await;
     let hash_now = config_hash(&sts_api.get("sluice-orders").await.unwrap()).expect("config hash");
@@ -446,7 +478,10 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         .unwrap();
     eventually("owned objects garbage-collected", || async {
         let sts = sts_api.get_opt("sluice-orders").await.ok()?;
-        let cm = cm_api.get_opt("sluice-orders-config").await.ok()?;
+        let cms = cm_api
+            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+            .await
+            .ok()?;
         let svc = Api::<Service>::namespaced(client.clone(), ns)
             .get_opt("sluice-orders")
             .await
@@ -455,7 +490,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
             .get_opt("sluice-orders")
             .await
             .ok()?;
-        (sts.is_none() && cm.is_none() && svc.is_none() && pdb.is_none()).then_some(())
+        (sts.is_none() && cms.items.is_empty() && svc.is_none() && pdb.is_none()).then_some(())
     })
     .await;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
@@ -1120,8 +1155,9 @@ async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_cha
     })
     .await;
     assert_eq!(condition(&q, "Degraded").unwrap().status, "False");
+    let hash = q.status.as_ref().unwrap().config_hash.clone().unwrap();
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get("sluice-orders-config")
+        .get(&format!("sluice-orders-config-{hash}"))
         .await
         .unwrap();
     let toml = &cm.data.unwrap()["broker.toml"];

@@ -1,5 +1,6 @@
 //! Step: the applies, in this order: the brokers' ServiceAccount and their place in
-//! the TokenReview binding (only with an access list), the ConfigMap, the headless
+//! the TokenReview binding (only with an access list), the ConfigMap of the current
+//! settings (a new one per version, see [`resources::cm_name`]), the headless
 //! Service, the StatefulSet (with its TLS Secret when the data plane uses TLS) and
 //! the PodDisruptionBudget. All by server-side apply, field manager `sluice-operator`,
 //! forced. Then the Events for what changed.
@@ -13,7 +14,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::ResourceExt;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use tracing::info;
 
@@ -81,11 +82,44 @@ async fn config_map(
 ) -> Result<(), Error> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     api.patch(
-        &resources::cm_name(&q.name_any()),
+        &resources::cm_name(&q.name_any(), &rendered.hash),
         &params(),
-        &Patch::Apply(resources::config_map(q, &rendered.toml)),
+        &Patch::Apply(resources::config_map(q, &rendered.toml, &rendered.hash)),
     )
     .await?;
+    Ok(())
+}
+
+/// Deletes the settings ConfigMaps of the Queue other than `keep` (the current
+/// version). Called only once every broker runs the current pod template, so no pod,
+/// running or restarting, still names one of them.
+pub async fn prune_config_maps(
+    ctx: &Context,
+    q: &Queue,
+    ns: &str,
+    keep: &str,
+) -> Result<(), Error> {
+    let name = q.name_any();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!("{}={name}", resources::QUEUE_LABEL);
+    let prefix = resources::cm_prefix(&name);
+    let owned = api.list(&ListParams::default().labels(&selector)).await?;
+    for cm in owned.items {
+        let old = cm.name_any();
+        let ours = cm
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == q.uid().unwrap_or_default());
+        if old != keep && old.starts_with(&prefix) && ours {
+            match api.delete(&old, &DeleteParams::default()).await {
+                Ok(_) => {
+                    info!(queue = %name, configmap = %old, "deleted settings no broker runs any more")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -163,7 +197,7 @@ pub async fn announce(
                 &format!(
                     "created StatefulSet, Service {}, ConfigMap {} and PodDisruptionBudget",
                     resources::sts_name(&name),
-                    resources::cm_name(&name)
+                    resources::cm_name(&name, &rendered.hash)
                 ),
             )
             .await

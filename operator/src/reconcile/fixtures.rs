@@ -27,7 +27,7 @@ pub const NAME: &str = "orders";
 pub const BINDING: &str = "sluice-broker-token-review";
 const QUEUE_PATH: &str = "/apis/sluice.dev/v1alpha1/namespaces/shop/queues/orders";
 const STS_PATH: &str = "/apis/apps/v1/namespaces/shop/statefulsets/sluice-orders";
-const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/sluice-orders-config";
+const CMS_PATH: &str = "/api/v1/namespaces/shop/configmaps";
 const SVC_PATH: &str = "/api/v1/namespaces/shop/services/sluice-orders";
 const PDB_PATH: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/sluice-orders";
 const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/sluice-orders-broker";
@@ -84,6 +84,10 @@ pub fn existing_sts(replicas: i32, hash: &str) -> StatefulSet {
         "status": { "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas }
     }))
     .unwrap()
+}
+
+fn st_hash(spec: &QueueSpec) -> String {
+    crate::settings::render(NAME, NS, spec).unwrap().hash
 }
 
 /// What the mock API server expects, and answers, in one test.
@@ -249,10 +253,17 @@ impl ApiServerVerifier {
         }
     }
 
-    /// Expects the ConfigMap, Service, StatefulSet and PDB applies, in that order;
-    /// the StatefulSet answers with `status`. Returns the applied StatefulSet.
-    async fn applies(&mut self, status: Value) -> Value {
-        let cm = self.next(Method::PATCH, CM_PATH).await;
+    /// Expects the ConfigMap (of the settings of `spec`, by their hash), Service,
+    /// StatefulSet and PDB applies, in that order; the StatefulSet answers with
+    /// `status`. Returns the applied StatefulSet.
+    async fn applies(&mut self, spec: &QueueSpec, status: Value) -> Value {
+        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let cm = self
+            .next(
+                Method::PATCH,
+                &format!("{CMS_PATH}/sluice-orders-config-{hash}"),
+            )
+            .await;
         cm.assert_apply();
         assert!(
             cm.body["data"]["broker.toml"]
@@ -260,6 +271,11 @@ impl ApiServerVerifier {
                 .is_some_and(|t| t.contains("[[queue]]")),
             "ConfigMap {}",
             cm.body
+        );
+        assert_eq!(cm.body["immutable"], true);
+        assert_eq!(
+            cm.body["metadata"]["labels"]["sluice.dev/config-hash"],
+            hash
         );
         cm.echo();
         let svc = self.next(Method::PATCH, SVC_PATH).await;
@@ -277,7 +293,69 @@ impl ApiServerVerifier {
         assert_eq!(pdb.body["apiVersion"], "policy/v1");
         assert_eq!(pdb.body["spec"]["maxUnavailable"], 1);
         pdb.echo();
+        let volumes = &applied["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(
+            volumes[0]["configMap"]["name"],
+            format!("sluice-orders-config-{hash}"),
+            "the pod template names its own version of the settings"
+        );
         applied
+    }
+
+    /// Expects the settings ConfigMaps to be listed once every broker is rolled;
+    /// answers with the current one, an older version, and one of another owner:
+    /// only the older version of this Queue is deleted.
+    async fn prune(&mut self, spec: &QueueSpec) {
+        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let list = self.next(Method::GET, CMS_PATH).await;
+        assert!(
+            list.query
+                .contains("labelSelector=sluice.dev%2Fqueue%3Dorders"),
+            "{}",
+            list.query
+        );
+        let cm = |name: String, uid: &str| {
+            json!({
+                "metadata": { "name": name, "namespace": NS,
+                    "ownerReferences": [{ "apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+                        "name": NAME, "uid": uid, "controller": true }] }
+            })
+        };
+        list.ok(&json!({
+            "apiVersion": "v1", "kind": "ConfigMapList", "metadata": {},
+            "items": [
+                cm(format!("sluice-orders-config-{hash}"), "0b7c2a4e"),
+                cm("sluice-orders-config-00000000000000aa".into(), "0b7c2a4e"),
+                cm("sluice-orders-config-00000000000000bb".into(), "another-queue-of-that-name"),
+            ]
+        }));
+        let delete = self
+            .next(
+                Method::DELETE,
+                &format!("{CMS_PATH}/sluice-orders-config-00000000000000aa"),
+            )
+            .await;
+        delete.ok(
+            &json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success" }),
+        );
+    }
+
+    /// Expects the pods to be listed; answers with `n` ready pods running `spec`'s
+    /// settings.
+    async fn ready_pods(&mut self, spec: &QueueSpec, n: i32) {
+        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let call = self.next(Method::GET, PODS_PATH).await;
+        let items: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({
+                    "metadata": { "name": format!("sluice-orders-{i}"), "namespace": NS,
+                        "annotations": { "sluice.dev/config-hash": hash } },
+                    "status": { "phase": "Running",
+                        "conditions": [{ "type": "Ready", "status": "True" }] }
+                })
+            })
+            .collect();
+        call.ok(&json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items }));
     }
 
     /// Expects the pods to be listed; answers with one unschedulable pod.
@@ -304,14 +382,18 @@ impl ApiServerVerifier {
         match scenario {
             Scenario::Create => {
                 self.get_sts(None).await;
+                let spec = self.queue.spec.clone();
                 let sts = self
-                    .applies(json!({ "replicas": 0, "observedGeneration": 1 }))
+                    .applies(&spec, json!({ "replicas": 0, "observedGeneration": 1 }))
                     .await;
                 assert_eq!(sts["spec"]["replicas"], 3);
                 let note = self.event("Normal", "Created").await;
                 assert_eq!(
                     note,
-                    "created StatefulSet, Service sluice-orders, ConfigMap sluice-orders-config and PodDisruptionBudget"
+                    format!(
+                        "created StatefulSet, Service sluice-orders, ConfigMap sluice-orders-config-{} and PodDisruptionBudget",
+                        st_hash(&spec)
+                    )
                 );
                 self.pods().await;
                 let st = self.status().await;
@@ -349,11 +431,15 @@ impl ApiServerVerifier {
             Scenario::Update { old, replicas } => {
                 self.get_sts(Some(&old)).await;
                 let r = replicas;
+                let spec = self.queue.spec.clone();
                 let sts = self
-                    .applies(json!({
-                        "replicas": r, "readyReplicas": r, "updatedReplicas": r,
-                        "observedGeneration": 2
-                    }))
+                    .applies(
+                        &spec,
+                        json!({
+                            "replicas": r, "readyReplicas": r, "updatedReplicas": r,
+                            "observedGeneration": 2
+                        }),
+                    )
                     .await;
                 assert_eq!(sts["spec"]["replicas"], r);
                 let note = self.event("Normal", "RollingUpdate").await;
@@ -362,7 +448,15 @@ impl ApiServerVerifier {
                     let note = self.event("Normal", "Scaled").await;
                     assert_eq!(note, format!("scaled from 3 to {r} brokers"));
                 }
+                self.prune(&spec).await;
+                self.ready_pods(&spec, r).await;
                 let st = self.status().await;
+                assert_eq!(st.brokers.len(), r as usize);
+                assert!(
+                    st.brokers
+                        .iter()
+                        .all(|b| b.ready && b.config_hash == st.config_hash)
+                );
                 let layout = st.layout.clone().expect("status.layout recorded");
                 assert_eq!(layout.brokers, r);
                 assert_eq!(Some(layout.partitions), self.queue.spec.partitions.into());
@@ -402,7 +496,8 @@ impl ApiServerVerifier {
                     json!([{ "kind": "ServiceAccount", "name": "sluice-orders-broker", "namespace": NS }])
                 );
                 put.echo();
-                let sts = self.applies(json!({ "replicas": 0 })).await;
+                let spec = self.queue.spec.clone();
+                let sts = self.applies(&spec, json!({ "replicas": 0 })).await;
                 assert_eq!(
                     sts["spec"]["template"]["spec"]["serviceAccountName"],
                     "sluice-orders-broker"
@@ -432,11 +527,16 @@ impl ApiServerVerifier {
             Scenario::ScaleDownBlocked { old } => {
                 let cur = old.spec.as_ref().unwrap().replicas.unwrap();
                 self.get_sts(Some(&old)).await;
+                let mut running = self.queue.spec.clone();
+                running.replicas = cur;
                 let sts = self
-                    .applies(json!({
-                        "replicas": cur, "readyReplicas": cur, "updatedReplicas": cur,
-                        "observedGeneration": 2
-                    }))
+                    .applies(
+                        &running,
+                        json!({
+                            "replicas": cur, "readyReplicas": cur, "updatedReplicas": cur,
+                            "observedGeneration": 2
+                        }),
+                    )
                     .await;
                 assert_eq!(
                     sts["spec"]["replicas"], cur,
@@ -447,6 +547,8 @@ impl ApiServerVerifier {
                     note.starts_with(&format!("spec.replicas cannot change from {cur} to 3")),
                     "{note}"
                 );
+                self.prune(&running).await;
+                self.ready_pods(&running, cur).await;
                 let st = self.status().await;
                 assert_eq!(st.replicas, Some(cur));
                 assert_eq!(st.layout.as_ref().map(|l| l.brokers), Some(cur));
@@ -526,7 +628,11 @@ impl ApiServerVerifier {
             }
             Scenario::ApplyFails => {
                 self.get_sts(None).await;
-                self.next(Method::PATCH, CM_PATH)
+                let path = format!(
+                    "{CMS_PATH}/sluice-orders-config-{}",
+                    st_hash(&self.queue.spec)
+                );
+                self.next(Method::PATCH, &path)
                     .await
                     .fail(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
                 let note = self.event("Warning", "ReconcileError").await;

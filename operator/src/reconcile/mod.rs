@@ -302,6 +302,10 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     let applied = apply::apply_all(ctx, &carried, &ns, &rendered).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
     guard::announce(ctx, q, &status, &scale).await;
+    if status::rollout(&applied, &scale, &rendered).rolled() {
+        let current = resources::cm_name(&name, &rendered.hash);
+        apply::prune_config_maps(ctx, q, &ns, &current).await?;
+    }
     status::report(ctx, q, status, &applied, &scale, &rendered).await
 }
 

@@ -3,7 +3,7 @@
 use super::conditions::{self, Observed, Rollout};
 use super::guard::Scale;
 use super::{Context, Error, patch_status};
-use crate::crd::{Queue, QueueStatus};
+use crate::crd::{BrokerStatus, Queue, QueueStatus};
 use crate::resources;
 use crate::settings::BrokerSettings;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -35,8 +35,9 @@ pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) 
     }
 }
 
-/// Writes the status (replicas, endpoints, hash, conditions) and says when to look
-/// again. `status` is the status this reconciliation builds.
+/// Writes the status (replicas, endpoints, hash, layout, the settings each broker
+/// runs, conditions) and says when to look again. `status` is the status this
+/// reconciliation builds.
 pub async fn report(
     ctx: &Context,
     q: &Queue,
@@ -66,8 +67,12 @@ pub async fn report(
         })
         .collect();
     status.observed_generation = generation;
+    let pods = list_pods(ctx, &ns, &name).await;
+    if let Ok(pods) = &pods {
+        status.brokers = brokers(pods);
+    }
     if !rollout.all_ready() {
-        rollout.pods = Some(pods_summary(&list_pods(ctx, &ns, &name).await));
+        rollout.pods = Some(pods_summary(&pods));
     }
     conditions::merge(
         &mut status,
@@ -91,6 +96,24 @@ async fn list_pods(ctx: &Context, ns: &str, queue: &str) -> Result<Vec<Pod>, Str
         .await
         .map(|l| l.items)
         .map_err(|e| e.to_string())
+}
+
+/// Each broker pod with the settings hash it runs, by name.
+pub fn brokers(pods: &[Pod]) -> Vec<BrokerStatus> {
+    let mut out: Vec<BrokerStatus> = pods
+        .iter()
+        .map(|p| BrokerStatus {
+            name: p.name_any(),
+            config_hash: p.annotations().get(resources::HASH_ANNOTATION).cloned(),
+            ready: p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Says why pods are not ready ("3 pod(s) Pending (0/1 nodes are available…)"),
