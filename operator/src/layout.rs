@@ -354,14 +354,14 @@ mod tests {
         // With no status yet, against the old spec.
         let r = check_update(&old, None, &spec(json!({"replicas": 3, "partitions": 4})));
         assert_eq!(r, vec![Refusal::PartitionsDecrease { from: 6, to: 4 }]);
+        let both = message(&[
+            Refusal::PartitionsDecrease { from: 6, to: 4 },
+            Refusal::PartitionsDecrease { from: 6, to: 5 },
+        ]);
         assert_eq!(
-            message(&[
-                Refusal::PartitionsDecrease { from: 6, to: 4 },
-                Refusal::PartitionsDecrease { from: 6, to: 5 }
-            ])
-            .matches("; ")
-            .count(),
-            1
+            both.matches("spec.partitions cannot go down").count(),
+            2,
+            "{both}"
         );
     }
 }

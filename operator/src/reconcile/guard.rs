@@ -146,7 +146,8 @@ mod tests {
         let s = check(&q, None);
         assert_eq!((s.current, s.replicas()), (None, 2));
         let (reason, msg) = s.refused().unwrap();
-        assert_eq!(reason, conditions::Reason::ScaleUpBlocked);
+        // The first refusal names the condition; the message has them all.
+        assert_eq!(reason, conditions::Reason::PartitionsDecreaseBlocked);
         assert!(
             msg.contains("spec.replicas cannot change from 2 to 3"),
             "{msg}"
