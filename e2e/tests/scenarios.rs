@@ -17,7 +17,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice_e2e::harness::{
-    Crash, REMOTE_ENV, SYSTEM_NAMESPACE, World, WorldOptions, isolated, pod_ready,
+    AppJob, Crash, REMOTE_ENV, SYSTEM_NAMESPACE, World, WorldOptions, isolated, pod_ready,
 };
 use sluice_proto::v1::{self, queues_client::QueuesClient};
 use sluice_testkit::{eventually, eventually_within};
@@ -118,6 +118,19 @@ async fn consume_all(w: &World, ns: &str, pod: &str, prefix: &str, count: u64) -
     let consumed = w.app(ns, pod, &args).await;
     assert_eq!(consumed["missing"], 0, "{consumed}");
     consumed
+}
+
+/// Consumes until every message the produce job `producer` had acknowledged
+/// (`n_acked` of them) was delivered at least once.
+async fn consume_acknowledged(w: &World, ns: &str, pod: &str, producer: &AppJob, n_acked: u64) {
+    let id = producer.id.to_string();
+    let args = ["consume", "--queue", "orders", "--expect-job", &id];
+    let consumed = w.app(ns, pod, &args).await;
+    assert_eq!(
+        consumed["missing"], 0,
+        "acknowledged messages lost: {consumed}"
+    );
+    assert_eq!(consumed["expected"].as_u64().unwrap(), n_acked);
 }
 
 async fn round_trip(w: &World, ns: &str, pod: &str, prefix: &str, count: u64) {
@@ -381,19 +394,7 @@ async fn brokers_deleted_and_killed_during_traffic(w: Arc<World>) {
     .await;
 
     // Every acknowledged message is delivered (at least once).
-    let producer_id = producer.id.to_string();
-    let consumed = w
-        .app(
-            ns,
-            "app",
-            &["consume", "--queue", "orders", "--expect-job", &producer_id],
-        )
-        .await;
-    assert_eq!(
-        consumed["missing"], 0,
-        "acknowledged messages lost: {consumed}"
-    );
-    assert_eq!(consumed["expected"].as_u64().unwrap(), n_acked);
+    consume_acknowledged(&w, ns, "app", &producer, n_acked).await;
 }
 
 #[test]
@@ -628,19 +629,7 @@ async fn setting_and_partition_changes_roll_out_while_the_queue_serves_in(w: Arc
     .await;
     // Every message acknowledged before and during the change is delivered: the
     // old partitions kept their brokers.
-    let producer_id = producer.id.to_string();
-    let consumed = w
-        .app(
-            ns,
-            "app",
-            &["consume", "--queue", "orders", "--expect-job", &producer_id],
-        )
-        .await;
-    assert_eq!(
-        consumed["missing"], 0,
-        "acknowledged messages stranded: {consumed}"
-    );
-    assert_eq!(consumed["expected"].as_u64().unwrap(), n_acked);
+    consume_acknowledged(&w, ns, "app", &producer, n_acked).await;
     let d = eventually("brokers describe the new settings", || async {
         let d = w.app(ns, "app", &["describe", "--queue", "orders"]).await;
         (d["visibility_timeout_ms"] == 45_000).then_some(d)

@@ -63,6 +63,14 @@ async fn wait_queue(
     .await
 }
 
+/// Waits for `Degraded=True` with `reason` on the Queue `name`.
+async fn wait_degraded(client: &Client, ns: &str, name: &str, reason: &str) -> Queue {
+    wait_queue(client, ns, name, &format!("Degraded=True {reason}"), |q| {
+        condition(q, "Degraded").is_some_and(|c| c.status == "True" && c.reason == reason)
+    })
+    .await
+}
+
 /// Events (events.k8s.io/v1, as the operator writes them) about a Queue.
 async fn queue_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
     let ar = ApiResource::from_gvk_with_plural(
@@ -323,17 +331,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let mut smaller = changed.clone();
     smaller["spec"]["replicas"] = json!(2);
     apply_queue(&client, ns, smaller).await;
-    wait_queue(
-        &client,
-        ns,
-        "orders",
-        "Degraded=True ScaleDownBlocked",
-        |q| {
-            condition(q, "Degraded")
-                .is_some_and(|c| c.status == "True" && c.reason == "ScaleDownBlocked")
-        },
-    )
-    .await;
+    wait_degraded(&client, ns, "orders", "ScaleDownBlocked").await;
     assert_eq!(
         sts_api
             .get("sluice-orders")
@@ -349,10 +347,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let mut bigger = changed.clone();
     bigger["spec"]["replicas"] = json!(4);
     apply_queue(&client, ns, bigger).await;
-    let q = wait_queue(&client, ns, "orders", "Degraded=True ScaleUpBlocked", |q| {
-        condition(q, "Degraded").is_some_and(|c| c.status == "True" && c.reason == "ScaleUpBlocked")
-    })
-    .await;
+    let q = wait_degraded(&client, ns, "orders", "ScaleUpBlocked").await;
     assert!(
         condition(&q, "Degraded")
             .unwrap()
@@ -378,17 +373,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     let mut fewer = changed.clone();
     fewer["spec"]["partitions"] = json!(4);
     apply_queue(&client, ns, fewer).await;
-    wait_queue(
-        &client,
-        ns,
-        "orders",
-        "Degraded=True PartitionsDecreaseBlocked",
-        |q| {
-            condition(q, "Degraded")
-                .is_some_and(|c| c.status == "True" && c.reason == "PartitionsDecreaseBlocked")
-        },
-    )
-    .await;
+    wait_degraded(&client, ns, "orders", "PartitionsDecreaseBlocked").await;
     let cm = cm_api
         .get(&format!("sluice-orders-config-{hash2}"))
         .await
@@ -848,7 +833,13 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
     })
     .await;
     wait_ca_bundle(
-        &Api::all(client.clone()),
+        &Api::<MutatingWebhookConfiguration>::all(client.clone()),
+        &format!("{full}-sidecar-injector"),
+    )
+    .await;
+    // The chart's Queue check has its caBundle too (same name, the chart's RBAC).
+    wait_ca_bundle(
+        &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
         &format!("{full}-sidecar-injector"),
     )
     .await;
@@ -1075,7 +1066,7 @@ async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_cha
         ],
     );
     op.wait_webhook_ready(&mwcs, cfg_name).await;
-    wait_queue_webhook_ca_bundle(&vwcs, cfg_name).await;
+    wait_ca_bundle(&vwcs, cfg_name).await;
 
     let manifest = |spec: Value| {
         serde_json::to_string(&json!({

@@ -11,85 +11,85 @@ use k8s_openapi::api::core::v1::Probe;
 use kube::api::Api;
 use serde_json::{Value, json};
 
-/// A MutatingWebhookConfiguration `name` as the chart makes it, but reaching the
-/// operator process by URL on `https://127.0.0.1:<port>/mutate` (no kube-proxy in
-/// the tests) and limited to the namespaces `namespace_selector` selects;
-/// failurePolicy Fail, so that a TLS failure fails the test.
+/// One webhook as the chart registers it, but reaching the operator process by URL
+/// on `https://127.0.0.1:<port><path>` (no kube-proxy in the tests) and limited to
+/// the namespaces `namespace_selector` selects; failurePolicy Fail, so that a TLS
+/// failure fails the test.
+fn webhook_json(
+    name: &str,
+    hook: &str,
+    port: u16,
+    path: &str,
+    rule: Value,
+    namespace_selector: Value,
+) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": hook,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+            "rules": [rule],
+            "namespaceSelector": namespace_selector
+        }]
+    })
+}
+
+/// The chart's MutatingWebhookConfiguration `name` (sidecar injection into pods).
 pub fn webhook_configuration(
     name: &str,
     port: u16,
     namespace_selector: Value,
 ) -> MutatingWebhookConfiguration {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "inject.sluice.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            "namespaceSelector": namespace_selector
-        }]
-    }))
-    .expect("webhook configuration")
+    let rule = json!({"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]});
+    let cfg = webhook_json(
+        name,
+        "inject.sluice.dev",
+        port,
+        "/mutate",
+        rule,
+        namespace_selector,
+    );
+    serde_json::from_value(cfg).expect("webhook configuration")
 }
 
-/// The chart's ValidatingWebhookConfiguration `name` (Queue updates), reaching the
-/// operator process by URL on `https://127.0.0.1:<port>/validate-queue` and limited
-/// to the namespaces `namespace_selector` selects; failurePolicy Fail.
+/// The chart's ValidatingWebhookConfiguration `name` (Queue updates).
 pub fn queue_webhook_configuration(
     name: &str,
     port: u16,
     namespace_selector: Value,
 ) -> ValidatingWebhookConfiguration {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "queues.sluice.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-queue")},
-            "rules": [{"apiGroups": ["sluice.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"], "resources": ["queues"]}],
-            "namespaceSelector": namespace_selector
-        }]
-    }))
-    .expect("validating webhook configuration")
-}
-
-/// Waits until the operator has patched its CA into the validating configuration
-/// `name` too.
-pub async fn wait_queue_webhook_ca_bundle(vwcs: &Api<ValidatingWebhookConfiguration>, name: &str) {
-    eventually(
-        "caBundle of the Queue check patched by the operator",
-        || async {
-            let c = vwcs.get(name).await.ok()?;
-            c.webhooks?[0]
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .filter(|b| !b.0.is_empty())
-                .map(|_| ())
-        },
-    )
-    .await;
+    let rule = json!({"apiGroups": ["sluice.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"], "resources": ["queues"]});
+    let cfg = webhook_json(
+        name,
+        "queues.sluice.dev",
+        port,
+        "/validate-queue",
+        rule,
+        namespace_selector,
+    );
+    serde_json::from_value(cfg).expect("validating webhook configuration")
 }
 
 /// Waits until the operator has patched its CA into the webhook configuration
-/// `name`.
-pub async fn wait_ca_bundle(mwcs: &Api<MutatingWebhookConfiguration>, name: &str) {
-    eventually("caBundle patched by the operator", || async {
-        let c = mwcs.get(name).await.ok()?;
-        c.webhooks?[0]
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .filter(|b| !b.0.is_empty())
-            .map(|_| ())
-    })
+/// `name`, mutating or validating (read as JSON: they share these fields, not a type).
+pub async fn wait_ca_bundle<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    eventually(
+        &format!("caBundle of {name} patched by the operator"),
+        || async {
+            let c = serde_json::to_value(api.get(name).await.ok()?).ok()?;
+            c["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .filter(|b| !b.is_empty())
+                .map(|_| ())
+        },
+    )
     .await;
 }
 

@@ -10,7 +10,7 @@ use super::{TlsError, leaf_secret, outlives, secret_text};
 use crate::metrics::Metrics;
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -156,31 +156,11 @@ impl SelfManaged {
     /// does not exist (yet).
     pub async fn patch_ca_bundle(&self, client: &Client, bundle: &str) -> Result<bool, TlsError> {
         let name = &self.webhook_config_name;
-        let mutating = patch_config(
-            &Api::<MutatingWebhookConfiguration>::all(client.clone()),
-            name,
-            bundle,
-            |c| {
-                let hooks = c.webhooks.iter().flatten();
-                hooks
-                    .map(|w| (w.name.clone(), w.client_config.clone()))
-                    .collect()
-            },
-        )
-        .await?;
-        patch_config(
-            &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
-            name,
-            bundle,
-            |c| {
-                let hooks = c.webhooks.iter().flatten();
-                hooks
-                    .map(|w| (w.name.clone(), w.client_config.clone()))
-                    .collect()
-            },
-        )
-        .await?;
-        Ok(mutating)
+        let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        let found = patch_config(&mutating, name, bundle).await?;
+        let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+        patch_config(&validating, name, bundle).await?;
+        Ok(found)
     }
 
     /// Keeps the certificate valid and the caBundle current, forever.
@@ -213,25 +193,24 @@ impl SelfManaged {
 }
 
 /// Patches `bundle` into the webhooks of configuration `name` whose caBundle
-/// differs; false when the configuration does not exist.
-async fn patch_config<K>(
-    api: &Api<K>,
-    name: &str,
-    bundle: &str,
-    hooks: impl Fn(&K) -> Vec<(String, WebhookClientConfig)>,
-) -> Result<bool, TlsError>
+/// differs; false when the configuration does not exist. Read as JSON: the mutating
+/// and the validating configuration share the fields it needs, not a Rust type.
+async fn patch_config<K>(api: &Api<K>, name: &str, bundle: &str) -> Result<bool, TlsError>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let Some(cfg) = api.get_opt(name).await? else {
         return Ok(false);
     };
-    let want = bundle.as_bytes().to_vec();
-    let stale: Vec<Value> = hooks(&cfg)
+    let want = base64::engine::general_purpose::STANDARD.encode(bundle.as_bytes());
+    let cfg = serde_json::to_value(&cfg).expect("a webhook configuration serializes");
+    let stale: Vec<Value> = cfg["webhooks"]
+        .as_array()
         .into_iter()
-        .filter(|(_, c)| c.ca_bundle.as_ref().map(|b| &b.0) != Some(&want))
-        .map(|(name, _)| json!({"name": name, "clientConfig": {"caBundle": base64::engine::general_purpose::STANDARD.encode(&want)}}))
+        .flatten()
+        .filter(|w| w["clientConfig"]["caBundle"].as_str() != Some(want.as_str()))
+        .map(|w| json!({"name": w["name"], "clientConfig": {"caBundle": want}}))
         .collect();
     if stale.is_empty() {
         return Ok(true);

@@ -10,8 +10,8 @@ use kube::Client;
 use serde_json::Value;
 pub use sluice_e2e::harness::{self, Operator, install_crd, namespace, repo_root, tool};
 pub use sluice_testkit::k8s::{
-    config_hash, probe_path, queue_webhook_configuration, wait_ca_bundle,
-    wait_queue_webhook_ca_bundle, wait_statefulset, webhook_configuration,
+    config_hash, probe_path, queue_webhook_configuration, wait_ca_bundle, wait_statefulset,
+    webhook_configuration,
 };
 pub use sluice_testkit::{eventually, free_port};
 use std::path::{Path, PathBuf};
