@@ -63,6 +63,11 @@ async fn wait_queue(
     .await
 }
 
+/// The replicas the StatefulSet `name` is given.
+async fn sts_replicas(api: &Api<StatefulSet>, name: &str) -> Option<i32> {
+    api.get(name).await.unwrap().spec?.replicas
+}
+
 /// Waits for `Degraded=True` with `reason` on the Queue `name`.
 async fn wait_degraded(client: &Client, ns: &str, name: &str, reason: &str) -> Queue {
     wait_queue(client, ns, name, &format!("Degraded=True {reason}"), |q| {
@@ -332,16 +337,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     smaller["spec"]["replicas"] = json!(2);
     apply_queue(&client, ns, smaller).await;
     wait_degraded(&client, ns, "orders", "ScaleDownBlocked").await;
-    assert_eq!(
-        sts_api
-            .get("sluice-orders")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .replicas,
-        Some(3)
-    );
+    assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(3));
     wait_event(&client, ns, "orders", "ScaleDownBlocked").await;
     // Scale up moves partitions too (p % replicas): refused the same way.
     let mut bigger = changed.clone();
@@ -359,16 +355,7 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     wait_event(&client, ns, "orders", "ScaleUpBlocked").await;
     let layout = q.status.as_ref().unwrap().layout.clone().unwrap();
     assert_eq!((layout.partitions, layout.brokers), (6, 3));
-    assert_eq!(
-        sts_api
-            .get("sluice-orders")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .replicas,
-        Some(3)
-    );
+    assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(3));
     // Fewer partitions: refused, the brokers keep reading all six.
     let mut fewer = changed.clone();
     fewer["spec"]["partitions"] = json!(4);
