@@ -2,8 +2,9 @@
 # Debian packages needed to build and run the control plane: Go (build), etcd,
 # rsync (Kubernetes make rules), reflect2 1.0.2 (vendored fix), openssl, kubectl 1.20
 # client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (the e2e
-# suite's network namespaces, unshare, mount), and a deb-src entry for
-# `apt-get source kubernetes`. Idempotent.
+# suite's network namespaces, unshare, mount), mold (scripts/test links with it: a
+# fraction of GNU ld's time for the dozen large test binaries), and a deb-src entry
+# for `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""
 [[ $(id -u) -eq 0 ]] || SUDO="sudo"
@@ -23,7 +24,7 @@ SRC
   NEED_UPDATE=1
 fi
 
-PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl iproute2)
+PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl iproute2 mold)
 MISSING=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$p")
