@@ -13,6 +13,7 @@ use crate::error::BrokerError;
 use crate::log::LogObserver;
 use crate::partition::CacheBudget;
 use crate::queue::{Queue, StorageOptions};
+use crate::replica::service::Groups;
 
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -64,6 +65,8 @@ pub struct Broker {
     closing: AtomicBool,
     budget: Arc<CacheBudget>,
     observer: Arc<dyn LogObserver>,
+    /// The Raft nodes of replicated partitions, for the replication service.
+    pub groups: Arc<Groups>,
 }
 
 /// A queue of the data directory or the settings whose log is still to be replayed.
@@ -96,6 +99,12 @@ impl Broker {
         let mut found: Vec<QueueSettings> = Vec::new();
         for q in &options.queues {
             q.validate()?;
+            if q.replication > 1 && options.tls.is_some() {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "queue {} is replicated, but brokers do not yet reach each other over mutual TLS; serve it without --tls-cert, or with replication 1",
+                    q.name
+                )));
+            }
             if !q.access.is_empty() && options.authenticator.is_none() {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "queue {} admits only listed ServiceAccounts, but no Kubernetes API is configured to check tokens (in a pod: the broker's ServiceAccount token; elsewhere: KUBECONFIG)",
@@ -149,6 +158,7 @@ impl Broker {
             asked: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             observer,
+            groups: Arc::new(Groups::default()),
             options,
         }))
     }
@@ -272,6 +282,7 @@ impl Broker {
             &self.options.storage,
             self.budget.clone(),
             self.observer.clone(),
+            &self.groups,
         )?;
         let mut map = self.queues.write().unwrap();
         if let Some(dlq) = &queue.dlq {
@@ -328,6 +339,11 @@ impl Broker {
             ..template.clone()
         };
         settings.validate()?;
+        if settings.replication > 1 {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "queue {name:?} is not configured here, and queues created on first use are not replicated"
+            )));
+        }
         tracing::info!(queue = base, "creating queue on first use");
         self.add(settings)?;
         self.get(name).ok_or_else(|| {

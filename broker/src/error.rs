@@ -22,6 +22,13 @@ pub enum BrokerError {
     PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A replicated partition's copy here does not lead it.
+    #[error("{}", not_leader_text(.queue, *.partition, *.leader))]
+    NotLeader {
+        queue: String,
+        partition: u32,
+        leader: Option<u32>,
+    },
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -30,6 +37,19 @@ pub enum BrokerError {
     Config(#[from] sluice_config::ConfigError),
     #[error(transparent)]
     Invalid(#[from] sluice_dataplane::Invalid),
+}
+
+use sluice_dataplane::partitioning::LEADER_METADATA;
+
+fn not_leader_text(queue: &str, partition: u32, leader: Option<u32>) -> String {
+    match leader {
+        Some(l) => format!(
+            "partition {partition} of queue {queue} is led by broker {l}, not this one; send through the sidecar"
+        ),
+        None => format!(
+            "partition {partition} of queue {queue} has no leader right now (an election is under way); try again shortly"
+        ),
+    }
 }
 
 impl BrokerError {
@@ -43,7 +63,9 @@ impl BrokerError {
             BrokerError::ResourceExhausted(_)
             | BrokerError::Refused(_)
             | BrokerError::Log(LogError::DiskFull { .. }) => Code::ResourceExhausted,
-            BrokerError::Unavailable(_) | BrokerError::Log(_) => Code::Unavailable,
+            BrokerError::Unavailable(_) | BrokerError::Log(_) | BrokerError::NotLeader { .. } => {
+                Code::Unavailable
+            }
             BrokerError::Internal(_) => Code::Internal,
             BrokerError::Unauthenticated(_) => Code::Unauthenticated,
             BrokerError::PermissionDenied(_) => Code::PermissionDenied,
@@ -52,6 +74,18 @@ impl BrokerError {
 
     /// The same error again (for answering every caller of a failed group).
     pub fn clone_status(&self) -> BrokerError {
+        if let BrokerError::NotLeader {
+            queue,
+            partition,
+            leader,
+        } = self
+        {
+            return BrokerError::NotLeader {
+                queue: queue.clone(),
+                partition: *partition,
+                leader: *leader,
+            };
+        }
         match self.code() {
             Code::ResourceExhausted => BrokerError::ResourceExhausted(self.to_string()),
             Code::InvalidArgument => BrokerError::InvalidArgument(self.to_string()),
@@ -67,6 +101,13 @@ impl BrokerError {
 
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let BrokerError::NotLeader { leader, .. } = e {
+            let value = leader.map_or("none".to_string(), |l| l.to_string());
+            status
+                .metadata_mut()
+                .insert(LEADER_METADATA, value.parse().expect("ascii"));
+        }
+        status
     }
 }

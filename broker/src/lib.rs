@@ -2,7 +2,9 @@
 //!
 //! - [`log`]: the append-only segmented log with group commit and recovery.
 //! - [`partition`]: queue semantics of one partition, free of I/O.
-//! - [`queue`]: partitions put together with their logs, timers and waiters.
+//! - [`journal`]: where a partition's records go: its log, or its Raft group.
+//! - [`replica`]: replicated partitions (a Raft group per partition, openraft).
+//! - [`queue`]: partitions put together with their journals, timers and waiters.
 //! - [`broker`]: the queues a broker serves.
 //! - [`auth`]: who may use a queue (ServiceAccount tokens behind a `TokenVerifier`;
 //!   the Kubernetes TokenReview one with the `tokenreview` feature).
@@ -15,10 +17,12 @@
 pub mod auth;
 pub mod broker;
 pub mod error;
+pub mod journal;
 pub mod log;
 pub mod metrics;
 pub mod partition;
 pub mod queue;
+pub mod replica;
 pub mod server;
 pub mod service;
 

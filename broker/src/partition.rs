@@ -188,6 +188,20 @@ pub struct PartitionState {
     pub counters: Counters,
 }
 
+impl Drop for PartitionState {
+    /// A state is dropped when a replicated partition's copy stops leading: its cached
+    /// bodies go back to the broker's budget.
+    fn drop(&mut self) {
+        let cached: u64 = self
+            .entries
+            .values()
+            .filter(|e| e.content.is_some())
+            .map(|e| e.body_len)
+            .sum();
+        self.budget.give(cached);
+    }
+}
+
 fn split_limit(limit: u64, partitions: u32) -> u64 {
     if limit == 0 {
         u64::MAX
@@ -638,7 +652,15 @@ impl PartitionState {
                     }
                 }
             }
+            Record::Floor { next_seq, .. } => self.next_seq = self.next_seq.max(next_seq),
+            // Raft bookkeeping of a replicated partition: no message state.
+            Record::Entry(_) => {}
         }
+    }
+
+    /// Where sequence numbers go on.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// After replay: the dedup window list must be in expiry order.

@@ -3,24 +3,39 @@
 //! dead-letter queue.
 
 use bytes::{Bytes, BytesMut};
-use sluice_config::QueueSettings;
+use sluice_config::{QueueSettings, replica_set};
 use sluice_dataplane::partitioning::{Placement, place};
 use sluice_proto::{Receipt, receipt::message_id, v1};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::BrokerError;
+use crate::journal::Journal;
 use crate::log::record::{Record, SettleReason};
 use crate::log::{LogObserver, LogOptions, LogWriter, recover};
 use crate::partition::{
     CacheBudget, Content, Delivery, Effects, EnqueueOutcome, NewMessage, PartitionState,
     ReceiptError, Snapshot,
 };
+use crate::replica::network::Peers;
+use crate::replica::node::{Replica, Role};
+use crate::replica::service::Groups;
+
+/// Runs a future on the runtime from synchronous code (a queue opens on a blocking
+/// thread, or on a worker of the multi-threaded runtime) and waits for it.
+fn run_async<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    tokio::runtime::Handle::current().spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv()
+        .expect("the runtime stopped while a replica was opening")
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -143,7 +158,14 @@ impl Drop for WaitSlot<'_> {
 pub struct Partition {
     pub id: u32,
     state: Mutex<PartitionState>,
-    log: LogWriter,
+    journal: Journal,
+    /// The term in which this replicated copy rebuilt its state and serves (0: none).
+    led_term: AtomicU64,
+    /// Bumped whenever `state` is replaced (a replicated copy starts or stops leading):
+    /// a call that waited across it must not touch the new state.
+    epoch: AtomicU64,
+    settings: Arc<QueueSettings>,
+    budget: Arc<CacheBudget>,
     /// Re-arms the timer when an earlier deadline appears.
     kick: Notify,
     /// Wakes the queue's long polls.
@@ -162,42 +184,84 @@ impl Partition {
         for r in records {
             r.encode(&mut buf);
         }
-        self.log.append(buf.freeze(), None);
+        self.journal.append(buf.freeze());
     }
 
     async fn log_durably(&self, buf: Bytes) -> Result<crate::log::Location, BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        self.log.append(buf, Some(tx));
-        Ok(rx.await.map_err(|_| crate::log::LogError::Stopped)??)
+        self.journal.append_waiting(buf, false).await
+    }
+
+    /// Whether this broker serves the partition now: always, unless it is a copy of a
+    /// replicated partition that another broker leads.
+    pub fn serving(&self) -> bool {
+        self.check_serving().is_ok()
+    }
+
+    fn check_serving(&self) -> Result<(), BrokerError> {
+        match &self.journal {
+            Journal::Local(_) => Ok(()),
+            Journal::Replicated(r) => {
+                let term = r.check_leader()?;
+                if self.led_term.load(Ordering::Acquire) == term {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Unavailable(format!(
+                        "partition {} of queue {}: this broker has just become its leader and is reading its log; try again shortly",
+                        self.id, self.settings.name
+                    )))
+                }
+            }
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The answer for a call that waited while this copy stopped leading.
+    fn moved_on(&self) -> BrokerError {
+        self.check_serving().err().unwrap_or_else(|| {
+            BrokerError::Unavailable(format!(
+                "partition {} changed leader during the call; try again",
+                self.id
+            ))
+        })
     }
 
     pub async fn enqueue(
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<EnqueueOutcome>, BrokerError> {
+        self.check_serving()?;
         let now = now_ms();
         let mut buf = BytesMut::new();
-        let (outcomes, reserved, drops) = {
+        let (epoch, outcomes, reserved, drops) = {
             let mut st = self.state.lock().unwrap();
+            // Read under the lock that replacing the state takes too.
+            let epoch = self.epoch();
             let (outcomes, reserved, drops) = st.reserve(now, messages, &mut buf)?;
             for d in &drops {
                 d.encode(&mut buf);
             }
             if !buf.is_empty() {
-                let (tx, rx) = oneshot::channel();
-                self.log.append_new(buf.split().freeze(), tx);
-                (outcomes, reserved, Some((drops, rx)))
+                let written = self.journal.append_waiting(buf.split().freeze(), true);
+                (epoch, outcomes, reserved, Some((drops, written)))
             } else {
-                (outcomes, reserved, None)
+                (epoch, outcomes, reserved, None)
             }
         };
-        let Some((_, rx)) = drops else {
+        let Some((_, written)) = drops else {
             return Ok(outcomes);
         };
-        let written = rx.await.map_err(|_| crate::log::LogError::Stopped);
+        let written = written.await;
         let mut st = self.state.lock().unwrap();
+        if self.epoch() != epoch {
+            // The state that reserved these messages is gone; whether they were
+            // committed, the new leader's log says (a retry with a dedup id is safe).
+            return Err(self.moved_on());
+        }
         match written {
-            Ok(Ok(base)) => {
+            Ok(base) => {
                 let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
                 if st.commit(now_ms(), base, reserved) {
                     self.ready.notify_waiters();
@@ -208,18 +272,17 @@ impl Partition {
                 }
                 Ok(outcomes)
             }
-            Ok(Err(e)) => {
-                st.abort(reserved);
-                Err(e.into())
-            }
             Err(e) => {
                 st.abort(reserved);
-                Err(e.into())
+                Err(e)
             }
         }
     }
 
     fn deliver(&self, max: usize, visibility_ms: u64) -> Vec<Delivery> {
+        if !self.serving() {
+            return Vec::new();
+        }
         let mut records = Vec::new();
         let out = {
             let mut st = self.state.lock().unwrap();
@@ -238,7 +301,7 @@ impl Partition {
         if let Some(c) = &d.content {
             return Ok(c.clone());
         }
-        match self.log.reader.read(d.loc)? {
+        match self.journal.reader().read(d.loc)? {
             Record::Enqueue(e) => Ok(Arc::new(Content {
                 body: e.body,
                 attributes: e.attributes,
@@ -276,12 +339,21 @@ impl Partition {
     }
 
     fn maybe_delete_segments(&self, st: &mut PartitionState) {
-        if let Some(floor) = st.take_delete_floor(now_ms(), self.log.active_segment()) {
-            self.log.delete_below(floor);
+        if let Some(floor) = st.take_delete_floor(now_ms(), self.journal.active_segment()) {
+            self.journal.drop_below(floor, st.next_seq());
         }
     }
 
+    /// Answers every receipt with the reason this broker cannot settle them now.
+    fn refuse_all(&self, receipts: &[Receipt]) -> Option<Vec<Result<(), BrokerError>>> {
+        let e = self.check_serving().err()?;
+        Some(receipts.iter().map(|_| Err(e.clone_status())).collect())
+    }
+
     pub async fn ack(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
+        if let Some(refused) = self.refuse_all(receipts) {
+            return refused;
+        }
         let now = now_ms();
         let mut buf = BytesMut::new();
         let mut results: Vec<Result<(), BrokerError>> = Vec::with_capacity(receipts.len());
@@ -317,6 +389,9 @@ impl Partition {
         delay_ms: u64,
         dead_letter: bool,
     ) -> Vec<Result<(), BrokerError>> {
+        if let Some(refused) = self.refuse_all(receipts) {
+            return refused;
+        }
         let now = now_ms();
         let mut fx = Effects::default();
         let results: Vec<Result<(), BrokerError>> = {
@@ -334,6 +409,9 @@ impl Partition {
     }
 
     pub fn extend(&self, receipts: &[Receipt], visibility_ms: u64) -> Vec<Result<(), BrokerError>> {
+        if let Some(refused) = self.refuse_all(receipts) {
+            return refused;
+        }
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
         let out = receipts
@@ -423,6 +501,9 @@ impl Partition {
                     moved += 1;
                 }
                 Err(e) => {
+                    if let (BrokerError::NotLeader { .. }, Some(t)) = (&e, &target) {
+                        t.campaign().await;
+                    }
                     tracing::warn!(partition = self.id, seq, error = %e, "could not move message; it stays");
                     self.state.lock().unwrap().move_failed(seq);
                     self.ready.notify_waiters();
@@ -458,6 +539,94 @@ impl Partition {
     pub fn snapshot(&self) -> Snapshot {
         self.state.lock().unwrap().snapshot()
     }
+
+    /// Asks this broker's copy to lead the partition, unless it does (a replicated
+    /// dead-letter partition follows its queue's partition, so moves stay local).
+    async fn campaign(&self) {
+        if let Journal::Replicated(r) = &self.journal
+            && r.check_leader().is_err()
+            && let Err(e) = r.raft.trigger().elect().await
+        {
+            tracing::debug!(queue = %self.settings.name, partition = self.id, error = %e, "cannot start an election");
+        }
+    }
+
+    /// Serves while this copy leads: a copy that becomes leader rebuilds the queue
+    /// state from its log (every committed entry is in it by then) before it answers
+    /// a call; one that stops leading drops its state, which may hold decisions the
+    /// group never committed.
+    async fn lead_or_follow(self: Arc<Self>, replica: Arc<Replica>) {
+        let mut roles = replica.roles();
+        let mut role = *roles.borrow_and_update();
+        loop {
+            match role {
+                Role::Leader { term } if self.led_term.load(Ordering::Acquire) == term => {}
+                Role::Leader { term } => {
+                    let last = replica
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .last_applied
+                        .map(|l| l.index);
+                    let fresh = PartitionState::new(self.settings.clone(), self.budget.clone());
+                    let rebuilt = match last {
+                        Some(last) => {
+                            let r = replica.clone();
+                            tokio::task::spawn_blocking(move || r.rebuild(fresh, last, now_ms()))
+                                .await
+                                .map_err(|e| crate::log::LogError::Io {
+                                    op: "rebuilding",
+                                    path: Default::default(),
+                                    source: std::io::Error::other(e.to_string()),
+                                })
+                                .and_then(|r| r)
+                        }
+                        None => Ok(fresh),
+                    };
+                    match rebuilt {
+                        Ok(state) => {
+                            let messages = state.snapshot().messages;
+                            {
+                                let mut st = self.state.lock().unwrap();
+                                *st = state;
+                                self.epoch.fetch_add(1, Ordering::AcqRel);
+                                self.led_term.store(term, Ordering::Release);
+                            }
+                            tracing::info!(queue = %self.settings.name, partition = self.id, term, messages, "leading partition");
+                            self.ready.notify_waiters();
+                            self.kick.notify_one();
+                            // Dead letters move within this broker: its copy of the
+                            // dead-letter partition should lead too.
+                            if let Some(dlq) = self
+                                .queue
+                                .upgrade()
+                                .and_then(|q| q.dlq.as_ref().and_then(|d| d.partition(self.id)))
+                            {
+                                dlq.campaign().await;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(queue = %self.settings.name, partition = self.id, error = %e, "cannot rebuild the partition from its log; not serving it");
+                        }
+                    }
+                }
+                Role::Follower { leader } => {
+                    self.led_term.store(0, Ordering::Release);
+                    let fresh = PartitionState::new(self.settings.clone(), self.budget.clone());
+                    {
+                        let mut st = self.state.lock().unwrap();
+                        *st = fresh;
+                        self.epoch.fetch_add(1, Ordering::AcqRel);
+                    }
+                    tracing::debug!(queue = %self.settings.name, partition = self.id, ?leader, "following");
+                }
+            }
+            if roles.changed().await.is_err() {
+                return;
+            }
+            role = *roles.borrow_and_update();
+        }
+    }
 }
 
 /// A queue: the partitions of it this broker owns.
@@ -485,6 +654,7 @@ impl Queue {
         storage: &StorageOptions,
         budget: Arc<CacheBudget>,
         observer: Arc<dyn LogObserver>,
+        groups: &Arc<Groups>,
     ) -> Result<Arc<Queue>, BrokerError> {
         let dlq = match settings.dead_letter {
             true => Some(Self::open_one(
@@ -495,6 +665,7 @@ impl Queue {
                 budget.clone(),
                 observer.clone(),
                 None,
+                groups,
             )?),
             false => None,
         };
@@ -506,6 +677,7 @@ impl Queue {
             budget,
             observer,
             dlq.clone(),
+            groups,
         )?;
         if let Some(d) = &dlq {
             let _ = d.source.set(Arc::downgrade(&queue));
@@ -522,48 +694,90 @@ impl Queue {
         budget: Arc<CacheBudget>,
         observer: Arc<dyn LogObserver>,
         dlq: Option<Arc<Queue>>,
+        groups: &Arc<Groups>,
     ) -> Result<Arc<Queue>, BrokerError> {
         let settings = Arc::new(settings);
+        let replicated = settings.replication > 1;
+        let me = ordinal % settings.replicas;
+        // The partitions this broker holds: its own, or, replicated, those with a copy here.
         let owned: Vec<u32> = (0..settings.partitions)
-            .filter(|p| p % settings.replicas == ordinal % settings.replicas)
+            .filter(|&p| match replicated {
+                false => p % settings.replicas == me,
+                true => replica_set(p, settings.replicas, settings.replication).contains(&me),
+            })
             .collect();
         let ready = Arc::new(Notify::new());
-        let now = now_ms();
-        let recovered = recover_partitions(dir, &settings, &owned, &budget, &observer, now)?;
+        let log_options = LogOptions {
+            fsync: settings.fsync,
+            fsync_interval: settings.fsync_interval,
+            segment_bytes: storage.segment_bytes,
+            reserve_bytes: storage.disk_reserve_bytes,
+        };
         let mut opened = Vec::new();
-        for Recovered {
-            id,
-            state: st,
-            segments,
-            end,
-        } in recovered
-        {
-            let pdir = dir.join(&settings.name).join(id.to_string());
-            let log = LogWriter::open(
-                &pdir,
-                &segments,
+        if replicated {
+            let peers = Arc::new(Peers::new(&settings.peers));
+            for &id in &owned {
+                let pdir = dir.join(&settings.name).join(id.to_string());
+                let members = replica_set(id, settings.replicas, settings.replication);
+                let (name, peers, options, observer) = (
+                    settings.name.clone(),
+                    peers.clone(),
+                    log_options.clone(),
+                    observer.clone(),
+                );
+                let replica = run_async(async move {
+                    Replica::open(
+                        &pdir,
+                        &name,
+                        id,
+                        u64::from(me),
+                        &members,
+                        peers,
+                        options,
+                        observer,
+                    )
+                    .await
+                })?;
+                groups.insert(&settings.name, id, replica.raft.clone());
+                let st = PartitionState::new(settings.clone(), budget.clone());
+                opened.push((id, st, Journal::Replicated(replica)));
+            }
+        } else {
+            let now = now_ms();
+            let recovered = recover_partitions(dir, &settings, &owned, &budget, &observer, now)?;
+            for Recovered {
+                id,
+                state: st,
+                segments,
                 end,
-                LogOptions {
-                    fsync: settings.fsync,
-                    fsync_interval: settings.fsync_interval,
-                    segment_bytes: storage.segment_bytes,
-                    reserve_bytes: storage.disk_reserve_bytes,
-                },
-                observer.clone(),
-                format!("{}-{id}", settings.name),
-            )?;
-            opened.push((id, st, log));
+            } in recovered
+            {
+                let pdir = dir.join(&settings.name).join(id.to_string());
+                let log = LogWriter::open(
+                    &pdir,
+                    &segments,
+                    end,
+                    log_options.clone(),
+                    observer.clone(),
+                    format!("{}-{id}", settings.name),
+                )?;
+                opened.push((id, st, Journal::Local(log)));
+            }
         }
         let queue = Arc::new_cyclic(|weak: &Weak<Queue>| {
             let partitions = opened
                 .into_iter()
-                .map(|(id, st, log)| {
+                .map(|(id, st, journal)| {
                     (
                         id,
                         Arc::new(Partition {
                             id,
                             state: Mutex::new(st),
-                            log,
+                            journal,
+                            led_term: AtomicU64::new(0),
+                            epoch: AtomicU64::new(0),
+                            settings: settings.clone(),
+                            budget: budget.clone(),
                             kick: Notify::new(),
                             ready: ready.clone(),
                             queue: weak.clone(),
@@ -587,6 +801,9 @@ impl Queue {
         for p in queue.partitions.values() {
             // The timer holds the partition; it ends when the queue is dropped.
             tokio::spawn(p.clone().run_timer());
+            if let Journal::Replicated(r) = &p.journal {
+                tokio::spawn(p.clone().lead_or_follow(r.clone()));
+            }
         }
         Ok(queue)
     }
@@ -601,6 +818,16 @@ impl Queue {
 
     pub fn owned_partitions(&self) -> &[u32] {
         &self.owned
+    }
+
+    /// The partitions this broker serves now: all it owns, unless replicated, where
+    /// only those whose copy here leads.
+    pub fn serving_partitions(&self) -> Vec<u32> {
+        self.owned
+            .iter()
+            .copied()
+            .filter(|p| self.partitions[p].serving())
+            .collect()
     }
 
     pub fn partition(&self, id: u32) -> Option<Arc<Partition>> {
@@ -626,18 +853,27 @@ impl Queue {
             Placement::Explicit(p) | Placement::Hashed(p) => p,
             Placement::Any => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed);
-                return Ok(self.owned[i % self.owned.len()]);
+                let n = self.owned.len();
+                // Round robin over the partitions served here (all, unreplicated).
+                return (0..n)
+                    .map(|k| self.owned[(i + k) % n])
+                    .find(|p| self.partitions[p].serving())
+                    .ok_or_else(|| {
+                        BrokerError::Unavailable(format!(
+                            "this broker leads no partition of queue {} right now; send through the sidecar",
+                            self.name()
+                        ))
+                    });
             }
         };
-        if self.partitions.contains_key(&p) {
-            Ok(p)
-        } else {
-            Err(BrokerError::FailedPrecondition(format!(
-                "partition {p} of queue {} is owned by broker {}, not this one ({}); send through the sidecar",
+        match self.partitions.get(&p) {
+            Some(partition) => partition.check_serving().map(|()| p),
+            None => Err(BrokerError::FailedPrecondition(format!(
+                "partition {p} of queue {} is on broker(s) {:?}, not this one ({}); send through the sidecar",
                 self.name(),
-                p % self.settings.replicas,
+                replica_set(p, self.settings.replicas, self.settings.replication),
                 self.ordinal
-            )))
+            ))),
         }
     }
 
@@ -705,6 +941,9 @@ impl Queue {
         let mut all = Vec::new();
         for &id in &self.owned {
             let p = &self.partitions[&id];
+            if !p.serving() {
+                continue;
+            }
             let ds = p.state.lock().unwrap().peek(max);
             for d in ds {
                 all.push((d.enqueued_at_ms, p.to_message(&d)?));
@@ -725,6 +964,9 @@ impl Queue {
         let mut moved = 0;
         for &id in &self.owned {
             let p = &self.partitions[&id];
+            if !p.serving() {
+                continue;
+            }
             loop {
                 let left = if max == 0 {
                     1000
@@ -757,10 +999,9 @@ impl Queue {
     /// Writes and syncs everything queued and stops the log writers.
     pub async fn close(&self) {
         for p in self.partitions.values() {
-            if let Err(e) = p.log.flush().await {
+            if let Err(e) = p.journal.close().await {
                 tracing::warn!(queue = %self.name(), partition = p.id, error = %e, "flush at shutdown failed");
             }
-            p.log.close();
         }
     }
 }

@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use crate::broker::{Broker, BrokerOptions};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
+use crate::replica::service::ReplicationService;
 use crate::service::QueueService;
+use sluice_proto::replication::replication_server::ReplicationServer;
 
 /// How long in-flight calls may run on after SIGTERM before the logs are closed.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -30,11 +32,19 @@ pub enum ServeError {
 
 /// The gRPC routes of a broker, for embedding next to other services.
 pub fn routes(broker: Arc<Broker>) -> tonic::service::Routes {
+    let replication = ReplicationServer::new(ReplicationService::new(broker.groups.clone()))
+        .max_decoding_message_size(REPLICATION_MESSAGE_BYTES)
+        .max_encoding_message_size(REPLICATION_MESSAGE_BYTES);
     let queues = QueuesServer::new(QueueService::new(broker))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    reflection_routes().add_service(queues)
+    reflection_routes()
+        .add_service(queues)
+        .add_service(replication)
 }
+
+/// Largest replication message: up to 256 entries (openraft's batch) of records.
+const REPLICATION_MESSAGE_BYTES: usize = 1 << 30;
 
 /// Opens the broker and serves it on `grpc` (and `/metrics` on `http`) until
 /// `shutdown` resolves; then finishes in-flight calls and syncs the logs. Serving

@@ -254,7 +254,8 @@ impl Queues for QueueService {
         Ok(Response::new(v1::DescribeResponse {
             queue: q.name().to_string(),
             partitions: s.partitions,
-            owned_partitions: q.owned_partitions().to_vec(),
+            owned_partitions: q.serving_partitions(),
+            replication: s.replication,
             ordinal: q.ordinal,
             fsync: s.fsync.as_str().to_string(),
             visibility_timeout_ms: s.visibility_timeout.as_millis() as u64,

@@ -119,8 +119,17 @@ pub enum Overflow {
 pub struct QueueSettings {
     pub name: String,
     pub partitions: u32,
-    /// Broker pods sharing the partitions: partition p belongs to ordinal p % replicas.
+    /// Broker pods sharing the partitions.
     pub replicas: u32,
+    /// Copies of each partition, on as many different brokers ([`replica_set`]): 1,
+    /// 3 or 5. With more than one, each partition is a Raft group over its copies and
+    /// a write is answered once a majority holds it. Written only when above 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub replication: u32,
+    /// gRPC address of every broker of the queue, by ordinal: how replicas of a
+    /// partition reach each other. Needed when `replication` is above 1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
     pub fsync: FsyncMode,
     #[serde(with = "duration::serde_str")]
     pub fsync_interval: Duration,
@@ -164,6 +173,8 @@ impl Default for QueueSettings {
             name: String::new(),
             partitions: 4,
             replicas: 1,
+            replication: 1,
+            peers: Vec::new(),
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_millis(10),
             visibility_timeout: Duration::from_secs(30),
@@ -182,6 +193,24 @@ impl Default for QueueSettings {
             access: Vec::new(),
         }
     }
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// Copy counts a partition may have: odd, so that a majority is well defined and
+/// one more copy always buys one more failure survived.
+pub const REPLICATION_CHOICES: [u32; 3] = [1, 3, 5];
+
+/// The brokers (ordinals) holding copies of `partition`: its home broker
+/// (`partition % replicas`) and the next `replication - 1` after it, so that no two
+/// copies share a broker and each broker leads about as many partitions as it follows.
+pub fn replica_set(partition: u32, replicas: u32, replication: u32) -> Vec<u32> {
+    let replicas = replicas.max(1);
+    (0..replication.clamp(1, replicas))
+        .map(|i| (partition + i) % replicas)
+        .collect()
 }
 
 /// The audience of the ServiceAccount tokens that open a queue: the sidecar's
@@ -267,14 +296,56 @@ impl QueueSettings {
         if self.replicas == 0 {
             return bad("replicas", "must be at least 1, got 0".into());
         }
-        if self.partitions < self.replicas {
+        if !REPLICATION_CHOICES.contains(&self.replication) {
+            return bad(
+                "replication",
+                format!(
+                    "must be 1, 3 or 5, got {}: an even number of copies survives no more failures than one fewer",
+                    self.replication
+                ),
+            );
+        }
+        if self.replication > self.replicas {
+            return bad(
+                "replication",
+                format!(
+                    "{} copies need as many brokers, but {} is {}",
+                    self.replication,
+                    name_of("replicas"),
+                    self.replicas
+                ),
+            );
+        }
+        // Each broker must hold a copy of some partition (copies of partition p sit on
+        // brokers p .. p + replication - 1).
+        if self.partitions + self.replication - 1 < self.replicas {
+            let needed = self.replicas + 1 - self.replication;
             return bad(
                 "partitions",
+                match self.replication {
+                    1 => format!(
+                        "must be at least {} ({}), got {}: a broker without a partition would sit idle",
+                        name_of("replicas"),
+                        self.replicas,
+                        self.partitions
+                    ),
+                    r => format!(
+                        "must be at least {needed} with {} {} and {} {r}, got {}: a broker without a copy of a partition would sit idle",
+                        name_of("replicas"),
+                        self.replicas,
+                        name_of("replication"),
+                        self.partitions
+                    ),
+                },
+            );
+        }
+        if self.replication > 1 && self.peers.len() != self.replicas as usize {
+            return bad(
+                "peers",
                 format!(
-                    "must be at least {} ({}), got {}: a broker without a partition would sit idle",
-                    name_of("replicas"),
+                    "replicated partitions need the address of each of the {} brokers, got {}",
                     self.replicas,
-                    self.partitions
+                    self.peers.len()
                 ),
             );
         }
@@ -471,6 +542,66 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("just-a-name"), "{err}");
+    }
+
+    #[test]
+    fn replication_is_odd_within_the_brokers_and_knows_its_peers() {
+        let peers = |n: usize| (0..n).map(|i| format!("b{i}:7171")).collect::<Vec<_>>();
+        let q = |replicas, replication, peers| QueueSettings {
+            partitions: 8,
+            replicas,
+            replication,
+            peers,
+            ..QueueSettings::named("q")
+        };
+        q(3, 3, peers(3)).validate().unwrap();
+        q(5, 5, peers(5)).validate().unwrap();
+        q(2, 1, vec![]).validate().unwrap();
+        for (replicas, replication, n, field, says) in [
+            (4, 2, 4, "replication", "must be 1, 3 or 5, got 2"),
+            (4, 4, 4, "replication", "must be 1, 3 or 5, got 4"),
+            (
+                2,
+                3,
+                2,
+                "replication",
+                "3 copies need as many brokers, but replicas is 2",
+            ),
+            (
+                3,
+                3,
+                2,
+                "peers",
+                "need the address of each of the 3 brokers, got 2",
+            ),
+        ] {
+            let err = q(replicas, replication, peers(n)).validate().unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(&format!("{field}: ")), "{text}");
+            assert!(text.contains(says), "{text}");
+        }
+        // Unreplicated settings serialize as before (the operator's settings hash).
+        let text = BrokerFile {
+            queues: vec![QueueSettings::named("q")],
+        }
+        .to_toml();
+        assert!(
+            !text.contains("replication") && !text.contains("peers"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn copies_of_a_partition_sit_on_different_brokers() {
+        assert_eq!(replica_set(0, 3, 3), vec![0, 1, 2]);
+        assert_eq!(replica_set(2, 3, 3), vec![2, 0, 1]);
+        assert_eq!(replica_set(4, 5, 3), vec![4, 0, 1]);
+        assert_eq!(replica_set(1, 1, 1), vec![0]);
+        for p in 0..20 {
+            let mut set = replica_set(p, 5, 5);
+            set.sort_unstable();
+            assert_eq!(set, vec![0, 1, 2, 3, 4]);
+        }
     }
 
     #[test]

@@ -58,3 +58,9 @@ mod tests {
         assert!(!is_pinned(None, "", ""));
     }
 }
+
+/// The gRPC metadata key of a broker's not-leader answer (UNAVAILABLE) for a
+/// replicated partition: the ordinal of the broker that leads it, or `none` during an
+/// election. The sidecar then learns the new layout at once, and does not count the
+/// broker that answered as down.
+pub const LEADER_METADATA: &str = "sluice-leader";

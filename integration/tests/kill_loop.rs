@@ -5,6 +5,10 @@
 //! - no message was invented, and retries with a dedup id never made a second copy;
 //! - no call hung.
 //!
+//! Run twice: over one broker, and over three brokers holding three copies of each
+//! partition (a Raft group per partition), where each kill takes a random broker of
+//! the three, leader or not.
+//!
 //! `SLUICE_KILL_LOOPS` sets the number of kills (default 200; the documented longer
 //! run in docs/reliability.md uses thousands).
 
@@ -173,13 +177,39 @@ fn next_random(state: &mut u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_loop_loses_nothing_acknowledged_and_resurrects_nothing_acked() {
+    kill_loop(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicated_kill_loop_loses_nothing_when_any_of_three_brokers_dies() {
+    kill_loop(3).await;
+}
+
+async fn kill_loop(n: usize) {
     let kills: u32 = std::env::var("SLUICE_KILL_LOOPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path(), QUEUE, 0).await;
-    let sidecar = Sidecar::start(dir.path(), &format!("kills={}", broker.addr)).await;
+    let addrs: Vec<std::net::SocketAddr> = (0..n).map(|_| free_addr()).collect();
+    let settings = match n {
+        1 => QUEUE.to_string(),
+        _ => format!(
+            "{QUEUE}replicas = {n}\nreplication = {n}\npeers = [{}]\n",
+            addrs
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut brokers = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let data = dir.path().join(format!("data-{i}"));
+        brokers.push(Broker::start_at(dir.path(), &settings, i as u32, data, *addr, &[]).await);
+    }
+    let routes: Vec<String> = brokers.iter().map(|b| b.addr.to_string()).collect();
+    let sidecar = Sidecar::start(dir.path(), &format!("kills={}", routes.join(","))).await;
     let checker = Arc::new(Checker::default());
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -216,6 +246,7 @@ async fn kill_loop_loses_nothing_acknowledged_and_resurrects_nothing_acked() {
             },
         )
         .await;
+        let broker = &mut brokers[next_random(&mut rng) as usize % n];
         broker.proc.kill();
         // Sometimes stay down a while: calls meanwhile must fail, not hang.
         if next_random(&mut rng).is_multiple_of(8) {
@@ -268,7 +299,7 @@ async fn kill_loop_loses_nothing_acknowledged_and_resurrects_nothing_acked() {
         .map(|(b, ids)| (*b, ids.len()))
         .collect();
     println!(
-        "kills {kills}; enqueues attempted {}, acknowledged {}, failed calls retried {}; \
+        "brokers {n}, kills {kills}; enqueues attempted {}, acknowledged {}, failed calls retried {}; \
          deliveries {} of {} distinct messages; acks answered {} (failed {}); \
          lost {}, delivered after their ack {}, invented {}, duplicate enqueues {}, hung calls {}",
         attempted.len(),

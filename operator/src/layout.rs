@@ -1,22 +1,24 @@
 //! Which changes of a Queue keep every message reachable.
 //!
-//! A broker opens the partitions `p` with `p % brokers == ordinal`, from its own
-//! volume. Partition data cannot move between brokers yet, so a change that gives a
-//! partition another owner, drops a partition, or changes the volumes' claim template
+//! A broker opens the partitions whose copies it holds, from its own volume: partition
+//! `p` lives on broker `p % brokers` and, replicated, the next `replication - 1`
+//! brokers after it ([`sluice_config::replica_set`]). Partition data cannot move
+//! between brokers yet, so a change that gives a partition another set of brokers,
+//! drops a partition, or changes the volumes' claim template
 //! would leave acknowledged messages on a volume nobody reads (or wedge the
 //! StatefulSet, whose claim templates are immutable). The admission webhook refuses
 //! such changes with these messages ([`check_update`]); the reconciler holds the same
 //! line from the layout recorded in `status.layout` ([`plan`]), so the guard stands
 //! without the webhook and without the StatefulSet.
 
-use crate::crd::{QueueSpec, StorageSpec};
+use crate::crd::{QueueSpec, StorageSpec, default_replication};
 use crate::reconcile::conditions::Reason;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// What the brokers' volumes hold: partition `p` lives on broker `p % brokers`.
-/// `partitions` is a high-water mark: a partition once rolled out keeps its messages
-/// until they can be drained.
+/// What the brokers' volumes hold: partition `p` lives on the brokers of
+/// `replica_set(p, brokers, replication)`. `partitions` is a high-water mark: a
+/// partition once rolled out keeps its messages until they can be drained.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Layout {
@@ -24,6 +26,9 @@ pub struct Layout {
     pub partitions: i32,
     /// Brokers the partitions are spread over.
     pub brokers: i32,
+    /// Copies of each partition (recorded before the field existed: 1).
+    #[serde(default = "one")]
+    pub replication: i32,
     /// The brokers' volume claim template.
     pub storage: StorageSpec,
 }
@@ -34,16 +39,27 @@ impl Layout {
         Self {
             partitions: spec.partitions,
             brokers: spec.replicas,
+            replication: spec
+                .replication
+                .unwrap_or_else(|| default_replication(spec.replicas)),
             storage: spec.storage.clone(),
         }
     }
 
-    /// Partitions that hold messages whose owner differs with `brokers` brokers.
+    fn copies(&self, p: i32, brokers: i32) -> Vec<u32> {
+        sluice_config::replica_set(p as u32, brokers.max(1) as u32, self.replication as u32)
+    }
+
+    /// Partitions that hold messages whose brokers differ with `brokers` brokers.
     fn moved_by(&self, brokers: i32) -> Vec<i32> {
         (0..self.partitions)
-            .filter(|p| p % self.brokers.max(1) != p % brokers.max(1))
+            .filter(|&p| self.copies(p, self.brokers) != self.copies(p, brokers))
             .collect()
     }
+}
+
+fn one() -> i32 {
+    1
 }
 
 /// A change refused because it would strand messages or wedge the Queue.
@@ -55,10 +71,14 @@ pub enum Refusal {
     )]
     PartitionsDecrease { from: i32, to: i32 },
     #[error(
-        "spec.replicas cannot change from {from} to {to} yet: partition p lives on broker p % replicas, so partitions {moved} would move to brokers whose volumes do not hold their messages (partition data cannot move between brokers yet); keep replicas at {from}, or create a new Queue with the replicas you want and move the traffic to it",
+        "spec.replicas cannot change from {from} to {to} yet: partition p lives on broker p % replicas (and the next ones, replicated), so partitions {moved} would move to brokers whose volumes do not hold their messages (partition data cannot move between brokers yet); keep replicas at {from}, or create a new Queue with the replicas you want and move the traffic to it",
         moved = list(.moved)
     )]
     MovesPartitions { from: i32, to: i32, moved: Vec<i32> },
+    #[error(
+        "spec.replication cannot change from {from} to {to} yet: the brokers' volumes hold {from} copies of each partition and copies cannot be added or removed while the partitions hold messages; keep replication at {from}, or create a new Queue with the replication you want and move the traffic to it"
+    )]
+    Replication { from: i32, to: i32 },
     #[error(
         "spec.storage.{field} cannot change from {from} to {to}: the brokers' volume claims are fixed when the StatefulSet is made (Kubernetes refuses changes to its claim templates); keep {from}, or create a new Queue with the storage you want and move the traffic to it"
     )]
@@ -77,6 +97,7 @@ impl Refusal {
             Refusal::MovesPartitions { from, to, .. } if to < from => Reason::ScaleDownBlocked,
             Refusal::MovesPartitions { .. } => Reason::ScaleUpBlocked,
             Refusal::Storage { .. } => Reason::StorageChangeBlocked,
+            Refusal::Replication { .. } => Reason::ReplicationChangeBlocked,
         }
     }
 }
@@ -122,7 +143,19 @@ pub struct Plan {
 pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
     let mut spec = wanted.clone();
     let mut refusals = Vec::new();
+    // Unset: what the volumes hold, or for a new Queue the default for its size.
+    let replication = wanted.replication.unwrap_or_else(|| {
+        held.map_or_else(|| default_replication(wanted.replicas), |h| h.replication)
+    });
+    spec.replication = Some(replication);
     if let Some(held) = held {
+        if replication != held.replication {
+            refusals.push(Refusal::Replication {
+                from: held.replication,
+                to: replication,
+            });
+            spec.replication = Some(held.replication);
+        }
         if wanted.partitions < held.partitions {
             refusals.push(Refusal::PartitionsDecrease {
                 from: held.partitions,
@@ -180,10 +213,10 @@ fn check_storage(held: &StorageSpec, wanted: &StorageSpec) -> Vec<Refusal> {
 
 /// What the admission webhook refuses in an update from `old` (whose volumes hold
 /// `held` when the status says so; else what `old` asked for) to `new`. An update
-/// that leaves replicas, partitions and storage as they were is never refused, so
-/// metadata (finalizers, labels) and the other settings can always change.
+/// that leaves replicas, replication, partitions and storage as they were is never
+/// refused, so metadata (finalizers, labels) and the other settings can always change.
 pub fn check_update(old: &QueueSpec, held: Option<&Layout>, new: &QueueSpec) -> Vec<Refusal> {
-    if Layout::of(old) == Layout::of(new) {
+    if Layout::of(old) == Layout::of(new) && old.replication == new.replication {
         return Vec::new();
     }
     let held = held.cloned().unwrap_or_else(|| Layout::of(old));
@@ -203,6 +236,7 @@ mod tests {
         Layout {
             partitions,
             brokers,
+            replication: 1,
             storage: StorageSpec::default(),
         }
     }
@@ -211,8 +245,63 @@ mod tests {
     fn a_new_queue_is_carried_out_as_asked() {
         let s = spec(json!({"replicas": 2, "partitions": 6}));
         let p = plan(&s, None);
-        assert_eq!((p.spec.clone(), p.refusals.clone()), (s.clone(), vec![]));
+        let carried = QueueSpec {
+            replication: Some(1),
+            ..s.clone()
+        };
+        assert_eq!((p.spec.clone(), p.refusals.clone()), (carried, vec![]));
         assert_eq!(p.layout, held(6, 2));
+    }
+
+    #[test]
+    fn replication_defaults_by_size_and_then_stays_as_the_volumes_hold_it() {
+        // New Queues: as asked, else the default.
+        let p = plan(
+            &spec(json!({"replicas": 3, "partitions": 6, "replication": 3})),
+            None,
+        );
+        assert_eq!((p.layout.replication, p.spec.replication), (3, Some(3)));
+        let p = plan(&spec(json!({"replicas": 3, "partitions": 6})), None);
+        assert_eq!(p.layout.replication, default_replication(3));
+        // A Queue rolled out before the field existed keeps its one copy.
+        let p = plan(
+            &spec(json!({"replicas": 3, "partitions": 6})),
+            Some(&held(6, 3)),
+        );
+        assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+        assert_eq!(p.layout.replication, 1);
+        // Asking for another number of copies is refused and held back.
+        let p = plan(
+            &spec(json!({"replicas": 3, "partitions": 6, "replication": 3})),
+            Some(&held(6, 3)),
+        );
+        assert_eq!(p.refusals, vec![Refusal::Replication { from: 1, to: 3 }]);
+        assert_eq!(p.refusals[0].reason(), Reason::ReplicationChangeBlocked);
+        assert_eq!(p.spec.replication, Some(1));
+        assert!(p.refusals[0].to_string().contains("keep replication at 1"));
+        // Replicated, a replica change moves copies: 3 brokers to 4 moves partition 1
+        // from {1, 2, 0} to {1, 2, 3}.
+        let three = Layout {
+            replication: 3,
+            ..held(6, 3)
+        };
+        let p = plan(
+            &spec(json!({"replicas": 4, "partitions": 6, "replication": 3})),
+            Some(&three),
+        );
+        assert!(
+            matches!(&p.refusals[..], [Refusal::MovesPartitions { moved, .. }] if moved.contains(&1)),
+            "{:?}",
+            p.refusals
+        );
+        // The webhook: a metadata-only update passes, a replication change does not.
+        let old = spec(json!({"replicas": 3, "partitions": 6, "replication": 3}));
+        assert!(check_update(&old, Some(&three), &old).is_empty());
+        let one = spec(json!({"replicas": 3, "partitions": 6, "replication": 1}));
+        assert_eq!(
+            check_update(&old, Some(&three), &one),
+            vec![Refusal::Replication { from: 3, to: 1 }]
+        );
     }
 
     #[test]

@@ -80,6 +80,17 @@ pub fn address(queue: &str, ns: &str, cluster_domain: &str) -> String {
     format!("{}.{ns}.svc.{cluster_domain}:{GRPC_PORT}", svc_name(queue))
 }
 
+/// Address of broker `ordinal` of a queue for the other brokers (replication): the
+/// pod's own name under the headless Service, found through the pod's DNS search
+/// path (`<ns>.svc` is enough; the cluster domain is not needed).
+pub fn peer_address(queue: &str, ns: &str, ordinal: u32) -> String {
+    format!(
+        "{}-{ordinal}.{}.{ns}.svc:{GRPC_PORT}",
+        sts_name(queue),
+        svc_name(queue)
+    )
+}
+
 /// Selector labels of a queue's broker pods.
 pub fn selector_labels(queue: &str) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -126,6 +126,20 @@ pub fn queue_settings(
             Overflow::DropOldest => sluice_config::Overflow::DropOldest,
         },
         access: access_list(namespace, spec),
+        ..Default::default()
+    };
+    let replication = spec
+        .replication
+        .unwrap_or_else(|| crate::crd::default_replication(spec.replicas));
+    let settings = QueueSettings {
+        replication: int("replication", replication.into(), 1)?,
+        peers: match replication {
+            1 => Vec::new(),
+            _ => (0..settings.replicas)
+                .map(|i| crate::resources::peer_address(name, namespace, i))
+                .collect(),
+        },
+        ..settings
     };
     settings.validate_naming(spec_field)?;
     Ok(settings)
@@ -449,6 +463,28 @@ overflow = \"reject_new\"
     }
 
     #[test]
+    fn replicated_queues_name_every_broker_as_a_peer() {
+        let s = spec("replicas: 3\npartitions: 6\nreplication: 3");
+        let q = queue_settings("orders", "shop", &s).unwrap();
+        assert_eq!(q.replication, 3);
+        assert_eq!(
+            q.peers,
+            (0..3)
+                .map(|i| format!("sluice-orders-{i}.sluice-orders.shop.svc:7171"))
+                .collect::<Vec<_>>()
+        );
+        let one = queue_settings("orders", "shop", &spec("replicas: 2\npartitions: 6")).unwrap();
+        assert_eq!((one.replication, one.peers.len()), (1, 0));
+        // An unreplicated Queue's settings (and so its pods) stay as they were.
+        assert!(
+            !render("orders", "shop", &spec("replicas: 2"))
+                .unwrap()
+                .toml
+                .contains("peers")
+        );
+    }
+
+    #[test]
     fn every_spec_the_schema_accepts_runs_or_is_invalid_spec() {
         use serde_json::json;
         let long_ok = "99999999999999d"; // the longest the schema allows; parses
@@ -465,6 +501,25 @@ overflow = \"reject_new\"
             (
                 json!({"replicas": 4, "partitions": 2}),
                 Invalid("spec.partitions"),
+            ),
+            // replication: 1, 3 or 5 copies, no more than the brokers
+            (json!({"replicas": 3, "partitions": 6}), Runs),
+            (
+                json!({"replicas": 5, "partitions": 5, "replication": 5}),
+                Runs,
+            ),
+            (
+                json!({"replicas": 3, "partitions": 3, "replication": 1}),
+                Runs,
+            ),
+            (json!({"replication": 2}), Refused("spec.replication")),
+            (
+                json!({"replicas": 4, "partitions": 4, "replication": 4}),
+                Refused("spec.replication"),
+            ),
+            (
+                json!({"replicas": 2, "partitions": 2, "replication": 3}),
+                Invalid("spec.replication"),
             ),
             (json!({"partitions": 0}), Refused("spec.partitions")),
             (json!({"partitions": 1024}), Runs),

@@ -506,6 +506,9 @@ async fn invalid_queues_are_refused_by_schema_or_reported() {
         ),
         (json!({"storage": {"size": "lots"}}), "spec.storage.size"),
         (json!({"deletionPolicy": "Shred"}), "spec.deletionPolicy"),
+        // Copies: 1, 3 or 5 (an even number survives no more failures).
+        (json!({"replication": 2}), "spec.replication"),
+        (json!({"replicas": 4, "replication": 4}), "spec.replication"),
     ] {
         let q = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "bad"}, "spec": spec});
         let obj: DynamicObject = serde_json::from_value(q).unwrap();
@@ -546,6 +549,21 @@ async fn invalid_queues_are_refused_by_schema_or_reported() {
     assert!(ev.2.contains("spec.partitions"));
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     assert!(sts_api.get_opt("sluice-lopsided").await.unwrap().is_none());
+
+    // More copies than brokers: InvalidSpec naming spec.replication.
+    let thin = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "thin"},
+        "spec": {"replicas": 2, "partitions": 4, "replication": 3}});
+    apply_queue(&client, ns, thin).await;
+    let q = wait_queue(&client, ns, "thin", "Ready=False InvalidSpec", |q| {
+        condition(q, "Ready").is_some_and(|c| c.status == "False" && c.reason == "InvalidSpec")
+    })
+    .await;
+    let message = condition(&q, "Ready").unwrap().message.clone();
+    assert!(
+        message.contains("spec.replication: 3 copies need as many brokers, but replicas is 2"),
+        "{message}"
+    );
 
     // Fixing the spec brings the queue up.
     let mut fixed = lopsided;

@@ -1,9 +1,15 @@
-//! Sluice's gRPC API. The code under `gen/` is generated from `sluice/v1/*.proto` by
+//! Sluice's gRPC APIs. The code under `gen/` is generated from `sluice/**/*.proto` by
 //! `cargo run -p sluice-proto-codegen`; never edit it by hand (a test fails on drift).
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     include!("gen/sluice.v1.rs");
+}
+
+/// Broker to broker: the Raft messages of replicated partitions.
+#[allow(clippy::all, missing_docs)]
+pub mod replication {
+    include!("gen/sluice.replication.v1.rs");
 }
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.

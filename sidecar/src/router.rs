@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use sluice_dataplane::partitioning::LEADER_METADATA;
 use sluice_dataplane::server::tls::{TlsError, TlsFiles};
 use sluice_dataplane::server::{CONNECTION_WINDOW, MAX_REQUEST_BYTES, STREAM_WINDOW};
 use tonic::{Code, Request, Status};
@@ -26,6 +27,8 @@ pub type BrokerClient = QueuesClient<InterceptedService<Channel, Credentials>>;
 pub const REFRESH: Duration = Duration::from_secs(2);
 /// How often a route with a broker down looks again.
 pub const RETRY: Duration = Duration::from_millis(200);
+/// How long an enqueue to a replicated partition follows its moving leader.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// No unary call to a broker waits longer than this (a long poll adds its wait).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,6 +44,9 @@ pub struct BrokerConn {
     pub addr: SocketAddr,
     pub client: BrokerClient,
     healthy: AtomicBool,
+    /// Set when the broker says another one leads a partition now: the route asks
+    /// every broker again at once.
+    relayout: Arc<AtomicBool>,
 }
 
 impl BrokerConn {
@@ -48,6 +54,7 @@ impl BrokerConn {
         addr: SocketAddr,
         credentials: Credentials,
         tls: Option<&ClientTlsConfig>,
+        relayout: Arc<AtomicBool>,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
@@ -70,6 +77,7 @@ impl BrokerConn {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             healthy: AtomicBool::new(false),
+            relayout,
         }))
     }
 
@@ -95,7 +103,10 @@ impl BrokerConn {
         } else {
             status
         };
-        if is_transport_failure(&status) {
+        if status.metadata().contains_key(LEADER_METADATA) {
+            // A replicated partition moved to another broker: this one is fine.
+            self.relayout.store(true, Ordering::Relaxed);
+        } else if is_transport_failure(&status) {
             self.healthy.store(false, Ordering::Relaxed);
         }
         status
@@ -141,6 +152,7 @@ pub struct QueueRoute {
     /// checked against the name the route gives it); None for plaintext.
     tls: Option<HashMap<String, ClientTlsConfig>>,
     layout: RwLock<Layout>,
+    relayout: Arc<AtomicBool>,
     next: AtomicUsize,
     batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
     changed: Notify,
@@ -173,6 +185,7 @@ impl QueueRoute {
             credentials,
             tls,
             layout: RwLock::new(Layout::default()),
+            relayout: Arc::new(AtomicBool::new(false)),
             next: AtomicUsize::new(0),
             batchers: Mutex::new(HashMap::new()),
             changed: Notify::new(),
@@ -207,7 +220,7 @@ impl QueueRoute {
                 Some(b) => Some(b.clone()),
                 None => {
                     let tls = self.tls.as_ref().and_then(|t| t.get(*host));
-                    BrokerConn::new(*a, self.credentials.clone(), tls)
+                    BrokerConn::new(*a, self.credentials.clone(), tls, self.relayout.clone())
                         .map_err(|e| {
                             tracing::error!(queue = %self.queue, broker = %a, error = %e, "cannot set up the connection")
                         })
@@ -277,7 +290,8 @@ impl QueueRoute {
                     .brokers
                     .iter()
                     .any(|b| !b.is_healthy());
-                if degraded || last.elapsed() >= REFRESH {
+                let moved = route.relayout.swap(false, Ordering::Relaxed);
+                if degraded || moved || last.elapsed() >= REFRESH {
                     route.refresh().await;
                     last = tokio::time::Instant::now();
                 }
@@ -383,23 +397,51 @@ impl QueueRoute {
         tx
     }
 
-    /// Sends a batch to the owner of its partition.
+    /// Sends a batch to the owner of its partition. A replicated partition whose
+    /// leader moved (the broker answers with `sluice-leader`) or went away gets
+    /// another leader within seconds: the layout is asked for again and the batch
+    /// sent to the new leader, for up to [`LEADER_WAIT`], so the app sees the
+    /// failover as latency. An unreplicated partition's owner is its only home:
+    /// there the app hears at once that it is away.
     pub async fn enqueue_batch(
         &self,
         queue: &str,
         partition: u32,
         messages: Vec<v1::NewMessage>,
     ) -> Result<Vec<v1::EnqueueResponse>, Status> {
-        let broker = self.owner(partition)?;
-        let mut req = tonic::Request::new(v1::EnqueueBatchRequest {
-            queue: queue.to_string(),
-            messages,
-            partition: Some(partition),
-        });
-        req.set_timeout(CALL_TIMEOUT);
-        match broker.client().enqueue_batch(req).await {
-            Ok(r) => Ok(r.into_inner().results),
-            Err(e) => Err(broker.failed(e)),
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let replicated = self.settings().is_ok_and(|s| s.replication > 1);
+        loop {
+            let waiting = tokio::time::Instant::now() < deadline;
+            let failed = match self.owner(partition) {
+                Ok(broker) => {
+                    let mut req = tonic::Request::new(v1::EnqueueBatchRequest {
+                        queue: queue.to_string(),
+                        messages: messages.clone(),
+                        partition: Some(partition),
+                    });
+                    req.set_timeout(CALL_TIMEOUT);
+                    match broker.client().enqueue_batch(req).await {
+                        Ok(r) => return Ok(r.into_inner().results),
+                        Err(e) => {
+                            let moved = e.metadata().contains_key(LEADER_METADATA);
+                            let e = broker.failed(e);
+                            if !(moved || replicated && is_transport_failure(&e)) {
+                                return Err(e);
+                            }
+                            e
+                        }
+                    }
+                }
+                Err(e) if replicated && e.code() == Code::Unavailable => e,
+                Err(e) => return Err(e),
+            };
+            if !waiting {
+                return Err(failed);
+            }
+            tracing::debug!(queue, partition, error = %failed.message(), "waiting for the partition's leader");
+            tokio::time::sleep(RETRY / 2).await;
+            self.refresh().await;
         }
     }
 }

@@ -270,6 +270,24 @@ impl SegmentReader {
     }
 
     pub fn read(&self, loc: Location) -> Result<Record, LogError> {
+        let buf = self.read_bytes(loc)?;
+        match read_frame(&buf) {
+            Frame::Record(rec, _) => Ok(rec),
+            Frame::Corrupt(why) => Err(LogError::Damaged {
+                segment: loc.segment,
+                offset: loc.offset,
+                why,
+            }),
+            Frame::Incomplete => Err(LogError::Damaged {
+                segment: loc.segment,
+                offset: loc.offset,
+                why: "truncated record",
+            }),
+        }
+    }
+
+    /// The bytes at `loc`, unparsed (a replicated entry's records).
+    pub fn read_bytes(&self, loc: Location) -> Result<Bytes, LogError> {
         let file = {
             let mut files = self.files.lock().unwrap();
             match files.get(&loc.segment) {
@@ -286,19 +304,12 @@ impl SegmentReader {
         let mut buf = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut buf, loc.offset)
             .map_err(|e| LogError::io("reading", &segment_path(&self.dir, loc.segment), e))?;
-        match read_frame(&Bytes::from(buf)) {
-            Frame::Record(rec, _) => Ok(rec),
-            Frame::Corrupt(why) => Err(LogError::Damaged {
-                segment: loc.segment,
-                offset: loc.offset,
-                why,
-            }),
-            Frame::Incomplete => Err(LogError::Damaged {
-                segment: loc.segment,
-                offset: loc.offset,
-                why: "truncated record",
-            }),
-        }
+        Ok(Bytes::from(buf))
+    }
+
+    /// Closes the files of `first` and later segments (cut or removed).
+    fn forget_from(&self, first: u64) {
+        self.files.lock().unwrap().retain(|&id, _| id < first);
     }
 
     fn forget_below(&self, floor: u64, active: u64) {
@@ -311,11 +322,31 @@ impl SegmentReader {
 
 pub type AppendResult = Result<Location, LogError>;
 
+/// Who hears where an append landed, once it is as durable as the fsync mode promises.
+pub enum Done {
+    Channel(oneshot::Sender<AppendResult>),
+    /// Called on the writer thread, in append order, before any later append is
+    /// answered (a replicated partition's log index is updated there, so a `flush`
+    /// that returns finds every earlier entry placed).
+    Call(Box<dyn FnOnce(AppendResult) + Send>),
+}
+
+impl Done {
+    fn send(self, result: AppendResult) {
+        match self {
+            Done::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Call(f) => f(result),
+        }
+    }
+}
+
 enum Command {
     Append {
         buf: Bytes,
         /// None: nobody waits (the record rides along with the next fsync).
-        done: Option<oneshot::Sender<AppendResult>>,
+        done: Option<Done>,
         /// Adds messages (subject to the disk reserve), rather than settling them.
         new_data: bool,
     },
@@ -323,6 +354,14 @@ enum Command {
     DeleteBelow(u64),
     /// Sync everything written, then answer.
     Flush(oneshot::Sender<Result<(), LogError>>),
+    /// Cut the log at this place: what follows it, in its segment and later ones, is
+    /// gone (a replica's log entries a new leader overrules, or all of them before a
+    /// snapshot is installed). Answers once the cut is durable.
+    Truncate {
+        segment: u64,
+        offset: u64,
+        done: oneshot::Sender<Result<(), LogError>>,
+    },
 }
 
 /// Handle to a partition's writer thread.
@@ -403,16 +442,21 @@ impl LogWriter {
     /// Queues framed records; `done` hears where they landed once they are as durable
     /// as the fsync mode promises.
     pub fn append(&self, buf: Bytes, done: Option<oneshot::Sender<AppendResult>>) {
-        self.push(buf, done, false);
+        self.push(buf, done.map(Done::Channel), false);
+    }
+
+    /// Like [`append`](Self::append), calling `done` on the writer thread.
+    pub fn append_then(&self, buf: Bytes, done: impl FnOnce(AppendResult) + Send + 'static) {
+        self.push(buf, Some(Done::Call(Box::new(done))), false);
     }
 
     /// Like [`append`](Self::append), for records that add messages: refused with
     /// `DiskFull` while the volume's free space is below the reserve.
     pub fn append_new(&self, buf: Bytes, done: oneshot::Sender<AppendResult>) {
-        self.push(buf, Some(done), true);
+        self.push(buf, Some(Done::Channel(done)), true);
     }
 
-    fn push(&self, buf: Bytes, done: Option<oneshot::Sender<AppendResult>>, new_data: bool) {
+    fn push(&self, buf: Bytes, done: Option<Done>, new_data: bool) {
         let cmd = Command::Append {
             buf,
             done,
@@ -423,7 +467,7 @@ impl LogWriter {
             None => Some(cmd),
         };
         if let Some(Command::Append { done: Some(d), .. }) = failed {
-            let _ = d.send(Err(LogError::Stopped));
+            d.send(Err(LogError::Stopped));
         }
     }
 
@@ -434,6 +478,20 @@ impl LogWriter {
     pub async fn flush(&self) -> Result<(), LogError> {
         let (tx, rx) = oneshot::channel();
         if !self.send(Command::Flush(tx)) {
+            return Err(LogError::Stopped);
+        }
+        rx.await.map_err(|_| LogError::Stopped)?
+    }
+
+    /// Cuts the log at `segment`:`offset` (see [`Command::Truncate`]), after what is
+    /// queued before it is written. A segment id below every segment cuts it all.
+    pub async fn truncate(&self, segment: u64, offset: u64) -> Result<(), LogError> {
+        let (done, rx) = oneshot::channel();
+        if !self.send(Command::Truncate {
+            segment,
+            offset,
+            done,
+        }) {
             return Err(LogError::Stopped);
         }
         rx.await.map_err(|_| LogError::Stopped)?
@@ -584,7 +642,7 @@ impl WriterThread {
     }
 
     fn process(&mut self, group: &mut Vec<Command>, staging: &mut Vec<u8>) {
-        let mut waiting: Vec<(oneshot::Sender<AppendResult>, Location)> = Vec::new();
+        let mut waiting: Vec<(Done, Location)> = Vec::new();
         let mut flushes = Vec::new();
         let mut delete_floor = None;
         let mut must_sync = false;
@@ -593,7 +651,10 @@ impl WriterThread {
         // Free space, read once per group and only when new messages ask for room.
         let mut free: Option<u64> = None;
         let mut admitted = 0u64;
-        for cmd in group.drain(..) {
+        let mut truncate = None;
+        let mut rest = Vec::new();
+        let mut cmds = group.drain(..);
+        for cmd in cmds.by_ref() {
             match cmd {
                 Command::Append {
                     buf,
@@ -606,7 +667,7 @@ impl WriterThread {
                         if free < self.options.reserve_bytes.saturating_add(admitted) {
                             admitted -= buf.len() as u64;
                             if let Some(done) = done {
-                                let _ = done.send(Err(LogError::DiskFull {
+                                done.send(Err(LogError::DiskFull {
                                     path: self.path.clone(),
                                 }));
                             }
@@ -625,8 +686,19 @@ impl WriterThread {
                     must_sync = true;
                     flushes.push(tx);
                 }
+                Command::Truncate {
+                    segment,
+                    offset,
+                    done,
+                } => {
+                    // Rare (a leader change): what came before is written first, what
+                    // comes after waits for the next round.
+                    truncate = Some((segment, offset, done));
+                    break;
+                }
             }
         }
+        rest.extend(cmds);
         let mut write_result = Ok(());
         if !bufs.is_empty() && self.len >= self.options.segment_bytes {
             write_result = self.roll();
@@ -691,7 +763,7 @@ impl WriterThread {
                 (Err(e), _) | (Ok(()), Err(e)) => Err(clone_err(e)),
                 _ => Ok(loc),
             };
-            let _ = done.send(result);
+            done.send(result);
         }
         for tx in flushes {
             let _ = tx.send(sync_result.as_ref().map(|_| ()).map_err(clone_err));
@@ -713,6 +785,52 @@ impl WriterThread {
                 self.segments = keep;
             }
         }
+        if let Some((segment, offset, done)) = truncate {
+            let _ = done.send(self.truncate(segment, offset));
+        }
+        if !rest.is_empty() {
+            group.extend(rest);
+            self.process(group, staging);
+        }
+    }
+
+    /// Drops the segments after `segment` and cuts `segment` at `offset`; it becomes
+    /// the active one. When `segment` is no longer in the log (older than all), every
+    /// segment goes and a new one starts.
+    fn truncate(&mut self, segment: u64, offset: u64) -> Result<(), LogError> {
+        let keep_to = self.segments.iter().position(|&id| id >= segment);
+        let (cut, offset) = match keep_to {
+            Some(i) if self.segments[i] == segment => (i, offset),
+            // The place is before segment `self.segments[i]` (or past the end): all of
+            // that one goes too.
+            Some(i) => (i, 0),
+            None => return Ok(()),
+        };
+        let target = self.segments[cut];
+        for &id in &self.segments[cut + 1..] {
+            let path = segment_path(&self.dir, id);
+            std::fs::remove_file(&path).map_err(|e| LogError::io("removing", &path, e))?;
+        }
+        self.segments.truncate(cut + 1);
+        let path = segment_path(&self.dir, target);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LogError::io("opening", &path, e))?;
+        file.set_len(offset)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| LogError::io("truncating", &path, e))?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.path = path;
+        self.len = offset;
+        self.allocated = offset;
+        self.unsynced = false;
+        self.active.store(target, Ordering::Relaxed);
+        self.reader.forget_from(target);
+        Ok(())
     }
 }
 
@@ -864,6 +982,33 @@ mod tests {
         w.close();
         let (_, recs) = replay(dir.path(), &seen);
         assert_eq!(recs, (1..=50).map(enq).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_cut_drops_what_follows_it_in_every_segment_and_appends_go_on_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let w =
+            LogWriter::open(dir.path(), &[], 0, options(200), seen.clone(), "t".into()).unwrap();
+        let mut locs = Vec::new();
+        for seq in 1..=6 {
+            let (tx, rx) = oneshot::channel();
+            w.append(frame(&enq(seq)), Some(tx));
+            locs.push(rx.await.unwrap().unwrap());
+        }
+        assert!(
+            locs[5].segment > locs[2].segment,
+            "the records span segments"
+        );
+        w.truncate(locs[2].segment, locs[2].offset).await.unwrap();
+        assert_eq!(w.active_segment(), locs[2].segment);
+        let (tx, rx) = oneshot::channel();
+        w.append(frame(&enq(7)), Some(tx));
+        let at = rx.await.unwrap().unwrap();
+        assert_eq!((at.segment, at.offset), (locs[2].segment, locs[2].offset));
+        w.close();
+        let (_, recs) = replay(dir.path(), &seen);
+        assert_eq!(recs, vec![enq(1), enq(2), enq(7)]);
     }
 
     /// A log of 200-byte segments holding enqueues 1 to 6, two or so per segment.

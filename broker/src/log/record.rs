@@ -43,6 +43,31 @@ pub struct EnqueueRecord {
     pub body: Bytes,
 }
 
+/// What a replicated partition's log entry carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryPayload {
+    /// A new leader's first entry.
+    Blank,
+    /// Partition records: `len` bytes of frames that follow the header directly.
+    Records { len: u32 },
+    /// The voter sets (two during a joint change) and every member.
+    Membership {
+        configs: Vec<Vec<u64>>,
+        nodes: Vec<u64>,
+    },
+}
+
+/// The head of a replicated partition's log entry: its Raft log id (the term and the
+/// node that led it, and its index) and payload. The log of a replicated partition is
+/// its Raft log: these headers, each followed by the records it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryHeader {
+    pub index: u64,
+    pub term: u64,
+    pub node: u64,
+    pub payload: EntryPayload,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     Enqueue(EnqueueRecord),
@@ -61,12 +86,34 @@ pub enum Record {
         seq: u64,
         visible_at_ms: u64,
     },
+    /// A replicated partition's log entry begins.
+    Entry(EntryHeader),
+    /// A replicated partition's leader found that entries up to `index` hold no live
+    /// message and no dedup id still in its window: every copy may snapshot there and
+    /// drop them. Sequence numbers go on from `next_seq`.
+    Floor {
+        index: u64,
+        next_seq: u64,
+    },
 }
 
 const ENQUEUE: u8 = 1;
 const SETTLE: u8 = 2;
 const DELIVER: u8 = 3;
 const REQUEUE: u8 = 4;
+const ENTRY: u8 = 5;
+const FLOOR: u8 = 6;
+
+const BLANK: u8 = 0;
+const RECORDS: u8 = 1;
+const MEMBERSHIP: u8 = 2;
+
+fn put_ids(buf: &mut BytesMut, ids: &[u64]) {
+    buf.put_u32_le(ids.len() as u32);
+    for id in ids {
+        buf.put_u64_le(*id);
+    }
+}
 
 fn put_str(buf: &mut BytesMut, s: &[u8]) {
     buf.put_u32_le(s.len() as u32);
@@ -108,6 +155,32 @@ impl Record {
                 buf.put_u64_le(*seq);
                 buf.put_u64_le(*visible_at_ms);
             }
+            Record::Floor { index, next_seq } => {
+                buf.put_u8(FLOOR);
+                buf.put_u64_le(*index);
+                buf.put_u64_le(*next_seq);
+            }
+            Record::Entry(h) => {
+                buf.put_u8(ENTRY);
+                buf.put_u64_le(h.index);
+                buf.put_u64_le(h.term);
+                buf.put_u64_le(h.node);
+                match &h.payload {
+                    EntryPayload::Blank => buf.put_u8(BLANK),
+                    EntryPayload::Records { len } => {
+                        buf.put_u8(RECORDS);
+                        buf.put_u32_le(*len);
+                    }
+                    EntryPayload::Membership { configs, nodes } => {
+                        buf.put_u8(MEMBERSHIP);
+                        buf.put_u32_le(configs.len() as u32);
+                        for c in configs {
+                            put_ids(buf, c);
+                        }
+                        put_ids(buf, nodes);
+                    }
+                }
+            }
         }
         let payload_len = buf.len() - start - HEADER;
         let crc = crc32fast::hash(&buf[start + HEADER..]);
@@ -133,6 +206,14 @@ impl Record {
         }
         fn take_str(b: &mut Bytes) -> Result<String, &'static str> {
             String::from_utf8(take_bytes(b)?.to_vec()).map_err(|_| "string is not UTF-8")
+        }
+        fn take_ids(b: &mut Bytes) -> Result<Vec<u64>, &'static str> {
+            need(b, 4)?;
+            let n = b.get_u32_le() as usize;
+            if n > b.remaining() / 8 {
+                return Err("id count exceeds record");
+            }
+            Ok((0..n).map(|_| b.get_u64_le()).collect())
         }
         need(&payload, 9)?;
         let kind = payload.get_u8();
@@ -182,6 +263,48 @@ impl Record {
                 Record::Requeue {
                     seq,
                     visible_at_ms: payload.get_u64_le(),
+                }
+            }
+            ENTRY => {
+                need(&payload, 17)?;
+                let term = payload.get_u64_le();
+                let node = payload.get_u64_le();
+                let payload_kind = payload.get_u8();
+                let entry_payload = match payload_kind {
+                    BLANK => EntryPayload::Blank,
+                    RECORDS => {
+                        need(&payload, 4)?;
+                        EntryPayload::Records {
+                            len: payload.get_u32_le(),
+                        }
+                    }
+                    MEMBERSHIP => {
+                        need(&payload, 4)?;
+                        let n = payload.get_u32_le() as usize;
+                        if n > payload.remaining() / 4 {
+                            return Err("config count exceeds record");
+                        }
+                        let mut configs = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            configs.push(take_ids(&mut payload)?);
+                        }
+                        let nodes = take_ids(&mut payload)?;
+                        EntryPayload::Membership { configs, nodes }
+                    }
+                    _ => return Err("unknown entry payload"),
+                };
+                Record::Entry(EntryHeader {
+                    index: seq,
+                    term,
+                    node,
+                    payload: entry_payload,
+                })
+            }
+            FLOOR => {
+                need(&payload, 8)?;
+                Record::Floor {
+                    index: seq,
+                    next_seq: payload.get_u64_le(),
                 }
             }
             _ => return Err("unknown record type"),
@@ -254,6 +377,31 @@ mod tests {
                 seq: 7,
                 visible_at_ms: 99,
             },
+            Record::Floor {
+                index: 40,
+                next_seq: 1000,
+            },
+            Record::Entry(EntryHeader {
+                index: 12,
+                term: 3,
+                node: 1,
+                payload: EntryPayload::Records { len: 4096 },
+            }),
+            Record::Entry(EntryHeader {
+                index: 13,
+                term: 4,
+                node: 2,
+                payload: EntryPayload::Blank,
+            }),
+            Record::Entry(EntryHeader {
+                index: 1,
+                term: 0,
+                node: 0,
+                payload: EntryPayload::Membership {
+                    configs: vec![vec![0, 1, 2], vec![1, 2, 3]],
+                    nodes: vec![0, 1, 2, 3],
+                },
+            }),
         ]
     }
 
@@ -275,8 +423,14 @@ mod tests {
 
     #[test]
     fn every_truncation_is_incomplete_and_every_flip_is_caught() {
+        for rec in [&sample()[0], &sample()[7]] {
+            damage_is_caught(rec);
+        }
+    }
+
+    fn damage_is_caught(rec: &Record) {
         let mut buf = BytesMut::new();
-        sample()[0].encode(&mut buf);
+        rec.encode(&mut buf);
         let buf = buf.freeze();
         for cut in 0..buf.len() {
             assert!(matches!(

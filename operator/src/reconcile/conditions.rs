@@ -47,6 +47,8 @@ pub enum Reason {
     PartitionsDecreaseBlocked,
     /// Degraded=True: a change of the volumes' size or class was refused.
     StorageChangeBlocked,
+    /// Degraded=True: a change of replication was refused (copies would be added or dropped).
+    ReplicationChangeBlocked,
     /// Ready=False, Degraded=True, Progressing=False: the spec failed validation.
     InvalidSpec,
     /// Degraded=True: the last reconciliation failed.
@@ -65,6 +67,7 @@ impl Reason {
             Reason::ScaleUpBlocked => "ScaleUpBlocked",
             Reason::PartitionsDecreaseBlocked => "PartitionsDecreaseBlocked",
             Reason::StorageChangeBlocked => "StorageChangeBlocked",
+            Reason::ReplicationChangeBlocked => "ReplicationChangeBlocked",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ReconcileError => "ReconcileError",
         }

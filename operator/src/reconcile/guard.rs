@@ -46,6 +46,8 @@ pub fn held(
     Some(Layout {
         partitions: spec.partitions,
         brokers: sts.replicas.unwrap_or(spec.replicas),
+        // A StatefulSet without a recorded layout predates replication.
+        replication: 1,
         storage,
     })
 }
@@ -132,6 +134,7 @@ mod tests {
         let recorded = Layout {
             partitions: 8,
             brokers: 2,
+            replication: 1,
             storage: StorageSpec::default(),
         };
         q.status = Some(QueueStatus {

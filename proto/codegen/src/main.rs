@@ -17,10 +17,21 @@ fn generate(out: &Path) -> Result<()> {
     let root = proto_dir();
     let fds = protox::compile([root.join("sluice/v1/queues.proto")], [&root])
         .context("compiling sluice/v1/queues.proto")?;
+    // Reflection serves the app API only; the replication service is the brokers'.
     std::fs::write(out.join("sluice.v1.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .out_dir(out)
         .bytes(".sluice.v1")
+        .compile_fds(fds)
+        .context("generating Rust code")?;
+    let fds = protox::compile(
+        [root.join("sluice/replication/v1/replication.proto")],
+        [&root],
+    )
+    .context("compiling sluice/replication/v1/replication.proto")?;
+    tonic_prost_build::configure()
+        .out_dir(out)
+        .bytes(".sluice.replication.v1")
         .compile_fds(fds)
         .context("generating Rust code")?;
     Ok(())

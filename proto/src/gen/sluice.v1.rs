@@ -314,6 +314,10 @@ pub struct DescribeResponse {
     pub max_batch: u32,
     #[prost(uint64, tag = "11")]
     pub dedup_window_ms: u64,
+    /// Copies of each partition. Above 1, `owned_partitions` are those this broker
+    /// leads now, and a partition whose leader is away gets another one within seconds.
+    #[prost(uint32, tag = "12")]
+    pub replication: u32,
 }
 /// Generated client implementations.
 pub mod queues_client {

@@ -1,0 +1,347 @@
+//! One copy of a replicated partition on this broker: its Raft node, the proposer that
+//! turns the leader's records into entries, and the watch that says whether this
+//! copy leads (and may serve) right now.
+
+use bytes::{Bytes, BytesMut};
+use openraft::error::ClientWriteError;
+use openraft::{Config, ServerState, SnapshotPolicy};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::machine::{Machine, Shared};
+use super::network::{Network, Peers};
+use super::store::{Index, LogReader, LogStore, recover};
+use super::{NodeId, Raft};
+use crate::error::BrokerError;
+use crate::log::record::Record;
+use crate::log::{Location, LogError, LogObserver, LogOptions, LogWriter};
+use crate::partition::PartitionState;
+
+/// Whether this copy serves the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Another copy leads (or none does yet): calls go there.
+    Follower { leader: Option<NodeId> },
+    /// This copy leads, in this term, and its state holds every committed entry.
+    Leader { term: u64 },
+}
+
+/// Records the leader wants in the log, and who waits for them.
+struct Proposal {
+    records: Bytes,
+    done: Option<oneshot::Sender<Result<Location, BrokerError>>>,
+}
+
+pub struct Replica {
+    pub raft: Raft,
+    pub me: NodeId,
+    queue: String,
+    partition: u32,
+    pub writer: Arc<LogWriter>,
+    log: LogReader,
+    index: Arc<Mutex<Index>>,
+    shared: Arc<Shared>,
+    proposals: mpsc::UnboundedSender<Proposal>,
+    role: watch::Receiver<Role>,
+}
+
+/// Raft timing for brokers on one network: heartbeats every 100 ms, an election after
+/// 0.5–1 s without one, so a dead leader is replaced within about a second and a half.
+fn config(queue: &str, partition: u32) -> Config {
+    Config {
+        cluster_name: format!("{queue}/{partition}"),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        // Snapshots are taken at the floors the leader publishes, never by count.
+        snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
+        max_payload_entries: 256,
+        ..Default::default()
+    }
+}
+
+fn not_leader(queue: &str, partition: u32, leader: Option<NodeId>) -> BrokerError {
+    BrokerError::NotLeader {
+        queue: queue.to_string(),
+        partition,
+        leader: leader.map(|l| l as u32),
+    }
+}
+
+impl Replica {
+    /// Opens the copy of `partition` in `dir`: reads its log, starts its Raft node
+    /// over `members` (broker ordinals) and forms the group if it never was.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        dir: &Path,
+        queue: &str,
+        partition: u32,
+        me: NodeId,
+        members: &[u32],
+        peers: Arc<Peers>,
+        options: LogOptions,
+        observer: Arc<dyn LogObserver>,
+    ) -> Result<Arc<Replica>, BrokerError> {
+        let found = {
+            let dir = dir.to_path_buf();
+            let observer = observer.clone();
+            tokio::task::spawn_blocking(move || recover(&dir, observer.as_ref()))
+                .await
+                .map_err(|e| BrokerError::Internal(format!("reading the log: {e}")))??
+        };
+        let writer = Arc::new(LogWriter::open(
+            dir,
+            &found.segments,
+            found.end,
+            options,
+            observer,
+            format!("{queue}-{partition}"),
+        )?);
+        if let Some(torn) = found.torn_entry {
+            tracing::warn!(
+                queue,
+                partition,
+                segment = torn.segment,
+                offset = torn.offset,
+                "cutting an entry a crash left incomplete"
+            );
+            writer.truncate(torn.segment, torn.offset).await?;
+        }
+        let index = Arc::new(Mutex::new(found.index));
+        let store = LogStore::new(dir, writer.clone(), index.clone())?;
+        let (floor_tx, mut floor_rx) = watch::channel(0u64);
+        let (machine, shared) = Machine::open(dir, index.clone(), floor_tx)?;
+        let config = Arc::new(
+            config(queue, partition)
+                .validate()
+                .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?,
+        );
+        let raft = Raft::new(
+            me,
+            config,
+            Network::new(peers, queue, partition),
+            store,
+            machine,
+        )
+        .await
+        .map_err(|e| BrokerError::Internal(format!("starting raft: {e}")))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| BrokerError::Internal(format!("raft: {e}")))?
+        {
+            // Every member forms the group with the same members: safe (openraft),
+            // and no member has to come up first.
+            let members: BTreeSet<NodeId> = members.iter().map(|&m| u64::from(m)).collect();
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(queue, partition, error = %e, "group already formed");
+            }
+        }
+        let (role_tx, role_rx) = watch::channel(Role::Follower { leader: None });
+        let (proposals, rx) = mpsc::unbounded_channel();
+        let replica = Arc::new(Replica {
+            raft: raft.clone(),
+            me,
+            queue: queue.to_string(),
+            partition,
+            log: LogReader::new(index.clone(), writer.reader.clone()),
+            writer,
+            index,
+            shared,
+            proposals,
+            role: role_rx,
+        });
+        tokio::spawn(propose(raft.clone(), rx, queue.to_string(), partition));
+        tokio::spawn(follow_roles(raft.clone(), me, role_tx));
+        // Snapshot at each new floor; openraft then purges the log below it.
+        tokio::spawn(async move {
+            while floor_rx.changed().await.is_ok() {
+                if raft.trigger().snapshot().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(replica)
+    }
+
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// The role, and its changes from now on.
+    pub fn roles(&self) -> watch::Receiver<Role> {
+        let mut rx = self.role.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// Fails unless this copy leads.
+    pub fn check_leader(&self) -> Result<u64, BrokerError> {
+        match self.role() {
+            Role::Leader { term } => Ok(term),
+            Role::Follower { leader } => Err(not_leader(&self.queue, self.partition, leader)),
+        }
+    }
+
+    /// Queues records for the log; nobody waits for them.
+    pub fn append(&self, records: Bytes) {
+        let _ = self.proposals.send(Proposal {
+            records,
+            done: None,
+        });
+    }
+
+    /// Queues records for the log; the answer says where they landed here once a
+    /// majority of the copies holds them.
+    pub fn append_waiting(
+        &self,
+        records: Bytes,
+    ) -> oneshot::Receiver<Result<Location, BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(p)) = self.proposals.send(Proposal {
+            records,
+            done: Some(tx),
+        }) && let Some(done) = p.done
+        {
+            let _ = done.send(Err(BrokerError::Log(LogError::Stopped)));
+        }
+        rx
+    }
+
+    /// The state a new leader serves from: every record of the entries up to `last`
+    /// replayed over the latest snapshot, as at start-up.
+    pub fn rebuild(
+        &self,
+        mut state: PartitionState,
+        last: u64,
+        now: u64,
+    ) -> Result<PartitionState, LogError> {
+        if let Some((_, snap)) = &*self.shared.snapshot.lock().unwrap() {
+            state.replay(
+                now,
+                Record::Floor {
+                    index: 0,
+                    next_seq: snap.next_seq,
+                },
+                Location {
+                    segment: 0,
+                    offset: 0,
+                    len: 0,
+                },
+            );
+        }
+        self.log
+            .records_upto(last, |rec, loc| state.replay(now, rec, loc))?;
+        state.finish_replay();
+        Ok(state)
+    }
+
+    /// The index of the last entry whose records all lie in segments below `segment`:
+    /// what a floor at that segment lets every copy drop.
+    pub fn last_entry_below(&self, segment: u64) -> Option<u64> {
+        self.index.lock().unwrap().last_below(segment)
+    }
+
+    pub async fn close(&self) {
+        let _ = self.raft.shutdown().await;
+        if let Err(e) = self.writer.flush().await {
+            tracing::warn!(queue = %self.queue, partition = self.partition, error = %e, "flush at shutdown failed");
+        }
+        self.writer.close();
+    }
+}
+
+/// Turns queued records into log entries, in the order they were queued: whatever
+/// waits when an entry is proposed rides in it.
+async fn propose(
+    raft: Raft,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+    queue: String,
+    partition: u32,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut records = BytesMut::new();
+        let mut waiting = Vec::new();
+        for p in batch.drain(..) {
+            let offset = records.len() as u64;
+            let len = p.records.len() as u32;
+            records.extend_from_slice(&p.records);
+            if let Some(done) = p.done {
+                waiting.push((done, offset, len));
+            }
+        }
+        let answer = match raft.client_write_ff(records.freeze()).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                for (done, ..) in waiting {
+                    let _ = done.send(Err(BrokerError::Unavailable(format!("raft stopped: {e}"))));
+                }
+                continue;
+            }
+        };
+        let (queue, partition) = (queue.clone(), partition);
+        tokio::spawn(async move {
+            let result = match answer.await {
+                Ok(Ok(resp)) => resp.data.records_at.ok_or_else(|| {
+                    BrokerError::Internal("a written entry has no place in the log".into())
+                }),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(not_leader(&queue, partition, f.leader_id))
+                }
+                Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
+                    "partition {partition} of queue {queue}: {e}"
+                ))),
+                Err(_) => Err(not_leader(&queue, partition, None)),
+            };
+            for (done, offset, len) in waiting {
+                let _ = done.send(
+                    result
+                        .as_ref()
+                        .map(|at| Location {
+                            segment: at.segment,
+                            offset: at.offset + offset,
+                            len,
+                        })
+                        .map_err(BrokerError::clone_status),
+                );
+            }
+        });
+    }
+}
+
+/// Keeps the role up to date: leader once this copy leads *and* has applied an entry
+/// of its own term (then every committed entry is in its log and applied).
+async fn follow_roles(raft: Raft, me: NodeId, role: watch::Sender<Role>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let next = {
+            let m = metrics.borrow_and_update();
+            let leading = m.state == ServerState::Leader
+                && m.current_leader == Some(me)
+                && m.last_applied
+                    .is_some_and(|a| a.leader_id.term == m.current_term);
+            if leading {
+                Role::Leader {
+                    term: m.current_term,
+                }
+            } else {
+                Role::Follower {
+                    leader: m.current_leader.filter(|&l| l != me),
+                }
+            }
+        };
+        role.send_if_modified(|r| {
+            let changed = *r != next;
+            *r = next;
+            changed
+        });
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
