@@ -37,6 +37,12 @@ pub fn is_pinned(explicit: Option<u32>, key: &str, dedup_id: &str) -> bool {
     explicit.is_some() || !key.is_empty() || !dedup_id.is_empty()
 }
 
+/// The gRPC metadata key of a broker's not-leader answer (UNAVAILABLE) for a
+/// replicated partition: the ordinal of the broker that leads it, or `none` during an
+/// election. The sidecar then learns the new layout at once, and does not count the
+/// broker that answered as down.
+pub const LEADER_METADATA: &str = "sluice-leader";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,9 +64,3 @@ mod tests {
         assert!(!is_pinned(None, "", ""));
     }
 }
-
-/// The gRPC metadata key of a broker's not-leader answer (UNAVAILABLE) for a
-/// replicated partition: the ordinal of the broker that leads it, or `none` during an
-/// election. The sidecar then learns the new layout at once, and does not count the
-/// broker that answered as down.
-pub const LEADER_METADATA: &str = "sluice-leader";
