@@ -1095,7 +1095,7 @@ async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_cha
     let refused = [
         (
             json!({"replicas": 3, "partitions": 6}),
-            "spec.replicas cannot change from 2 to 3 yet: partition p lives on broker p % replicas, so partitions 2, 3, 4, 5 would move",
+            "spec.replicas cannot change from 2 to 3 yet: partition p lives on broker p % replicas (and the next ones, replicated), so partitions 2, 3, 4, 5 would move",
         ),
         (
             json!({"replicas": 1, "partitions": 6}),
