@@ -350,17 +350,16 @@ async fn the_sidecar_follows_partition_leaders_across_a_failover() {
         .await
         .is_ok()
     }
-    for i in 0..100 {
-        let m = keyed(i);
-        eventually_within(
-            "an enqueue through the sidecar",
-            Duration::from_secs(30),
-            || {
-                let (mut app, m) = (app.clone(), m.clone());
-                async move { send(&mut app, m).await.then_some(()) }
-            },
-        )
+    // Retries like an app until the enqueue is acknowledged.
+    async fn send_until_acknowledged(app: &Client, m: v1::NewMessage, what: &str) {
+        eventually_within(what, Duration::from_secs(30), || {
+            let (mut app, m) = (app.clone(), m.clone());
+            async move { send(&mut app, m).await.then_some(()) }
+        })
         .await;
+    }
+    for i in 0..100 {
+        send_until_acknowledged(&app, keyed(i), "an enqueue through the sidecar").await;
         acknowledged.insert(format!("s{i}"));
     }
     // Kill the broker leading partition 0; writes to every key go on.
@@ -373,15 +372,7 @@ async fn the_sidecar_follows_partition_leaders_across_a_failover() {
             acknowledged.insert(format!("s{i}"));
         } else {
             refused += 1;
-            eventually_within(
-                "an enqueue after the failover",
-                Duration::from_secs(30),
-                || {
-                    let (mut app, m) = (app.clone(), m.clone());
-                    async move { send(&mut app, m).await.then_some(()) }
-                },
-            )
-            .await;
+            send_until_acknowledged(&app, m, "an enqueue after the failover").await;
             acknowledged.insert(format!("s{i}"));
         }
     }
