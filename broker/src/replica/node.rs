@@ -112,7 +112,7 @@ impl Replica {
             writer.truncate(torn.segment, torn.offset).await?;
         }
         let index = Arc::new(Mutex::new(found.index));
-        let store = LogStore::new(dir, writer.clone(), index.clone())?;
+        let store = LogStore::new(dir, me, writer.clone(), index.clone())?;
         let (floor_tx, mut floor_rx) = watch::channel(0u64);
         let (machine, shared) = Machine::open(dir, index.clone(), floor_tx)?;
         let config = Arc::new(

@@ -15,7 +15,7 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{Entry, LogId, Membership, StorageError, TypeConfig, Vote, storage_error};
+use super::{Entry, LogId, Membership, NodeId, StorageError, TypeConfig, Vote, storage_error};
 use crate::log::record::{EntryHeader, EntryPayload, Frame, Record, read_frame};
 use crate::log::{Location, LogError, LogWriter, SegmentReader};
 
@@ -191,6 +191,21 @@ impl Meta {
         }
     }
 
+    /// What copy `me` may believe after a restart. openraft resumes leading when the
+    /// saved vote is a leader's own, in the same term; but a leader sends entries
+    /// before its own disk has them, so it may have died with entries on the
+    /// followers that its log lacks, and would then give those indexes other entries
+    /// in the same term (two different entries with one log id). So a restarted
+    /// leader comes back as a candidate of its term: the group elects a leader in a
+    /// new term, whose log the others compare and repair as Raft requires.
+    fn restarted(self, me: NodeId) -> Meta {
+        let vote = self.vote.map(|v| match v.leader_id.voted_for() {
+            Some(node) if v.committed && node == me => Vote::new(v.leader_id.term, node),
+            _ => v,
+        });
+        Meta { vote, ..self }
+    }
+
     fn save(&self, dir: &Path) -> std::io::Result<()> {
         write_atomically(dir, META_FILE, &self.encode())
     }
@@ -280,15 +295,18 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// The store of copy `me`. A leader's vote read back after a restart is taken as
+    /// a candidate's: see [`Meta::restarted`].
     pub fn new(
         dir: &Path,
+        me: NodeId,
         writer: Arc<LogWriter>,
         index: Arc<Mutex<Index>>,
     ) -> Result<Self, LogError> {
         Ok(LogStore {
             dir: dir.to_path_buf(),
             writer,
-            meta: Meta::load(dir)?,
+            meta: Meta::load(dir)?.restarted(me),
             index,
         })
     }
@@ -627,6 +645,22 @@ mod tests {
         // Both entries lie in segment 0: only a floor above it covers them.
         assert_eq!(found.index.last_below(0), None);
         assert_eq!(found.index.last_below(1), Some(2));
+    }
+
+    #[test]
+    fn a_restarted_leader_comes_back_as_a_candidate_of_its_term() {
+        let led = Meta {
+            vote: Some(Vote::new_committed(7, 2)),
+            purged: None,
+        };
+        assert_eq!(led.restarted(2).vote, Some(Vote::new(7, 2)));
+        // Another copy's leadership, or a vote not yet granted, stays as it was.
+        assert_eq!(led.restarted(1), led);
+        let asked = Meta {
+            vote: Some(Vote::new(7, 2)),
+            purged: None,
+        };
+        assert_eq!(asked.restarted(2), asked);
     }
 
     #[test]
