@@ -2,6 +2,8 @@
 //! as real processes on loopback ports, with their own data directories, and hands
 //! out gRPC clients. The binaries are the workspace's own (`cargo build --bins`).
 
+pub mod replicated;
+
 use sluice_proto::v1::{self, queues_client::QueuesClient};
 use sluice_testkit::ChildGuard;
 use std::net::{SocketAddr, TcpStream};
@@ -56,6 +58,8 @@ pub struct Broker {
     extra_args: Vec<String>,
     ordinal: u32,
     starts: u32,
+    /// The network namespace the process runs in (see `sluice_testkit::netns`).
+    netns: Option<String>,
 }
 
 impl Broker {
@@ -92,6 +96,23 @@ impl Broker {
         b
     }
 
+    /// Like [`start_at`](Self::start_at), inside network namespace `netns` (where
+    /// `addr` must be one of its addresses).
+    pub async fn start_in_netns(
+        dir: &Path,
+        config_toml: &str,
+        ordinal: u32,
+        addr: SocketAddr,
+        netns: &str,
+    ) -> Broker {
+        let data_dir = dir.join(format!("data-{ordinal}"));
+        let mut b = Broker::unstarted(dir, config_toml, ordinal, data_dir, addr, &[]);
+        b.metrics = SocketAddr::new(addr.ip(), addr.port() + 1);
+        b.netns = Some(netns.to_string());
+        b.restart().await;
+        b
+    }
+
     /// Starts a broker like [`start`](Self::start), returning as soon as it accepts
     /// connections: its queues may still be replaying their logs.
     pub async fn start_recovering(dir: &Path, config_toml: &str, ordinal: u32) -> Broker {
@@ -121,6 +142,7 @@ impl Broker {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             ordinal,
             starts: 0,
+            netns: None,
         }
     }
 
@@ -145,7 +167,14 @@ impl Broker {
     }
 
     async fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("sluice-broker"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("sluice-broker"));
+                c
+            }
+            None => Command::new(bin("sluice-broker")),
+        };
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen")

@@ -7,6 +7,7 @@ pub mod eventually;
 pub mod http;
 #[cfg(feature = "kube")]
 pub mod k8s;
+pub mod netns;
 pub mod ports;
 pub mod process;
 
