@@ -97,18 +97,45 @@ visibility_timeout = "30s"
         cut(l, i, true);
     }
     // The isolated leader cannot get a majority: no write it is given is
-    // acknowledged (it answers with an error, or not before the deadline).
+    // acknowledged. The first wait (deadline) or fail; once it has gone without a
+    // majority for a while it refuses at once, so that callers look elsewhere.
     let mut isolated = brokers[l].client().await;
-    for i in 0..5 {
+    let attempt = |i: usize| {
         let mut req = tonic::Request::new(v1::EnqueueRequest {
             queue: QUEUE.into(),
             message: Some(keyed(&format!("isolated-{i}"))),
             partition: Some(0),
         });
-        req.set_timeout(Duration::from_secs(3));
-        let answer = isolated.enqueue(req).await;
-        assert!(answer.is_err(), "the isolated leader acknowledged a write");
-    }
+        req.set_timeout(Duration::from_secs(1));
+        req
+    };
+    let mut i = 0;
+    eventually_within(
+        "the isolated leader refusing writes at once",
+        Duration::from_secs(20),
+        || {
+            i += 1;
+            let req = attempt(i);
+            let mut c = isolated.clone();
+            async move {
+                match c.enqueue(req).await {
+                    Ok(_) => panic!("the isolated leader acknowledged a write"),
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        assert_eq!(
+                            s.metadata()
+                                .get("sluice-leader")
+                                .map(|v| v.to_str().unwrap()),
+                            Some("none")
+                        );
+                        Some(())
+                    }
+                    Err(_) => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(isolated.enqueue(attempt(0)).await.is_err());
     // The majority elects a leader of its own and goes on.
     for i in 0..30 {
         send(&brokers, &majority, &format!("majority-{i}")).await;

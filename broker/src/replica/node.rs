@@ -47,6 +47,11 @@ pub struct Replica {
     role: watch::Receiver<Role>,
 }
 
+/// How long a leader serves without hearing from a majority: twice the longest
+/// election timeout, by when the others have elected another leader. Metrics, where
+/// openraft reports it, are refreshed at every tick, so the age is current.
+const QUORUM_LEASE_MS: u64 = 2_000;
+
 /// Raft timing for brokers on one network: heartbeats every 100 ms, an election after
 /// 0.5–1 s without one, so a dead leader is replaced within about a second and a half.
 fn config(queue: &str, partition: u32) -> Config {
@@ -179,12 +184,26 @@ impl Replica {
         rx
     }
 
-    /// Fails unless this copy leads.
+    /// Fails unless this copy leads and a majority answered it lately. A leader cut
+    /// off from the others keeps its role until it hears of a newer term, which it
+    /// cannot; meanwhile the others elect a leader, and a write sent here could only
+    /// wait. Without a recent quorum it answers as a follower that knows no leader,
+    /// so callers look elsewhere at once.
     pub fn check_leader(&self) -> Result<u64, BrokerError> {
         match self.role() {
-            Role::Leader { term } => Ok(term),
+            Role::Leader { term } if self.quorum_is_recent() => Ok(term),
+            Role::Leader { .. } => Err(not_leader(&self.queue, self.partition, None)),
             Role::Follower { leader } => Err(not_leader(&self.queue, self.partition, leader)),
         }
+    }
+
+    /// Whether a majority acknowledged this leader within [`QUORUM_LEASE_MS`].
+    fn quorum_is_recent(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .millis_since_quorum_ack
+            .is_some_and(|ms| ms < QUORUM_LEASE_MS)
     }
 
     /// Queues records for the log; nobody waits for them.
