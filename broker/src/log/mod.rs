@@ -624,21 +624,32 @@ impl WriterThread {
             let _ = self.file.set_len(self.len);
         }
         let id = self.segments.last().copied().unwrap_or(0) + 1;
+        let (file, path) = self.open_segment(id)?;
+        sync_dir(&self.dir)?;
+        self.segments.push(id);
+        self.make_active(id, file, path, 0);
+        Ok(())
+    }
+
+    /// Opens segment `id` for writing, creating it if need be.
+    fn open_segment(&self, id: u64) -> Result<(File, PathBuf), LogError> {
         let path = segment_path(&self.dir, id);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| LogError::io("creating", &path, e))?;
-        sync_dir(&self.dir)?;
+            .map_err(|e| LogError::io("opening", &path, e))?;
+        Ok((file, path))
+    }
+
+    /// Appends go to `file` (segment `id`, `len` bytes long) from now on.
+    fn make_active(&mut self, id: u64, file: File, path: PathBuf, len: u64) {
         self.file = file;
         self.path = path;
-        self.len = 0;
-        self.allocated = 0;
-        self.segments.push(id);
+        self.len = len;
+        self.allocated = len;
         self.active.store(id, Ordering::Relaxed);
-        Ok(())
     }
 
     fn process(&mut self, group: &mut Vec<Command>, staging: &mut Vec<u8>) {
@@ -812,23 +823,13 @@ impl WriterThread {
             std::fs::remove_file(&path).map_err(|e| LogError::io("removing", &path, e))?;
         }
         self.segments.truncate(cut + 1);
-        let path = segment_path(&self.dir, target);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| LogError::io("opening", &path, e))?;
+        let (file, path) = self.open_segment(target)?;
         file.set_len(offset)
             .and_then(|_| file.sync_all())
             .map_err(|e| LogError::io("truncating", &path, e))?;
         sync_dir(&self.dir)?;
-        self.file = file;
-        self.path = path;
-        self.len = offset;
-        self.allocated = offset;
+        self.make_active(target, file, path, offset);
         self.unsynced = false;
-        self.active.store(target, Ordering::Relaxed);
         self.reader.forget_from(target);
         Ok(())
     }
@@ -856,7 +857,7 @@ fn clone_err(e: &LogError) -> LogError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::record::{EnqueueRecord, SettleReason};
     use super::*;
     use bytes::BytesMut;
@@ -879,7 +880,7 @@ mod tests {
         }
     }
 
-    fn enq(seq: u64) -> Record {
+    pub(crate) fn enq(seq: u64) -> Record {
         Record::Enqueue(EnqueueRecord {
             seq,
             enqueued_at_ms: 1,
@@ -891,7 +892,7 @@ mod tests {
         })
     }
 
-    fn frame(r: &Record) -> Bytes {
+    pub(crate) fn frame(r: &Record) -> Bytes {
         let mut b = BytesMut::new();
         r.encode(&mut b);
         b.freeze()

@@ -577,7 +577,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::record::EnqueueRecord;
     use std::io::Write;
 
     struct Quiet;
@@ -587,18 +586,7 @@ mod tests {
     }
 
     fn enq(seq: u64) -> Bytes {
-        let mut b = BytesMut::new();
-        Record::Enqueue(EnqueueRecord {
-            seq,
-            enqueued_at_ms: 1,
-            visible_at_ms: 1,
-            key: String::new(),
-            dedup_id: String::new(),
-            attributes: vec![],
-            body: Bytes::from(vec![b'x'; 50]),
-        })
-        .encode(&mut b);
-        b.freeze()
+        crate::log::tests::frame(&crate::log::tests::enq(seq))
     }
 
     fn entry(index: u64, payload: EntryPayload, records: &[u8]) -> Vec<u8> {
