@@ -81,20 +81,16 @@ impl Collector for QueueCollector {
         let gauges: [(&str, &str, Pick); 4] = [
             ("queue_ready", "Messages ready for delivery", |s| s.ready),
             (
-                "sluice_queue_in_flight",
+                "queue_in_flight",
                 "Messages leased and not yet settled",
                 |s| s.in_flight,
             ),
-            (
-                "sluice_queue_delayed",
-                "Messages waiting for their delay",
-                |s| s.delayed,
-            ),
-            (
-                "sluice_queue_bytes",
-                "Bytes of unsettled message bodies",
-                |s| s.bytes,
-            ),
+            ("queue_delayed", "Messages waiting for their delay", |s| {
+                s.delayed
+            }),
+            ("queue_bytes", "Bytes of unsettled message bodies", |s| {
+                s.bytes
+            }),
         ];
         for (name, help, pick) in gauges {
             let mut m = encoder.encode_descriptor(
@@ -111,22 +107,20 @@ impl Collector for QueueCollector {
         let counters: [(&str, &str, Pick); 5] = [
             ("enqueued", "Messages stored", |s| s.counters.enqueued),
             (
-                "sluice_acked",
+                "acked",
                 "Messages settled by an ack (or moved by a redrive)",
                 |s| s.counters.acked,
             ),
+            ("redelivered", "Leases that expired or were nacked", |s| {
+                s.counters.redelivered
+            }),
             (
-                "sluice_redelivered",
-                "Leases that expired or were nacked",
-                |s| s.counters.redelivered,
-            ),
-            (
-                "sluice_dead_lettered",
+                "dead_lettered",
                 "Messages moved to the dead-letter queue",
                 |s| s.counters.dead_lettered,
             ),
             (
-                "sluice_dropped",
+                "dropped",
                 "Messages dropped by retention or delivery limits",
                 |s| s.counters.dropped,
             ),
@@ -141,6 +135,39 @@ impl Collector for QueueCollector {
             for (q, p, s) in &rows {
                 let labels = [("queue", q.as_str()), ("partition", p.as_str())];
                 ConstCounter::new(pick(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        // Replicated partitions: every copy says whether it leads (so a partition
+        // that no broker leads shows as one without a majority); the leader says how
+        // many copies hold everything committed.
+        let copies: Vec<_> = queues
+            .iter()
+            .flat_map(|q| {
+                q.copies()
+                    .into_iter()
+                    .map(move |(p, c)| (q.name().to_string(), p.to_string(), c))
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "partition_leading",
+            "1 where this broker's copy of a replicated partition leads it (with a recent majority)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (q, p, c) in &copies {
+            let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+            ConstGauge::new(i64::from(c.in_sync.is_some())).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "partition_copies_in_sync",
+            "Copies of a replicated partition (the leader's among them) holding every entry it applied; reported by the leader",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (q, p, c) in &copies {
+            if let Some(n) = c.in_sync {
+                let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+                ConstGauge::new(i64::from(n)).encode(m.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -23,7 +23,7 @@ use crate::partition::{
     ReceiptError, Snapshot,
 };
 use crate::replica::network::Peers;
-use crate::replica::node::{Replica, Role};
+use crate::replica::node::{CopyState, Replica, Role};
 use crate::replica::service::Groups;
 
 /// Runs a future on the runtime from synchronous code (a queue opens on a blocking
@@ -984,6 +984,21 @@ impl Queue {
             }
         }
         Ok(moved)
+    }
+
+    /// The replication state of this broker's copies of the queue's partitions
+    /// (none when the queue does not replicate).
+    pub fn copies(&self) -> Vec<(u32, CopyState)> {
+        let mut v: Vec<_> = self
+            .partitions
+            .iter()
+            .filter_map(|(id, p)| match &p.journal {
+                Journal::Replicated(r) => Some((*id, r.state())),
+                Journal::Local(_) => None,
+            })
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
     }
 
     pub fn snapshots(&self) -> Vec<(u32, Snapshot)> {

@@ -551,11 +551,24 @@ async fn health_reflection_and_metrics() {
     enqueue(&mut c, "work", msg("x")).await.unwrap();
     let (code, body) = http_get(b.metrics, "/metrics");
     assert_eq!(code, 200);
-    assert!(body.contains("sluice_queue_ready{queue=\"work\""), "{body}");
-    assert!(
-        body.contains("sluice_enqueued_total{queue=\"work\""),
-        "{body}"
-    );
+    // Every per-partition metric the README names, under that name.
+    for name in [
+        "sluice_queue_ready",
+        "sluice_queue_in_flight",
+        "sluice_queue_delayed",
+        "sluice_queue_bytes",
+        "sluice_enqueued_total",
+        "sluice_acked_total",
+        "sluice_redelivered_total",
+        "sluice_dead_lettered_total",
+        "sluice_dropped_total",
+    ] {
+        assert!(
+            body.contains(&format!("{name}{{queue=\"work\"")),
+            "{name} missing: {body}"
+        );
+    }
+    assert!(!body.contains("sluice_sluice_"), "{body}");
     assert!(body.contains("sluice_fsync_seconds_bucket"), "{body}");
     assert_eq!(http_get(b.metrics, "/readyz").0, 200);
     assert_eq!(http_get(b.metrics, "/healthz").0, 200);

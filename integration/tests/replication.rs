@@ -173,6 +173,52 @@ async fn a_copy_with_a_wiped_volume_is_rebuilt_from_its_peers() {
     assert_eq!(left, expected);
 }
 
+/// The brokers' metrics say which copy leads each replicated partition and, on the
+/// leader, how many copies hold everything: three, then two while one is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_leader_and_its_copies_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut brokers = start_three(dir.path(), 1, "").await;
+    let all = [0, 1, 2];
+    send(&brokers, &all, "m").await;
+    let l = leader(&brokers, &all).await;
+    let gauge = |b: &Broker, name: &str| -> Option<i64> {
+        let (_, body) = http_get(b.metrics, "/metrics");
+        let prefix = format!("{name}{{queue=\"{QUEUE}\",partition=\"0\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let in_sync = |b: &Broker, want: i64| {
+        let got = gauge(b, "sluice_partition_copies_in_sync");
+        async move { (got == Some(want)).then_some(()) }
+    };
+    eventually_within("three copies in sync", Duration::from_secs(20), || {
+        in_sync(&brokers[l], 3)
+    })
+    .await;
+    for (i, b) in brokers.iter().enumerate() {
+        let leading = gauge(b, "sluice_partition_leading");
+        assert_eq!(leading, Some(i64::from(i == l)), "broker {i}");
+        if i != l {
+            assert_eq!(gauge(b, "sluice_partition_copies_in_sync"), None);
+        }
+    }
+
+    let f = all.iter().copied().find(|&i| i != l).unwrap();
+    brokers[f].proc.kill();
+    send(&brokers, &[l], "n").await;
+    eventually_within("two copies in sync", Duration::from_secs(20), || {
+        in_sync(&brokers[l], 2)
+    })
+    .await;
+    brokers[f].restart().await;
+    eventually_within("three again", Duration::from_secs(20), || {
+        in_sync(&brokers[l], 3)
+    })
+    .await;
+}
+
 /// Through the sidecar, keyed messages (one partition each) go to whichever broker
 /// leads their partition; when that leader dies, the sidecar finds the new one and
 /// the app's writes go on. Every acknowledged message is then delivered.

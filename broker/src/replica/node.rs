@@ -28,6 +28,14 @@ pub enum Role {
     Leader { term: u64 },
 }
 
+/// What a copy reports of its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyState {
+    /// Where this copy leads (with a recent majority): how many copies, itself among
+    /// them, hold every entry it has applied. None on a copy that does not lead.
+    pub in_sync: Option<u32>,
+}
+
 /// Records the leader wants in the log, and who waits for them.
 struct Proposal {
     records: Bytes,
@@ -194,6 +202,23 @@ impl Replica {
             Role::Leader { term } if self.quorum_is_recent() => Ok(term),
             Role::Leader { .. } => Err(not_leader(&self.queue, self.partition, None)),
             Role::Follower { leader } => Err(not_leader(&self.queue, self.partition, leader)),
+        }
+    }
+
+    pub fn state(&self) -> CopyState {
+        if self.check_leader().is_err() {
+            return CopyState { in_sync: None };
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let in_sync = m.replication.as_ref().map_or(1, |copies| {
+            copies
+                .values()
+                .filter(|matched| matched.is_some_and(|l| l.index >= applied))
+                .count() as u32
+        });
+        CopyState {
+            in_sync: Some(in_sync),
         }
     }
 
