@@ -33,6 +33,8 @@ pub struct BrokerOptions {
     pub authenticator: Option<Arc<Authenticator>>,
     /// Serve gRPC over mutual TLS (clients must present a certificate of the CA).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// How replicating brokers reach each other when they serve TLS.
+    pub peer_tls: Option<crate::replica::network::PeerTls>,
 }
 
 impl BrokerOptions {
@@ -46,6 +48,7 @@ impl BrokerOptions {
             storage: StorageOptions::default(),
             authenticator: None,
             tls: None,
+            peer_tls: None,
         }
     }
 }
@@ -99,9 +102,9 @@ impl Broker {
         let mut found: Vec<QueueSettings> = Vec::new();
         for q in &options.queues {
             q.validate()?;
-            if q.replication > 1 && options.tls.is_some() {
+            if q.replication > 1 && options.tls.is_some() && options.peer_tls.is_none() {
                 return Err(BrokerError::FailedPrecondition(format!(
-                    "queue {} is replicated, but brokers do not yet reach each other over mutual TLS; serve it without --tls-cert, or with replication 1",
+                    "queue {} is replicated and the broker serves TLS, but has no certificate to present to its peers",
                     q.name
                 )));
             }
@@ -158,7 +161,7 @@ impl Broker {
             asked: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             observer,
-            groups: Arc::new(Groups::default()),
+            groups: Arc::new(Groups::new(options.peer_tls.clone())),
             options,
         }))
     }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_broker::BrokerOptions;
 use sluice_broker::auth::{Authenticator, tokenreview::KubeTokenReview};
+use sluice_broker::replica::network::PeerTls;
 use sluice_broker::server::run;
 use sluice_config::BrokerFile;
 use sluice_dataplane::server::{bind, init_tracing, shutdown_signal, tls::TlsFiles};
@@ -98,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
     if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
         let files = TlsFiles { cert, key, ca };
         options.tls = Some(files.server().context("TLS settings")?);
+        options.peer_tls = Some(PeerTls::load(files).context("TLS settings for peers")?);
     }
     if options.queues.iter().any(|q| !q.access.is_empty()) {
         // Tokens are checked with the API server (TokenReview): in a pod through

@@ -715,7 +715,7 @@ impl Queue {
         };
         let mut opened = Vec::new();
         if replicated {
-            let peers = Arc::new(Peers::new(&settings.peers));
+            let peers = Arc::new(Peers::new(&settings.peers, groups.peer_tls()));
             for &id in &owned {
                 let pdir = dir.join(&settings.name).join(id.to_string());
                 let members = replica_set(id, settings.replicas, settings.replication);

@@ -61,12 +61,18 @@ fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
 /// The queue most scenarios start from: `orders` in `ns` (an app namespace), 3 brokers
 /// over 6 partitions, all Ready. Returns the broker pods.
 async fn three_broker_orders(w: &World, ns: &str) -> Vec<Pod> {
+    three_broker_orders_with(w, ns, 1).await
+}
+
+/// [`three_broker_orders`] with `replication` copies of each partition.
+async fn three_broker_orders_with(w: &World, ns: &str, replication: u32) -> Vec<Pod> {
     w.app_namespace(ns).await;
     apply_queue(
         &w.client,
         ns,
         "orders",
-        json!({"replicas": 3, "partitions": 6, "storage": {"size": "1Gi"}}),
+        json!({"replicas": 3, "partitions": 6, "replication": replication,
+               "storage": {"size": "1Gi"}}),
     )
     .await;
     queue_ready(&w.client, ns, "orders", 3).await
@@ -303,10 +309,26 @@ fn through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message() {
     );
 }
 
+/// Scenario 4 with three copies of each partition: the brokers find each other by
+/// the pods' names under the headless Service (the cluster DNS), the writes go on
+/// through the sidecar while brokers die, and nothing acknowledged is lost.
+#[test]
+fn replicated_brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
+    isolated(
+        "replicated_brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message",
+        WorldOptions::default(),
+        |w| brokers_deleted_and_killed(w, 3),
+    );
+}
+
 async fn brokers_deleted_and_killed_during_traffic(w: Arc<World>) {
+    brokers_deleted_and_killed(w, 1).await
+}
+
+async fn brokers_deleted_and_killed(w: Arc<World>, replication: u32) {
     let client = w.client.clone();
     let ns = &w.ns("shop");
-    let before = three_broker_orders(&w, ns).await;
+    let before = three_broker_orders_with(&w, ns, replication).await;
     let uid_of = |pods: &[Pod], name: &str| {
         pods.iter()
             .find(|p| p.name_any() == name)

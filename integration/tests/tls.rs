@@ -155,3 +155,102 @@ async fn sidecar_and_broker_speak_mutual_tls_and_refuse_strangers() {
         "only the direct message"
     );
 }
+
+/// Replicating brokers that serve mutual TLS reach each other with the certificate
+/// they serve (issued for serving and for peers, as the operator does), and their
+/// replication service takes messages only from a client presenting that
+/// certificate: a sidecar's certificate of the same CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicating_brokers_speak_tls_to_each_other_and_refuse_sidecars_as_peers() {
+    use sluice_proto::replication as pb;
+    use sluice_proto::replication::replication_client::ReplicationClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("sluice-test-ca", YEAR).unwrap();
+    let addrs: Vec<std::net::SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let ips: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    let broker_files = party(
+        dir.path(),
+        "broker",
+        &ca,
+        Usage::Peer,
+        &ips.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let sidecar_files = party(dir.path(), "sidecar", &ca, Usage::Client, &[]);
+    let peers: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let settings = format!(
+        "[[queue]]\nname = \"orders\"\npartitions = 1\nreplicas = 3\nreplication = 3\npeers = [{}]\n",
+        peers.join(", ")
+    );
+    let mut brokers = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        brokers.push(
+            Broker::start_at(
+                dir.path(),
+                &settings,
+                i as u32,
+                dir.path().join(format!("data-{i}")),
+                *addr,
+                &refs(&tls_args(&broker_files)),
+            )
+            .await,
+        );
+    }
+
+    // The group elects a leader over TLS: writes through the sidecar are taken.
+    let routes: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let s = Sidecar::start_with(
+        dir.path(),
+        &format!("orders={}", routes.join(",")),
+        &refs(&tls_args(&sidecar_files)),
+    )
+    .await;
+    let c = s.client().await;
+    eventually_within("a write taken", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { enqueue(&mut c, "orders", msg("m")).await.ok() }
+    })
+    .await;
+
+    // The replication service, asked with the sidecar's certificate and with the
+    // brokers' own: refused, and let through (to a malformed request).
+    let ask = |files: [PathBuf; 3]| {
+        let (ca, addr) = (ca.cert_pem.clone(), addrs[0]);
+        async move {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(addr.ip().to_string())
+                .identity(Identity::from_pem(
+                    std::fs::read(&files[0]).unwrap(),
+                    std::fs::read(&files[1]).unwrap(),
+                ));
+            let channel = Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            ReplicationClient::new(channel)
+                .vote(pb::VoteRequest {
+                    group: Some(pb::Group {
+                        queue: "orders".into(),
+                        partition: 0,
+                    }),
+                    vote: None,
+                    last_log_id: None,
+                })
+                .await
+                .unwrap_err()
+                .code()
+        }
+    };
+    assert_eq!(
+        ask(sidecar_files.clone()).await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        ask(broker_files.clone()).await,
+        tonic::Code::InvalidArgument
+    );
+}

@@ -9,15 +9,66 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::{EmptyNode, Snapshot};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use sluice_dataplane::server::tls::{TlsError, TlsFiles};
 use sluice_proto::replication as pb;
 use sluice_proto::replication::replication_client::ReplicationClient;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::convert::{self, Malformed};
 use super::{NodeId, TypeConfig, Vote};
+
+/// How brokers that serve mutual TLS reach each other: with the certificate they
+/// serve (the operator issues it for serving and for presenting to peers), and
+/// they take replication messages only from a client presenting that same
+/// certificate, i.e. another broker of the queue, never a sidecar of the same CA.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    files: TlsFiles,
+    own: CertificateDer<'static>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerTlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no certificate in it ({why})")]
+    Pem { path: String, why: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl PeerTls {
+    pub fn load(files: TlsFiles) -> Result<PeerTls, PeerTlsError> {
+        let path = files.cert.display().to_string();
+        let pem = std::fs::read(&files.cert).map_err(|source| PeerTlsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let own = CertificateDer::from_pem_slice(&pem).map_err(|e| PeerTlsError::Pem {
+            path,
+            why: e.to_string(),
+        })?;
+        Ok(PeerTls { files, own })
+    }
+
+    /// Whether a client presented this broker's own certificate.
+    pub fn is_peer(&self, presented: Option<&[CertificateDer<'static>]>) -> bool {
+        presented.and_then(|c| c.first()) == Some(&self.own)
+    }
+
+    fn client(&self, host: &str) -> Result<ClientTlsConfig, TlsError> {
+        self.files.client(host)
+    }
+}
 
 /// Channels to the queue's brokers, by ordinal. Connected lazily and kept: a peer
 /// that is down costs a failed connect per attempt, not a stuck call.
@@ -26,18 +77,35 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// `addresses[i]` is broker i's gRPC address (`host:port`).
-    pub fn new(addresses: &[String]) -> Self {
+    /// `addresses[i]` is broker i's gRPC address (`host:port`); with `tls`, over
+    /// mutual TLS. An address that cannot be used leaves that peer unreachable.
+    pub fn new(addresses: &[String], tls: Option<&PeerTls>) -> Self {
         let channels = addresses
             .iter()
             .map(|a| {
-                Endpoint::from_shared(format!("http://{a}")).ok().map(|e| {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut e = Endpoint::from_shared(format!("{scheme}://{a}")).ok()?;
+                if let Some(tls) = tls {
+                    let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                    let with_tls = tls
+                        .client(host)
+                        .map_err(|err| err.to_string())
+                        .and_then(|c| e.tls_config(c).map_err(|err| err.to_string()));
+                    e = match with_tls {
+                        Ok(e) => e,
+                        Err(err) => {
+                            tracing::error!(peer = %a, error = %err, "cannot set up TLS to this peer");
+                            return None;
+                        }
+                    };
+                }
+                Some(
                     e.connect_timeout(Duration::from_secs(1))
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(5))
                         .keep_alive_timeout(Duration::from_secs(5))
-                        .connect_lazy()
-                })
+                        .connect_lazy(),
+                )
             })
             .collect();
         Peers { channels }

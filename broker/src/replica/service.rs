@@ -8,15 +8,41 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tonic::{Request, Response, Status};
 
+use super::network::PeerTls;
 use super::{FloorSnapshot, Raft, convert};
 
-/// The Raft nodes of the replicated partitions this broker holds copies of.
+/// The Raft nodes of the replicated partitions this broker holds copies of, and how
+/// brokers reach each other.
 #[derive(Default)]
 pub struct Groups {
     rafts: RwLock<HashMap<(String, u32), Raft>>,
+    peer_tls: Option<PeerTls>,
 }
 
 impl Groups {
+    pub fn new(peer_tls: Option<PeerTls>) -> Self {
+        Groups {
+            rafts: RwLock::default(),
+            peer_tls,
+        }
+    }
+
+    pub fn peer_tls(&self) -> Option<&PeerTls> {
+        self.peer_tls.as_ref()
+    }
+
+    /// With TLS, only another broker of the queue may send replication messages.
+    fn check_peer<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match &self.peer_tls {
+            Some(tls) if !tls.is_peer(request.peer_certs().as_deref().map(Vec::as_slice)) => {
+                Err(Status::permission_denied(
+                    "replication is open to the queue's brokers only (their certificate)",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn insert(&self, queue: &str, partition: u32, raft: Raft) {
         self.rafts
             .write()
@@ -73,6 +99,7 @@ impl Replication for ReplicationService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        self.groups.check_peer(&request)?;
         let req = request.into_inner();
         let raft = self.groups.get(req.group.as_ref())?;
         let rpc = convert::append_from(req).map_err(malformed)?;
@@ -84,6 +111,7 @@ impl Replication for ReplicationService {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.groups.check_peer(&request)?;
         let req = request.into_inner();
         let raft = self.groups.get(req.group.as_ref())?;
         let rpc = convert::vote_request_from(req).map_err(malformed)?;
@@ -95,6 +123,7 @@ impl Replication for ReplicationService {
         &self,
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        self.groups.check_peer(&request)?;
         let req = request.into_inner();
         let raft = self.groups.get(req.group.as_ref())?;
         let vote = convert::vote_from(req.vote).map_err(malformed)?;

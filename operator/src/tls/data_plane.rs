@@ -160,7 +160,8 @@ impl DataPlaneCerts {
     ) -> Result<String, TlsError> {
         let names = broker_names(queue, ns, cluster_domain);
         self.ensure_leaf(ns, secret, meta, |ca| {
-            ca.issue(&names[0], &names, Usage::Server, LEAF_VALIDITY)
+            // Brokers also present it to each other when they replicate.
+            ca.issue(&names[0], &names, Usage::Peer, LEAF_VALIDITY)
         })
         .await
     }

@@ -12,6 +12,9 @@ use std::time::Duration;
 pub enum Usage {
     Server,
     Client,
+    /// Serves, and is presented to peers that serve the same (brokers replicating
+    /// to each other).
+    Peer,
 }
 
 /// A CA: its certificate (PEM) and the key that signs with it.
@@ -92,10 +95,14 @@ impl Ca {
         };
         let mut params = CertificateParams::new(sans)?;
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Peer => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
