@@ -321,6 +321,74 @@ fn replicated_brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_mes
     );
 }
 
+/// A replicated broker loses its volume under traffic: its PersistentVolumeClaim and
+/// its pod are deleted while a producer writes 10,000 messages. The StatefulSet
+/// brings the pod back on a new, empty volume; the broker is rebuilt from its peers,
+/// and every one of the 10,000 messages is acknowledged and delivered.
+#[test]
+fn replicated_broker_losing_its_volume_under_traffic_loses_no_message() {
+    isolated(
+        "replicated_broker_losing_its_volume_under_traffic_loses_no_message",
+        WorldOptions::default(),
+        broker_volume_lost_under_traffic,
+    );
+}
+
+async fn broker_volume_lost_under_traffic(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    three_broker_orders_with(&w, ns, 3).await;
+    let claim = "data-sluice-orders-1";
+    let volume_before = volume_of(&client, ns, claim).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+    let producer = w
+        .app_job(
+            ns,
+            "app",
+            &[
+                "produce",
+                "--queue",
+                "orders",
+                "--count",
+                "10000",
+                "--prefix",
+                "v",
+                "--concurrency",
+                "16",
+            ],
+        )
+        .await;
+    eventually("traffic flowing", || async {
+        (producer.acked().await >= 2000).then_some(())
+    })
+    .await;
+
+    // The claim goes once its pod does (the claim's protection finalizer).
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    claims
+        .delete(claim, &DeleteParams::default())
+        .await
+        .expect("delete the broker's claim");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.delete("sluice-orders-1", &DeleteParams::default())
+        .await
+        .expect("delete the broker pod");
+
+    let produced = producer.result().await;
+    assert_eq!(
+        produced["acked"].as_u64(),
+        Some(10_000),
+        "every write acknowledged: {produced}"
+    );
+    queue_ready(&client, ns, "orders", 3).await;
+    assert_ne!(
+        volume_of(&client, ns, claim).await,
+        volume_before,
+        "the broker came back on a new volume"
+    );
+    consume_acknowledged(&w, ns, "app", &producer, 10_000).await;
+}
+
 async fn brokers_deleted_and_killed_during_traffic(w: Arc<World>) {
     brokers_deleted_and_killed(w, 1).await
 }

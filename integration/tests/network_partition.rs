@@ -4,7 +4,8 @@
 //! - the isolated leader, a minority of one, acknowledges no write;
 //! - the other two elect a leader and go on acknowledging;
 //! - after healing, everything acknowledged on the majority side and before the cut
-//!   is there, and nothing the isolated leader was asked to take appears.
+//!   is there, nothing the isolated leader was asked to take appears, and the old
+//!   leader has stepped down (it names the new one).
 //!
 //! Runs as root in namespaces it creates (the test re-executes itself under
 //! `unshare`), so it touches nothing outside.
@@ -144,6 +145,23 @@ visibility_timeout = "30s"
     for &i in &majority {
         cut(l, i, false);
     }
+    // Healed, the old leader hears of the newer term and steps down: it refuses
+    // writes and names the new leader.
+    eventually_within(
+        "the old leader naming the new one",
+        Duration::from_secs(20),
+        || {
+            let mut c = isolated.clone();
+            let majority = majority.clone();
+            async move {
+                let refused = enqueue_p0(&mut c, "after-healing").await.err()?;
+                let hint = refused.metadata().get("sluice-leader")?.to_str().ok()?;
+                let named: usize = hint.parse().ok()?;
+                majority.contains(&named).then_some(())
+            }
+        },
+    )
+    .await;
     let left = take_and_ack(&brokers, &all, 0).await.delivered;
     let expected: HashSet<String> = (0..30)
         .flat_map(|i| [format!("before-{i}"), format!("majority-{i}")])

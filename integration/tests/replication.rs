@@ -3,9 +3,10 @@
 //! - a write is answered by the partition's leader only; the others point to it;
 //! - SIGKILL of the leader: another copy takes over within seconds, with every
 //!   acknowledged enqueue and none of the acknowledged acks lost;
-//! - a copy that was down catches up, and a copy whose volume was wiped is rebuilt
-//!   from its peers (from the snapshot at the floor and the entries after it), so
-//!   that it alone can later carry the acknowledged messages into a new majority.
+//! - a copy that was down catches up, and a copy whose volume was wiped (a follower,
+//!   then the former leader) is rebuilt from its peers (from the snapshot at the
+//!   floor and the entries after it), so that it alone can later carry the
+//!   acknowledged messages into a new majority.
 
 use sluice_integration::replicated::*;
 use sluice_integration::*;
@@ -170,6 +171,24 @@ async fn a_copy_with_a_wiped_volume_is_rebuilt_from_its_peers() {
     brokers[g].restart().await;
     let left = take_and_ack(&brokers, &[f, g], 0).await.delivered;
     let expected: HashSet<String> = (0..80).map(|i| format!("kept-{i}")).collect();
+    assert_eq!(left, expected);
+
+    // The old leader's volume is lost too: it comes back empty and is rebuilt the
+    // same way. With the other follower down, the next writes need it.
+    std::fs::remove_dir_all(&brokers[l].data_dir).unwrap();
+    brokers[l].restart().await;
+    let now = leader(&brokers, &[f, g]).await;
+    let other = if now == f { g } else { f };
+    brokers[other].proc.kill();
+    for i in 0..20 {
+        send(&brokers, &[l, now], &format!("late-{i}")).await;
+    }
+    // The leader dies; the rebuilt former leader and the copy that was down carry
+    // on: exactly the late messages are left (everything before was acked).
+    brokers[now].proc.kill();
+    brokers[other].restart().await;
+    let left = take_and_ack(&brokers, &[l, other], 0).await.delivered;
+    let expected: HashSet<String> = (0..20).map(|i| format!("late-{i}")).collect();
     assert_eq!(left, expected);
 }
 
