@@ -5,7 +5,7 @@
 //! sidecars accept only brokers whose certificate it signed for the queue's name.
 
 use super::issue::{Ca, Leaf, Usage};
-use super::{TlsError, leaf_secret, outlives, secret_text};
+use super::{TlsError, USAGE_ANNOTATION, leaf_secret, outlives, secret_text};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -54,6 +54,22 @@ pub fn broker_names(queue: &str, ns: &str, cluster_domain: &str) -> Vec<String> 
         format!("{svc}.{ns}"),
         svc,
     ]
+}
+
+/// The certificate in `existing`, if it can stay: signed by the current CA, far from
+/// expiry, and issued for `usage` (a broker certificate from before brokers
+/// replicated over TLS was issued for serving only, and is issued again).
+fn still_good(existing: &Secret, ca_pem: &str, usage: Usage) -> Option<String> {
+    let issued_for = existing
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(USAGE_ANNOTATION)?;
+    (secret_text(existing, "ca.crt").as_deref() == Some(ca_pem)
+        && outlives(existing, RENEW_BEFORE)
+        && issued_for == usage.name())
+    .then(|| secret_text(existing, "tls.crt"))
+    .flatten()
 }
 
 impl DataPlaneCerts {
@@ -122,19 +138,21 @@ impl DataPlaneCerts {
         ns: &str,
         name: &str,
         meta: ObjectMeta,
+        usage: Usage,
         issue: impl FnOnce(&Ca) -> Result<Leaf, rcgen::Error>,
     ) -> Result<String, TlsError> {
         let ca = self.ca().await?;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         if let Some(existing) = api.get_opt(name).await?
-            && secret_text(&existing, "ca.crt").as_deref() == Some(ca.cert_pem.as_str())
-            && outlives(&existing, RENEW_BEFORE)
-            && let Some(cert) = secret_text(&existing, "tls.crt")
+            && let Some(cert) = still_good(&existing, &ca.cert_pem, usage)
         {
             return Ok(fingerprint(&cert));
         }
         let leaf = issue(&ca)?;
         let mut meta = meta;
+        meta.annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(USAGE_ANNOTATION.to_string(), usage.name().to_string());
         meta.name = Some(name.to_string());
         meta.namespace = Some(ns.to_string());
         let secret = leaf_secret(meta, &ca.cert_pem, &leaf, LEAF_VALIDITY);
@@ -159,7 +177,7 @@ impl DataPlaneCerts {
         cluster_domain: &str,
     ) -> Result<String, TlsError> {
         let names = broker_names(queue, ns, cluster_domain);
-        self.ensure_leaf(ns, secret, meta, |ca| {
+        self.ensure_leaf(ns, secret, meta, Usage::Peer, |ca| {
             // Brokers also present it to each other when they replicate.
             ca.issue(&names[0], &names, Usage::Peer, LEAF_VALIDITY)
         })
@@ -176,9 +194,47 @@ impl DataPlaneCerts {
             ..Default::default()
         };
         let name = format!("sluice-sidecar.{ns}");
-        self.ensure_leaf(ns, SIDECAR_SECRET, meta, |ca| {
+        self.ensure_leaf(ns, SIDECAR_SECRET, meta, Usage::Client, |ca| {
             ca.issue(&name, &[], Usage::Client, LEAF_VALIDITY)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret_for(ca: &Ca, usage: Option<Usage>) -> Secret {
+        let leaf = ca
+            .issue("svc.ns.svc", &[], Usage::Peer, LEAF_VALIDITY)
+            .unwrap();
+        let annotations =
+            usage.map(|u| BTreeMap::from([(USAGE_ANNOTATION.to_string(), u.name().to_string())]));
+        let meta = ObjectMeta {
+            annotations,
+            ..Default::default()
+        };
+        leaf_secret(meta, &ca.cert_pem, &leaf, LEAF_VALIDITY)
+    }
+
+    #[test]
+    fn a_certificate_stays_only_if_issued_for_the_same_use_by_the_current_ca() {
+        let ca = Ca::generate(CA_NAME, CA_VALIDITY).unwrap();
+        let peer = secret_for(&ca, Some(Usage::Peer));
+        assert!(still_good(&peer, &ca.cert_pem, Usage::Peer).is_some());
+        // A broker certificate from before peers: issued again.
+        assert!(still_good(&secret_for(&ca, None), &ca.cert_pem, Usage::Peer).is_none());
+        assert!(
+            still_good(
+                &secret_for(&ca, Some(Usage::Server)),
+                &ca.cert_pem,
+                Usage::Peer
+            )
+            .is_none()
+        );
+        // Another CA's.
+        let other = Ca::generate(CA_NAME, CA_VALIDITY).unwrap();
+        assert!(still_good(&peer, &other.cert_pem, Usage::Peer).is_none());
     }
 }

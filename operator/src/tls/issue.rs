@@ -17,6 +17,17 @@ pub enum Usage {
     Peer,
 }
 
+impl Usage {
+    /// As recorded on a certificate's Secret (a change of usage issues it again).
+    pub fn name(self) -> &'static str {
+        match self {
+            Usage::Server => "server",
+            Usage::Client => "client",
+            Usage::Peer => "server-and-peer",
+        }
+    }
+}
+
 /// A CA: its certificate (PEM) and the key that signs with it.
 pub struct Ca {
     pub cert_pem: String,

@@ -31,6 +31,8 @@ use std::time::Duration;
 
 /// When a certificate Secret's leaf expires (Unix seconds).
 pub const NOT_AFTER_ANNOTATION: &str = "sluice.dev/not-after";
+/// What the certificate in a data-plane Secret was issued for ([`Usage::name`]).
+pub const USAGE_ANNOTATION: &str = "sluice.dev/certificate-usage";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
