@@ -341,27 +341,7 @@ async fn broker_volume_lost_under_traffic(w: Arc<World>) {
     let claim = "data-sluice-orders-1";
     let volume_before = volume_of(&client, ns, claim).await;
     w.app_pod(ns, "app", "orders", "default").await;
-    let producer = w
-        .app_job(
-            ns,
-            "app",
-            &[
-                "produce",
-                "--queue",
-                "orders",
-                "--count",
-                "10000",
-                "--prefix",
-                "v",
-                "--concurrency",
-                "16",
-            ],
-        )
-        .await;
-    eventually("traffic flowing", || async {
-        (producer.acked().await >= 2000).then_some(())
-    })
-    .await;
+    let producer = producing(&w, ns, 10_000, "v").await;
 
     // The claim goes once its pod does (the claim's protection finalizer).
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
@@ -389,6 +369,29 @@ async fn broker_volume_lost_under_traffic(w: Arc<World>) {
     consume_acknowledged(&w, ns, "app", &producer, 10_000).await;
 }
 
+/// A producer job in the app pod `app` writing `count` messages `<prefix>-<i>` into
+/// `orders`, 16 at a time, once 2,000 of them are acknowledged.
+async fn producing(w: &World, ns: &str, count: u64, prefix: &str) -> AppJob {
+    let count = count.to_string();
+    let args = [
+        "produce",
+        "--queue",
+        "orders",
+        "--count",
+        &count,
+        "--prefix",
+        prefix,
+        "--concurrency",
+        "16",
+    ];
+    let producer = w.app_job(ns, "app", &args).await;
+    eventually("traffic flowing", || async {
+        (producer.acked().await >= 2000).then_some(())
+    })
+    .await;
+    producer
+}
+
 async fn brokers_deleted_and_killed_during_traffic(w: Arc<World>) {
     brokers_deleted_and_killed(w, 1).await
 }
@@ -412,27 +415,7 @@ async fn brokers_deleted_and_killed(w: Arc<World>, replication: u32) {
     w.app_pod(ns, "app", "orders", "default").await;
 
     // Traffic: a producer job remembers every acknowledged message.
-    let producer = w
-        .app_job(
-            ns,
-            "app",
-            &[
-                "produce",
-                "--queue",
-                "orders",
-                "--count",
-                "20000",
-                "--prefix",
-                "k",
-                "--concurrency",
-                "16",
-            ],
-        )
-        .await;
-    eventually("traffic flowing", || async {
-        (producer.acked().await >= 2000).then_some(())
-    })
-    .await;
+    let producer = producing(&w, ns, 20_000, "k").await;
 
     // Delete one broker pod (SIGTERM, grace) and crash another mid-traffic.
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
