@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages needed to build and run the control plane: Go (build), etcd,
 # rsync (Kubernetes make rules), reflect2 1.0.2 (vendored fix), openssl, kubectl 1.20
-# client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (the e2e
-# suite's network namespaces, unshare, mount), mold (scripts/test links with it: a
-# fraction of GNU ld's time for the dozen large test binaries), and a deb-src entry
+# client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (network
+# namespaces, unshare, mount: the e2e suite and the network-partition test), mold
+# (scripts/test links with it: a fraction of GNU ld's time for the dozen large test
+# binaries), and a deb-src entry
 # for `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""

@@ -80,10 +80,10 @@ impl Peers {
     /// `addresses[i]` is broker i's gRPC address (`host:port`); with `tls`, over
     /// mutual TLS. An address that cannot be used leaves that peer unreachable.
     pub fn new(addresses: &[String], tls: Option<&PeerTls>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let channels = addresses
             .iter()
             .map(|a| {
-                let scheme = if tls.is_some() { "https" } else { "http" };
                 let mut e = Endpoint::from_shared(format!("{scheme}://{a}")).ok()?;
                 if let Some(tls) = tls {
                     let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
