@@ -75,7 +75,22 @@ async fn three_broker_orders_with(w: &World, ns: &str, replication: u32) -> Vec<
                "storage": {"size": "1Gi"}}),
     )
     .await;
-    queue_ready(&w.client, ns, "orders", 3).await
+    let pods = queue_ready(&w.client, ns, "orders", 3).await;
+    // What was asked for, nothing held back: a reconcile that guessed the layout
+    // once refused the replication and rolled the brokers to single copies.
+    let q = serde_json::to_value(queue_api(&w.client, ns).get("orders").await.unwrap()).unwrap();
+    assert_eq!(
+        q.pointer("/status/layout/replication")
+            .and_then(Value::as_u64),
+        Some(replication.into()),
+        "{q}"
+    );
+    assert_eq!(
+        condition(&q, "Degraded").map(|c| c.0).as_deref(),
+        Some("False"),
+        "{q}"
+    );
+    pods
 }
 
 async fn queue_ready(client: &Client, ns: &str, name: &str, replicas: usize) -> Vec<Pod> {

@@ -2,6 +2,7 @@
 //! without an API server.
 
 use crate::crd::Queue;
+use crate::layout::Layout;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
@@ -28,6 +29,10 @@ pub const METRICS_PORT: i32 = 9090;
 pub const CONFIG_KEY: &str = "broker.toml";
 pub const HASH_ANNOTATION: &str = "sluice.dev/config-hash";
 pub const QUEUE_LABEL: &str = "sluice.dev/queue";
+/// On the StatefulSet: the layout its volumes are made for ([`Layout`] as JSON),
+/// written in the same apply as the StatefulSet, so the guard reads it even when
+/// the Queue it is given (from the watch cache) does not show `status.layout` yet.
+pub const LAYOUT_ANNOTATION: &str = "sluice.dev/layout";
 
 /// The container the webhook injects into app pods, and what it listens on.
 pub const SIDECAR_NAME: &str = "sluice-sidecar";
@@ -369,8 +374,13 @@ pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str) -> StatefulSet {
     };
     let mut storage_req = BTreeMap::new();
     storage_req.insert("storage".to_string(), Quantity(q.spec.storage.size.clone()));
+    let mut metadata = meta(q, sts_name(&name));
+    metadata.annotations = Some(BTreeMap::from([(
+        LAYOUT_ANNOTATION.to_string(),
+        serde_json::to_string(&Layout::of(&q.spec)).expect("a layout serializes"),
+    )]));
     StatefulSet {
-        metadata: meta(q, sts_name(&name)),
+        metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(q.spec.replicas),
             service_name: Some(svc_name(&name)),
@@ -767,6 +777,12 @@ mod tests {
         assert_eq!(
             spec.template.metadata.unwrap().annotations.unwrap()[HASH_ANNOTATION],
             "abc"
+        );
+        // The layout its volumes are made for, for the guard.
+        let layout = &s.metadata.annotations.as_ref().unwrap()[LAYOUT_ANNOTATION];
+        assert_eq!(
+            serde_json::from_str::<Layout>(layout).unwrap(),
+            Layout::of(&q.spec)
         );
         let owner = &s.metadata.owner_references.unwrap()[0];
         assert_eq!(owner.kind, "Queue");

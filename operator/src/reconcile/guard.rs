@@ -19,14 +19,25 @@ pub async fn existing(ctx: &Context, ns: &str, queue: &str) -> Result<Option<Sta
     Ok(api.get_opt(&resources::sts_name(queue)).await?)
 }
 
-/// What the volumes hold: the status's record, else what the StatefulSet runs (its
-/// replicas and claim template, with the partitions of the spec: nothing older is
-/// known), else nothing (a new Queue).
+/// What the volumes hold: the record on the StatefulSet (read fresh, and written in
+/// the same apply), else the status's record (the StatefulSet may be gone, or older
+/// than the annotation), else what the StatefulSet runs (its replicas and claim
+/// template, with the partitions of the spec: nothing older is known), else nothing
+/// (a new Queue).
+///
+/// The StatefulSet comes first because the Queue a reconciliation is given comes
+/// from the watch cache: right after a Queue is created, a reconciliation woken by
+/// the new StatefulSet can see it without `status.layout`. Guessing from the
+/// StatefulSet then held replication at 1, recorded that, and rolled a replicated
+/// Queue back to single copies for good.
 pub fn held(
     status: Option<&QueueStatus>,
     existing: Option<&StatefulSet>,
     spec: &QueueSpec,
 ) -> Option<Layout> {
+    if let Some(layout) = existing.and_then(recorded_on) {
+        return Some(layout);
+    }
     if let Some(layout) = status.and_then(|s| s.layout.clone()) {
         return Some(layout);
     }
@@ -50,6 +61,16 @@ pub fn held(
         replication: 1,
         storage,
     })
+}
+
+/// The layout recorded on a StatefulSet ([`resources::LAYOUT_ANNOTATION`]).
+fn recorded_on(sts: &StatefulSet) -> Option<Layout> {
+    let json = sts
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(resources::LAYOUT_ANNOTATION)?;
+    serde_json::from_str(json).ok()
 }
 
 /// The guard's decision.
@@ -162,6 +183,39 @@ mod tests {
     }
 
     #[test]
+    fn a_new_statefulsets_record_stands_in_for_a_status_not_seen_yet() {
+        // Right after creation: the StatefulSet is there, the cached Queue has no
+        // status. Replication 3 is what the volumes were made for, not a refusal.
+        let q = Queue::test(json!({"replicas": 3, "partitions": 6, "replication": 3}));
+        let mut made = sts(3, "1Gi");
+        made.metadata.annotations = Some(
+            [(
+                resources::LAYOUT_ANNOTATION.to_string(),
+                serde_json::to_string(&Layout::of(&q.spec)).unwrap(),
+            )]
+            .into(),
+        );
+        let s = check(&q, Some(&made));
+        assert_eq!(s.refused(), None);
+        assert_eq!(s.plan.layout.replication, 3);
+        // It outranks an older status record, which a cached Queue may still show.
+        let mut stale = q.clone();
+        stale.status = Some(QueueStatus {
+            layout: Some(Layout {
+                partitions: 4,
+                ..s.plan.layout.clone()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(check(&stale, Some(&made)).plan.layout.partitions, 6);
+        // Without the record (a StatefulSet from before it), the old guess stands.
+        assert_eq!(
+            check(&q, Some(&sts(3, "1Gi"))).refused().map(|r| r.0),
+            Some(conditions::Reason::ReplicationChangeBlocked)
+        );
+    }
+
+    #[test]
     fn without_a_record_the_statefulset_says_what_the_volumes_hold() {
         let q = Queue::test(json!({"replicas": 3, "partitions": 6}));
         let h = held(None, Some(&sts(5, "2Gi")), &q.spec).unwrap();
@@ -190,7 +244,8 @@ mod mock_tests {
     use super::super::fixtures::{NAME, NS, Scenario, existing_sts, reconcile_with};
     use super::super::status::RESYNC_HEALTHY;
     use crate::crd::Queue;
-    use crate::settings;
+    use crate::layout::Layout;
+    use crate::{resources, settings};
     use kube::runtime::controller::Action;
     use serde_json::json;
 
@@ -203,6 +258,25 @@ mod mock_tests {
         let hash = settings::render(NAME, NS, &running).unwrap().hash;
         let old = existing_sts(5, &hash);
         let (res, _) = reconcile_with(q, Scenario::ScaleDownBlocked { old }).await;
+        assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));
+    }
+
+    /// The race a CI run found: woken by the StatefulSet it just made, the
+    /// reconciler got the Queue without `status.layout`, held replication at 1 and
+    /// rolled the brokers to single copies. The StatefulSet's record prevents it:
+    /// the scenario asserts `Degraded=False AsExpected` and the settings of the spec.
+    #[tokio::test]
+    async fn a_replicated_queue_seen_before_its_status_keeps_its_copies() {
+        let q = Queue::test(json!({ "replicas": 3, "replication": 3 }));
+        let mut old = existing_sts(3, "0000000000000000");
+        old.metadata.annotations = Some(
+            [(
+                resources::LAYOUT_ANNOTATION.to_string(),
+                serde_json::to_string(&Layout::of(&q.spec)).unwrap(),
+            )]
+            .into(),
+        );
+        let (res, _) = reconcile_with(q, Scenario::Update { old, replicas: 3 }).await;
         assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));
     }
 }
