@@ -142,11 +142,8 @@ impl Collector for QueueCollector {
         // many copies hold everything committed.
         let copies: Vec<_> = queues
             .iter()
-            .flat_map(|q| {
-                q.copies()
-                    .into_iter()
-                    .map(move |(p, c)| (q.name().to_string(), p.to_string(), c))
-            })
+            .flat_map(|q| q.reports())
+            .filter(|r| r.copies > 1)
             .collect();
         let mut m = encoder.encode_descriptor(
             "partition_leading",
@@ -154,9 +151,10 @@ impl Collector for QueueCollector {
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for (q, p, c) in &copies {
-            let labels = [("queue", q.as_str()), ("partition", p.as_str())];
-            ConstGauge::new(i64::from(c.in_sync.is_some())).encode(m.encode_family(&labels)?)?;
+        for r in &copies {
+            let p = r.partition.to_string();
+            let labels = [("queue", r.queue.as_str()), ("partition", p.as_str())];
+            ConstGauge::new(i64::from(r.leader)).encode(m.encode_family(&labels)?)?;
         }
         let mut m = encoder.encode_descriptor(
             "partition_copies_in_sync",
@@ -164,9 +162,10 @@ impl Collector for QueueCollector {
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for (q, p, c) in &copies {
-            if let Some(n) = c.in_sync {
-                let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+        for r in &copies {
+            if let Some(n) = r.in_sync {
+                let p = r.partition.to_string();
+                let labels = [("queue", r.queue.as_str()), ("partition", p.as_str())];
                 ConstGauge::new(i64::from(n)).encode(m.encode_family(&labels)?)?;
             }
         }

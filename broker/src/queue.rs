@@ -3,6 +3,7 @@
 //! dead-letter queue.
 
 use bytes::{Bytes, BytesMut};
+use sluice_config::report::PartitionReport;
 use sluice_config::{QueueSettings, replica_set};
 use sluice_dataplane::partitioning::{Placement, place};
 use sluice_proto::{Receipt, receipt::message_id, v1};
@@ -986,18 +987,34 @@ impl Queue {
         Ok(moved)
     }
 
-    /// The replication state of this broker's copies of the queue's partitions
-    /// (none when the queue does not replicate).
-    pub fn copies(&self) -> Vec<(u32, CopyState)> {
+    /// This broker's copies of the queue's partitions as `GET /partitions` reports
+    /// them: a partition of one copy always leads.
+    pub fn reports(&self) -> Vec<PartitionReport> {
         let mut v: Vec<_> = self
             .partitions
             .iter()
-            .filter_map(|(id, p)| match &p.journal {
-                Journal::Replicated(r) => Some((*id, r.state())),
-                Journal::Local(_) => None,
+            .map(|(id, p)| {
+                let (copies, state) = match &p.journal {
+                    Journal::Replicated(r) => (self.settings.replication, r.state()),
+                    Journal::Local(_) => (
+                        1,
+                        CopyState {
+                            in_sync: Some(1),
+                            term: 0,
+                        },
+                    ),
+                };
+                PartitionReport {
+                    queue: self.name().to_string(),
+                    partition: *id,
+                    copies,
+                    leader: state.in_sync.is_some(),
+                    term: state.term,
+                    in_sync: state.in_sync,
+                }
             })
             .collect();
-        v.sort_by_key(|x| x.0);
+        v.sort_by_key(|r| r.partition);
         v
     }
 

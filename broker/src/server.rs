@@ -1,6 +1,7 @@
 //! Runs a broker: recovery, the gRPC server (queues, health, reflection) and the HTTP
 //! metrics endpoint, until shutdown; then syncs every log.
 
+use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
 use sluice_dataplane::server::reflection::reflection_routes;
 use sluice_dataplane::server::{
     BindError, MAX_REQUEST_BYTES, grpc_server, incoming_nodelay, serve_http,
@@ -43,6 +44,22 @@ pub fn routes(broker: Arc<Broker>) -> tonic::service::Routes {
         .add_service(replication)
 }
 
+/// `GET /partitions`: every copy of a partition this broker holds, with its role
+/// ([`PartitionReport`]); the operator reads it into the Queue's status.
+fn partitions_route(broker: &Arc<Broker>) -> axum::Router {
+    let broker = Arc::downgrade(broker);
+    axum::Router::new().route(
+        PARTITIONS_PATH,
+        axum::routing::get(move || {
+            let reports: Vec<PartitionReport> = broker
+                .upgrade()
+                .map(|b| b.queues().iter().flat_map(|q| q.reports()).collect())
+                .unwrap_or_default();
+            std::future::ready(axum::Json(reports))
+        }),
+    )
+}
+
 /// Largest replication message: up to 256 entries (openraft's batch) of records.
 const REPLICATION_MESSAGE_BYTES: usize = 1 << 30;
 
@@ -69,6 +86,7 @@ pub async fn run(
             listener,
             metrics.registry(),
             ready.clone(),
+            partitions_route(&broker),
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             },

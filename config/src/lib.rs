@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 mod duration;
+pub mod report;
 pub use duration::{
     DURATION_MAX_CHARS, DURATION_PATTERN, GoDuration, format_duration, parse_duration,
 };

@@ -572,6 +572,24 @@ async fn health_reflection_and_metrics() {
     assert!(body.contains("sluice_fsync_seconds_bucket"), "{body}");
     assert_eq!(http_get(b.metrics, "/readyz").0, 200);
     assert_eq!(http_get(b.metrics, "/healthz").0, 200);
+    // The partition report: a single copy leads its partitions, all in sync.
+    let (code, body) = http_get(b.metrics, "/partitions");
+    assert_eq!(code, 200, "{body}");
+    let reports: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let work: Vec<_> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["queue"] == "work")
+        .collect();
+    assert!(!work.is_empty(), "{body}");
+    for r in work {
+        assert_eq!(
+            (&r["copies"], &r["leader"], &r["inSync"]),
+            (&1.into(), &true.into(), &1.into()),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

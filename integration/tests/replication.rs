@@ -8,6 +8,7 @@
 //!   floor and the entries after it), so that it alone can later carry the
 //!   acknowledged messages into a new majority.
 
+use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
 use sluice_integration::replicated::*;
 use sluice_integration::*;
 use sluice_proto::v1;
@@ -198,7 +199,7 @@ async fn a_copy_with_a_wiped_volume_is_rebuilt_from_its_peers() {
 /// The brokers' metrics say which copy leads each replicated partition and, on the
 /// leader, how many copies hold everything: three, then two while one is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_the_leader_and_its_copies_in_sync() {
+async fn metrics_and_the_partition_report_show_the_leader_and_its_copies_in_sync() {
     let dir = tempfile::tempdir().unwrap();
     let mut brokers = start_three(dir.path(), 1, "").await;
     let all = [0, 1, 2];
@@ -225,6 +226,20 @@ async fn metrics_show_the_leader_and_its_copies_in_sync() {
         if i != l {
             assert_eq!(gauge(b, "sluice_partition_copies_in_sync"), None);
         }
+        // The report the operator reads: every copy of partition 0 says its role.
+        let (status, body) = http_get(b.metrics, PARTITIONS_PATH);
+        assert_eq!(status, 200, "{body}");
+        let reports: Vec<PartitionReport> = serde_json::from_str(&body).unwrap();
+        let p0 = reports
+            .iter()
+            .find(|r| r.queue == QUEUE && r.partition == 0)
+            .unwrap_or_else(|| panic!("broker {i} reports partition 0: {body}"));
+        assert_eq!(
+            (p0.copies, p0.leader, p0.in_sync),
+            (3, i == l, (i == l).then_some(3)),
+            "broker {i}: {body}"
+        );
+        assert!(p0.term > 0, "{body}");
     }
 
     let f = all.iter().copied().find(|&i| i != l).unwrap();

@@ -64,9 +64,15 @@ pub async fn run(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     if let Some(listener) = http {
         let registry = metrics::registry(&router.metrics, &router);
-        tokio::spawn(serve_http(listener, registry, ready.clone(), async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        }));
+        tokio::spawn(serve_http(
+            listener,
+            registry,
+            ready.clone(),
+            Default::default(),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ));
     }
     let max = MAX_REQUEST_BYTES;
     tracing::info!(addr = ?grpc.local_addr().ok(), ready = router.is_ready(), "sidecar serving");

@@ -34,6 +34,8 @@ pub struct CopyState {
     /// Where this copy leads (with a recent majority): how many copies, itself among
     /// them, hold every entry it has applied. None on a copy that does not lead.
     pub in_sync: Option<u32>,
+    /// The Raft term this copy is in.
+    pub term: u64,
 }
 
 /// Records the leader wants in the log, and who waits for them.
@@ -206,10 +208,13 @@ impl Replica {
     }
 
     pub fn state(&self) -> CopyState {
-        if self.check_leader().is_err() {
-            return CopyState { in_sync: None };
-        }
         let m = self.raft.metrics().borrow().clone();
+        if self.check_leader().is_err() {
+            return CopyState {
+                in_sync: None,
+                term: m.current_term,
+            };
+        }
         let applied = m.last_applied.map_or(0, |l| l.index);
         let in_sync = m.replication.as_ref().map_or(1, |copies| {
             copies
@@ -219,6 +224,7 @@ impl Replica {
         });
         CopyState {
             in_sync: Some(in_sync),
+            term: m.current_term,
         }
     }
 

@@ -1,20 +1,22 @@
 //! The HTTP side of a Sluice process: Prometheus text on `/metrics`, liveness on
 //! `/healthz`, readiness on `/readyz` (what Kubernetes probes). The process owns its
-//! registry and says when it is ready; this only serves them.
+//! registry and says when it is ready; this only serves them, beside the routes of
+//! its own it adds (the broker's `/partitions`).
 
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz`, `/readyz` and `routes` until `shutdown` resolves.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     registry: Registry,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    routes: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::{Router, http::StatusCode, routing::get};
+    use axum::{http::StatusCode, routing::get};
     let registry = Arc::new(registry);
-    let app = Router::new()
+    let app = routes
         .route(
             "/metrics",
             get(move || {

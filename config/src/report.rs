@@ -1,0 +1,26 @@
+//! What a broker reports of its copies of partitions, on `GET /partitions` of its
+//! HTTP port: the broker writes it, the operator reads it into the Queue's status.
+
+use serde::{Deserialize, Serialize};
+
+/// The path of the report on a broker's HTTP (metrics) port.
+pub const PARTITIONS_PATH: &str = "/partitions";
+
+/// One broker's copy of one partition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionReport {
+    pub queue: String,
+    pub partition: u32,
+    /// Copies the partition has (its replication; 1 for a partition of one broker).
+    pub copies: u32,
+    /// This copy leads the partition and a majority acknowledged it recently: it
+    /// takes writes. A single copy always leads.
+    pub leader: bool,
+    /// The Raft term this copy is in (0 for a single copy): of two copies claiming
+    /// to lead for a moment around an election, the later term is the leader.
+    pub term: u64,
+    /// On the leader: copies, its own among them, holding every entry it applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<u32>,
+}
