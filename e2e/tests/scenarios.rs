@@ -90,7 +90,28 @@ async fn three_broker_orders_with(w: &World, ns: &str, replication: u32) -> Vec<
         Some("False"),
         "{q}"
     );
+    partitions_led(&w.client, ns, replication).await;
     pods
+}
+
+/// Waits for the operator to report, from the brokers' own reports, every one of
+/// the 6 partitions of `orders` led with all `replication` copies in sync.
+async fn partitions_led(client: &Client, ns: &str, replication: u32) {
+    let queues = queue_api(client, ns);
+    eventually("every partition led, all copies in sync", || async {
+        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+        let (status, reason, _) = condition(&q, "Available")?;
+        let parts = q.pointer("/status/partitions")?.as_array()?;
+        let all_in_sync = parts.len() == 6
+            && parts.iter().all(|p| {
+                p["leader"]
+                    .as_str()
+                    .is_some_and(|l| l.starts_with("sluice-orders-"))
+                    && p["inSync"].as_u64() == Some(replication.into())
+            });
+        (status == "True" && reason == "AllPartitionsLed" && all_in_sync).then_some(())
+    })
+    .await;
 }
 
 async fn queue_ready(client: &Client, ns: &str, name: &str, replicas: usize) -> Vec<Pod> {
@@ -382,6 +403,8 @@ async fn broker_volume_lost_under_traffic(w: Arc<World>) {
         "the broker came back on a new volume"
     );
     consume_acknowledged(&w, ns, "app", &producer, 10_000).await;
+    // The rebuilt copy is in sync again, as the brokers tell the operator.
+    partitions_led(&client, ns, 3).await;
 }
 
 /// A producer job in the app pod `app` writing `count` messages `<prefix>-<i>` into

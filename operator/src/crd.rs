@@ -42,6 +42,7 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     printcolumn = r#"{"name":"Copies","type":"integer","jsonPath":".status.layout.replication","description":"Copies of each partition"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Broker pods ready"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Reason of the Ready condition"}"#,
+    printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].reason","description":"Whether every partition has a leader (a majority of its copies up)"}"#,
     printcolumn = r#"{"name":"Address","type":"string","jsonPath":".status.address","priority":1,"description":"Address the sidecar routes to"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -387,6 +388,25 @@ pub struct QueueStatus {
     /// run the new settings (`configHash` equal to the Queue's) and which the old.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub brokers: Vec<BrokerStatus>,
+    /// Every partition as its brokers report it: the broker pod leading it and how
+    /// many of its copies hold everything it applied. A partition without a leader
+    /// has fewer than a majority of its copies up (the `Available` condition says
+    /// which).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One partition as the status reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// The broker pod leading it; none when no copy leads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Copies, the leader's among them, holding every entry the leader applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<i32>,
 }
 
 /// One broker pod as the status reports it.

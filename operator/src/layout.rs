@@ -111,7 +111,8 @@ pub fn message(refusals: &[Refusal]) -> String {
         .join("; ")
 }
 
-fn list(ps: &[i32]) -> String {
+/// Partitions as a message names them: the first eight, then how many more.
+pub fn list(ps: &[i32]) -> String {
     const SHOWN: usize = 8;
     let mut s = ps
         .iter()

@@ -264,6 +264,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         recorder: reconcile::recorder(client.clone(), Some(identity.clone())),
         metrics: metrics.clone(),
         certs,
+        brokers: Default::default(),
     });
     info!(pdb = %ctx.pdb.api_version, "PodDisruptionBudget version served");
 

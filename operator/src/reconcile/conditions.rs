@@ -2,6 +2,7 @@
 //! ([`compute`]) that derives them from what the reconciler observed. [`merge`] writes
 //! them into the status, keeping `lastTransitionTime` when a status did not change.
 
+use super::partitions::PartitionsSeen;
 use crate::crd::QueueStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -14,6 +15,9 @@ pub enum ConditionType {
     Progressing,
     /// True when something needs a human.
     Degraded,
+    /// True when every partition has a leader (a majority of its copies up), as
+    /// the brokers report it.
+    Available,
 }
 
 impl ConditionType {
@@ -22,6 +26,7 @@ impl ConditionType {
             ConditionType::Ready => "Ready",
             ConditionType::Progressing => "Progressing",
             ConditionType::Degraded => "Degraded",
+            ConditionType::Available => "Available",
         }
     }
 }
@@ -53,6 +58,13 @@ pub enum Reason {
     InvalidSpec,
     /// Degraded=True: the last reconciliation failed.
     ReconcileError,
+    /// Available=True: every partition led, every copy in sync.
+    AllPartitionsLed,
+    /// Available=True: every partition led, some on fewer copies than they have.
+    UnderReplicated,
+    /// Available=False: some partition has no leader (fewer than a majority of
+    /// its copies answer); its writes wait until one is elected.
+    NoMajority,
 }
 
 impl Reason {
@@ -70,6 +82,9 @@ impl Reason {
             Reason::ReplicationChangeBlocked => "ReplicationChangeBlocked",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ReconcileError => "ReconcileError",
+            Reason::AllPartitionsLed => "AllPartitionsLed",
+            Reason::UnderReplicated => "UnderReplicated",
+            Reason::NoMajority => "NoMajority",
         }
     }
 }
@@ -114,6 +129,9 @@ pub struct Rollout {
     /// Why pods are not ready (see `status::pods_summary`); asked only when not all
     /// brokers are ready.
     pub pods: Option<String>,
+    /// The partitions as the brokers report them; None when no broker could be
+    /// asked (none ready, or none with an address yet).
+    pub partitions: Option<PartitionsSeen>,
 }
 
 impl Rollout {
@@ -209,9 +227,57 @@ pub fn compute(observed: &Observed) -> Vec<QueueCondition> {
                     "all owned objects applied",
                 ),
             };
-            vec![progressing, ready, degraded]
+            let mut conditions = vec![progressing, ready, degraded];
+            conditions.extend(r.partitions.as_ref().map(available));
+            conditions
         }
     }
+}
+
+/// `Available`, from the brokers' reports.
+fn available(seen: &PartitionsSeen) -> QueueCondition {
+    use crate::layout::list;
+    let total = seen.partitions.len();
+    let unanswered = if seen.unanswered.is_empty() {
+        String::new()
+    } else {
+        format!("; no report from {}", seen.unanswered.join(", "))
+    };
+    if !seen.leaderless.is_empty() {
+        let majority = seen.replication / 2 + 1;
+        return QueueCondition::new(
+            ConditionType::Available,
+            false,
+            Reason::NoMajority,
+            format!(
+                "partitions {} have no leader: fewer than {majority} of their {} copies answer, so their writes wait{unanswered}",
+                list(&seen.leaderless),
+                seen.replication
+            ),
+        );
+    }
+    if !seen.under_replicated.is_empty() {
+        return QueueCondition::new(
+            ConditionType::Available,
+            true,
+            Reason::UnderReplicated,
+            format!(
+                "{total}/{total} partitions led; partitions {} have fewer than {} copies in sync{unanswered}",
+                list(&seen.under_replicated),
+                seen.replication
+            ),
+        );
+    }
+    let copies = match seen.replication {
+        1 => "one copy each".to_string(),
+        n => format!("{n} copies of each in sync"),
+    };
+    QueueCondition::new(
+        ConditionType::Available,
+        true,
+        Reason::AllPartitionsLed,
+        format!("{total}/{total} partitions led, {copies}"),
+    )
 }
 
 /// Writes computed conditions into a status: a condition keeps its
@@ -284,6 +350,33 @@ mod tests {
             config_hash: "abc".into(),
             refused: None,
             pods: None,
+            partitions: None,
+        }
+    }
+
+    /// Four partitions of three copies as reported: `leaderless` without a leader,
+    /// `behind` led with two copies in sync.
+    fn seen(leaderless: &[i32], behind: &[i32]) -> PartitionsSeen {
+        PartitionsSeen {
+            partitions: (0..4)
+                .map(|p| crate::crd::PartitionStatus {
+                    partition: p,
+                    leader: (!leaderless.contains(&p)).then(|| format!("sluice-orders-{}", p % 3)),
+                    in_sync: (!leaderless.contains(&p)).then_some(if behind.contains(&p) {
+                        2
+                    } else {
+                        3
+                    }),
+                })
+                .collect(),
+            leaderless: leaderless.to_vec(),
+            under_replicated: behind.to_vec(),
+            unanswered: if leaderless.is_empty() {
+                vec![]
+            } else {
+                vec!["sluice-orders-2: connection refused".into()]
+            },
+            replication: 3,
         }
     }
 
@@ -326,7 +419,21 @@ mod tests {
             ..rollout()
         };
         let healthy = rollout();
-        let table: Vec<(&str, Observed, Vec<Row>)> = vec![
+        let led = Rollout {
+            partitions: Some(seen(&[], &[])),
+            ..rollout()
+        };
+        let behind = Rollout {
+            partitions: Some(seen(&[], &[1])),
+            ..rollout()
+        };
+        let no_majority = Rollout {
+            ready: 1,
+            pods: Some("2 pod(s) Failed".into()),
+            partitions: Some(seen(&[2], &[1])),
+            ..rollout()
+        };
+        let mut table: Vec<(&str, Observed, Vec<Row>)> = vec![
             (
                 "invalid spec",
                 Observed::InvalidSpec { error: "bad" },
@@ -396,6 +503,38 @@ mod tests {
                 ],
             ),
         ];
+        table.extend([
+            (
+                "every partition led, every copy in sync",
+                Observed::Applied(&led),
+                vec![
+                    (Progressing, false, Reason::RolloutComplete),
+                    (Ready, true, Reason::AllBrokersReady),
+                    (Degraded, false, Reason::AsExpected),
+                    (Available, true, Reason::AllPartitionsLed),
+                ],
+            ),
+            (
+                "a partition behind on copies",
+                Observed::Applied(&behind),
+                vec![
+                    (Progressing, false, Reason::RolloutComplete),
+                    (Ready, true, Reason::AllBrokersReady),
+                    (Degraded, false, Reason::AsExpected),
+                    (Available, true, Reason::UnderReplicated),
+                ],
+            ),
+            (
+                "a partition without a majority",
+                Observed::Applied(&no_majority),
+                vec![
+                    (Progressing, false, Reason::RolloutComplete),
+                    (Ready, false, Reason::BrokersNotReady),
+                    (Degraded, false, Reason::AsExpected),
+                    (Available, false, Reason::NoMajority),
+                ],
+            ),
+        ]);
         for (case, observed, want) in table {
             assert_eq!(summary(&compute(&observed)), want, "{case}");
         }
@@ -424,6 +563,25 @@ mod tests {
         assert_eq!(cs[0].message, "3 broker(s) run the current settings");
         assert_eq!(cs[1].message, "3/3 brokers ready");
         assert_eq!(cs[2].message, "all owned objects applied");
+        let available = |s: PartitionsSeen| {
+            let r = Rollout {
+                partitions: Some(s),
+                ..rollout()
+            };
+            compute(&Observed::Applied(&r))[3].message.clone()
+        };
+        assert_eq!(
+            available(seen(&[], &[])),
+            "4/4 partitions led, 3 copies of each in sync"
+        );
+        assert_eq!(
+            available(seen(&[], &[1, 3])),
+            "4/4 partitions led; partitions 1, 3 have fewer than 3 copies in sync"
+        );
+        assert_eq!(
+            available(seen(&[0, 2], &[])),
+            "partitions 0, 2 have no leader: fewer than 2 of their 3 copies answer, so their writes wait; no report from sluice-orders-2: connection refused"
+        );
         let cs = compute(&Observed::InvalidSpec { error: "bad" });
         assert_eq!(cs[0].message, "bad");
         assert_eq!(cs[2].message, "nothing is applied until the spec is fixed");

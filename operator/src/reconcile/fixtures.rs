@@ -692,6 +692,7 @@ impl Context {
             recorder: super::recorder(client, Some("test".into())),
             metrics: Arc::new(Metrics::new()),
             certs: None,
+            brokers: Default::default(),
         };
         let verifier = ApiServerVerifier {
             handle,

@@ -14,6 +14,7 @@ pub mod conditions;
 #[cfg(test)]
 mod fixtures;
 pub mod guard;
+pub mod partitions;
 pub mod status;
 pub mod validate;
 
@@ -136,6 +137,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Issues the brokers' certificates; None when the data plane runs without TLS.
     pub certs: Option<Arc<crate::tls::DataPlaneCerts>>,
+    /// Asks the brokers for their partition reports.
+    pub brokers: partitions::BrokerClient,
 }
 
 /// Finds which PodDisruptionBudget version the server serves (policy/v1 from

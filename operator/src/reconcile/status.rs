@@ -1,8 +1,9 @@
-//! Step: the Queue's status from what the StatefulSet and its pods report.
+//! Step: the Queue's status from what the StatefulSet, its pods and the brokers
+//! (their partition reports) say.
 
 use super::conditions::{self, Observed, Rollout};
 use super::guard::Scale;
-use super::{Context, Error, patch_status};
+use super::{Context, Error, partitions, patch_status};
 use crate::crd::{BrokerStatus, Queue, QueueStatus};
 use crate::resources;
 use crate::settings::BrokerSettings;
@@ -15,6 +16,9 @@ use std::time::Duration;
 
 /// Requeue period while everything is ready and rolled (repairs PDB drift).
 pub const RESYNC_HEALTHY: Duration = Duration::from_secs(300);
+/// Requeue period of a healthy replicated Queue: a copy cut off by the network
+/// leaves its pod Ready, so nothing watched changes; the brokers are asked again.
+pub const RESYNC_REPLICATED: Duration = Duration::from_secs(60);
 /// Requeue period otherwise: pods come and go without touching what is watched
 /// when no kubelet reports status.
 pub const RESYNC_BUSY: Duration = Duration::from_secs(15);
@@ -32,6 +36,7 @@ pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) 
         config_hash: rendered.hash.clone(),
         refused: scale.refused(),
         pods: None,
+        partitions: None,
     }
 }
 
@@ -74,6 +79,14 @@ pub async fn report(
     if !rollout.all_ready() {
         rollout.pods = Some(pods_summary(&pods));
     }
+    if let Ok(pods) = &pods
+        && let Some(answers) = ctx.brokers.ask(pods).await
+    {
+        let layout = &scale.plan.layout;
+        let seen = partitions::summarize(&name, layout.partitions, layout.replication, &answers);
+        status.partitions = seen.partitions.clone();
+        rollout.partitions = Some(seen);
+    }
     conditions::merge(
         &mut status,
         conditions::compute(&Observed::Applied(&rollout)),
@@ -82,11 +95,16 @@ pub async fn report(
     );
     patch_status(ctx, q, status).await?;
     ctx.metrics.queues_reconciled.inc();
-    Ok(if rollout.all_ready() && rollout.rolled() {
-        Action::requeue(RESYNC_HEALTHY)
-    } else {
-        Action::requeue(RESYNC_BUSY)
-    })
+    let partitions_healthy = rollout.partitions.as_ref().is_none_or(|p| p.healthy());
+    Ok(
+        if !(rollout.all_ready() && rollout.rolled() && partitions_healthy) {
+            Action::requeue(RESYNC_BUSY)
+        } else if scale.plan.layout.replication > 1 {
+            Action::requeue(RESYNC_REPLICATED)
+        } else {
+            Action::requeue(RESYNC_HEALTHY)
+        },
+    )
 }
 
 async fn list_pods(ctx: &Context, ns: &str, queue: &str) -> Result<Vec<Pod>, String> {

@@ -1,0 +1,270 @@
+//! Step: what the brokers say of the partitions. Each ready broker pod is asked for
+//! its report (`GET /partitions` on its metrics port, [`PartitionReport`]); the
+//! reports are summed up per partition ([`summarize`], pure): its leader, how many
+//! copies are in sync, and which partitions have no leader (fewer than a majority of
+//! their copies answer) or run on fewer copies than they have.
+
+use crate::crd::PartitionStatus;
+use crate::resources;
+use futures::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// How long one broker may take to answer: a broker that does not answer in time
+/// counts as a copy that does not answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks broker pods for their reports (plain HTTP on the metrics port, which serves
+/// nothing secret: the same as `/metrics`).
+#[derive(Clone)]
+pub struct BrokerClient {
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Default for BrokerClient {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(ASK_TIMEOUT));
+        BrokerClient {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+}
+
+/// One broker pod's answer, or why there is none.
+pub type Answer = (String, Result<Vec<PartitionReport>, String>);
+
+impl BrokerClient {
+    /// The reports of every ready broker pod with an address, asked at once. None
+    /// when no pod could be asked (none ready, or none with an IP yet).
+    pub async fn ask(&self, pods: &[Pod]) -> Option<Vec<Answer>> {
+        let asked: Vec<_> = pods
+            .iter()
+            .filter(|p| is_ready(p))
+            .filter_map(|p| Some((p.name_any(), report_addr(p)?)))
+            .collect();
+        if asked.is_empty() {
+            return None;
+        }
+        let answers = asked.into_iter().map(|(name, addr)| async move {
+            let answer = tokio::time::timeout(ASK_TIMEOUT, self.get(addr))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {ASK_TIMEOUT:?}")));
+            (name, answer)
+        });
+        Some(join_all(answers).await)
+    }
+
+    async fn get(&self, addr: SocketAddr) -> Result<Vec<PartitionReport>, String> {
+        let uri = format!("http://{addr}{PARTITIONS_PATH}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let res = self.http.get(uri).await.map_err(|e| e.to_string())?;
+        let status = res.status();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("{PARTITIONS_PATH} answered {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("{PARTITIONS_PATH}: {e}"))
+    }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod's IP and the port its broker container names `metrics`.
+fn report_addr(p: &Pod) -> Option<SocketAddr> {
+    let ip: IpAddr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    let port = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "broker"))
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some("metrics")))
+        .map_or(resources::METRICS_PORT, |p| p.container_port);
+    Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+}
+
+/// The partitions of a Queue as its brokers report them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionsSeen {
+    /// Partitions `0..partitions`, each with its leader and copies in sync.
+    pub partitions: Vec<PartitionStatus>,
+    /// Partitions no copy leads.
+    pub leaderless: Vec<i32>,
+    /// Partitions led, with fewer copies in sync than they have.
+    pub under_replicated: Vec<i32>,
+    /// Brokers asked that did not answer, with why.
+    pub unanswered: Vec<String>,
+    /// Copies of each partition.
+    pub replication: i32,
+}
+
+impl PartitionsSeen {
+    /// Every partition led, every copy in sync.
+    pub fn healthy(&self) -> bool {
+        self.leaderless.is_empty() && self.under_replicated.is_empty()
+    }
+}
+
+/// Sums up the answers of a Queue's brokers for `partitions` partitions of
+/// `replication` copies each. A partition's leader is the copy that says it leads
+/// (of two, for a moment around an election, the later term).
+pub fn summarize(
+    queue: &str,
+    partitions: i32,
+    replication: i32,
+    answers: &[Answer],
+) -> PartitionsSeen {
+    let mut seen = PartitionsSeen {
+        replication,
+        ..Default::default()
+    };
+    let mut leaders: Vec<Option<(u64, &str, Option<u32>)>> = vec![None; partitions.max(0) as usize];
+    for (pod, answer) in answers {
+        match answer {
+            Ok(reports) => {
+                for r in reports.iter().filter(|r| r.queue == queue && r.leader) {
+                    let Some(slot) = leaders.get_mut(r.partition as usize) else {
+                        continue;
+                    };
+                    if slot.is_none_or(|(term, _, _)| r.term > term) {
+                        *slot = Some((r.term, pod.as_str(), r.in_sync));
+                    }
+                }
+            }
+            Err(e) => seen.unanswered.push(format!("{pod}: {e}")),
+        }
+    }
+    for (p, leader) in leaders.into_iter().enumerate() {
+        let p = p as i32;
+        match leader {
+            Some((_, pod, in_sync)) => {
+                let in_sync = in_sync.map(|n| n as i32);
+                if in_sync.is_some_and(|n| n < replication) {
+                    seen.under_replicated.push(p);
+                }
+                seen.partitions.push(PartitionStatus {
+                    partition: p,
+                    leader: Some(pod.to_string()),
+                    in_sync,
+                });
+            }
+            None => {
+                seen.leaderless.push(p);
+                seen.partitions.push(PartitionStatus {
+                    partition: p,
+                    leader: None,
+                    in_sync: None,
+                });
+            }
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(partition: u32, leader: bool, term: u64, in_sync: Option<u32>) -> PartitionReport {
+        PartitionReport {
+            queue: "orders".into(),
+            partition,
+            copies: 3,
+            leader,
+            term,
+            in_sync,
+        }
+    }
+
+    #[test]
+    fn each_partition_gets_the_copy_that_leads_it_and_what_is_missing_is_named() {
+        let answers: Vec<Answer> = vec![
+            (
+                "sluice-orders-0".into(),
+                Ok(vec![
+                    report(0, true, 2, Some(3)),
+                    report(1, false, 2, None),
+                    // An old leader that has not heard of the election yet.
+                    report(2, true, 1, Some(2)),
+                ]),
+            ),
+            (
+                "sluice-orders-1".into(),
+                Ok(vec![
+                    report(1, true, 2, Some(2)),
+                    report(2, true, 3, Some(3)),
+                    // Another queue's partition: not ours.
+                    PartitionReport {
+                        queue: "orders.dlq".into(),
+                        ..report(3, true, 1, Some(3))
+                    },
+                ]),
+            ),
+            ("sluice-orders-2".into(), Err("connection refused".into())),
+        ];
+        let seen = summarize("orders", 4, 3, &answers);
+        let leaders: Vec<_> = seen
+            .partitions
+            .iter()
+            .map(|p| (p.leader.as_deref(), p.in_sync))
+            .collect();
+        assert_eq!(
+            leaders,
+            vec![
+                (Some("sluice-orders-0"), Some(3)),
+                (Some("sluice-orders-1"), Some(2)),
+                (Some("sluice-orders-1"), Some(3)),
+                (None, None),
+            ]
+        );
+        assert_eq!(seen.leaderless, vec![3]);
+        assert_eq!(seen.under_replicated, vec![1]);
+        assert_eq!(seen.unanswered, vec!["sluice-orders-2: connection refused"]);
+        assert!(!seen.healthy());
+    }
+
+    #[test]
+    fn only_ready_pods_with_an_address_are_asked_on_their_metrics_port() {
+        let pod = |v: serde_json::Value| -> Pod { serde_json::from_value(v).unwrap() };
+        let ready = json!([{ "type": "Ready", "status": "True" }]);
+        let named = pod(json!({
+            "metadata": { "name": "a" },
+            "spec": { "containers": [{ "name": "broker",
+                "ports": [{ "name": "metrics", "containerPort": 9999 }] }] },
+            "status": { "podIP": "fd00::7", "conditions": ready }
+        }));
+        assert_eq!(report_addr(&named), Some("[fd00::7]:9999".parse().unwrap()));
+        let plain = pod(json!({
+            "metadata": { "name": "b" },
+            "status": { "podIP": "10.0.0.2", "conditions": ready }
+        }));
+        assert_eq!(
+            report_addr(&plain),
+            Some(SocketAddr::new("10.0.0.2".parse().unwrap(), 9090))
+        );
+        let no_ip = pod(json!({ "metadata": { "name": "c" }, "status": { "conditions": ready } }));
+        assert_eq!(report_addr(&no_ip), None);
+        let unready =
+            pod(json!({ "metadata": { "name": "d" }, "status": { "podIP": "10.0.0.3" } }));
+        assert!(!is_ready(&unready));
+    }
+}
