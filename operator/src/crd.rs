@@ -59,8 +59,9 @@ pub struct QueueSpec {
     /// Copies of each partition, on as many different brokers: 1, 3 or 5, at most
     /// `replicas`. With 3, each partition is a consensus group (Raft) over three
     /// brokers: a write is answered once two of them hold it, and the partition stays
-    /// available while any two are up. Default: 1. Fixed once the Queue holds
-    /// messages (until data can move between brokers).
+    /// available while any two are up. Default: 3 with 3 or more replicas, else 1
+    /// (for a new Queue; unset later, it keeps what the volumes hold). Fixed once
+    /// the Queue holds messages (until data can move between brokers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "replication_schema")]
     pub replication: Option<i32>,
@@ -125,11 +126,13 @@ fn replication_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-/// The replication a new Queue gets when its spec does not say: one copy for now.
-/// Three copies from three brokers on is where this is headed, once the end-to-end
-/// scenarios run replicated (one place to change).
-pub fn default_replication(_replicas: i32) -> i32 {
-    1
+/// The replication a new Queue gets when its spec does not say: three copies from
+/// three brokers on, else one (two copies would stop at the first failure, like
+/// one, at twice the cost). Only a new Queue gets it: an unset replication keeps
+/// what the volumes hold ([`crate::layout::plan`]), so scaling 2 brokers to 3
+/// leaves a Queue on one copy instead of refusing a change of copies.
+pub fn default_replication(replicas: i32) -> i32 {
+    if replicas >= 3 { 3 } else { 1 }
 }
 
 /// Persistent storage of each broker.

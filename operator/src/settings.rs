@@ -227,6 +227,8 @@ mod tests {
 name = \"orders\"
 partitions = 6
 replicas = 3
+replication = 3
+peers = [\"sluice-orders-0.sluice-orders.ns.svc:7171\", \"sluice-orders-1.sluice-orders.ns.svc:7171\", \"sluice-orders-2.sluice-orders.ns.svc:7171\"]
 fsync = \"always\"
 fsync_interval = \"10ms\"
 visibility_timeout = \"30s\"
@@ -279,7 +281,7 @@ overflow = \"reject_new\"
 
     #[test]
     fn semantic_errors_name_the_field() {
-        let e = validate("q", "ns", &spec("replicas: 4\npartitions: 2")).unwrap_err();
+        let e = validate("q", "ns", &spec("replicas: 4\npartitions: 1")).unwrap_err();
         assert!(e.to_string().starts_with("spec.partitions:"), "{e}");
         let e = validate(
             "q",
@@ -499,7 +501,13 @@ overflow = \"reject_new\"
                 Refused("spec.replicas"),
             ),
             (
-                json!({"replicas": 4, "partitions": 2}),
+                json!({"replicas": 4, "partitions": 1}),
+                Invalid("spec.partitions"),
+            ),
+            // Three copies (the default from 3 brokers) keep 4 brokers busy with 2.
+            (json!({"replicas": 4, "partitions": 2}), Runs),
+            (
+                json!({"replicas": 4, "partitions": 2, "replication": 1}),
                 Invalid("spec.partitions"),
             ),
             // replication: 1, 3 or 5 copies, no more than the brokers

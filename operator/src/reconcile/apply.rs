@@ -259,7 +259,8 @@ mod tests {
 
     #[tokio::test]
     async fn changed_settings_and_more_partitions_roll() {
-        let q = Queue::test(json!({ "replicas": 3, "partitions": 8 }));
+        // One copy, as the StatefulSet (from before the layout was recorded) holds.
+        let q = Queue::test(json!({ "replicas": 3, "partitions": 8, "replication": 1 }));
         let scenario = Scenario::Update {
             old: existing_sts(3, "0000000000000000"),
             replicas: 3,

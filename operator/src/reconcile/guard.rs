@@ -251,7 +251,7 @@ mod mock_tests {
 
     #[tokio::test]
     async fn a_scale_down_is_refused_and_said() {
-        let q = Queue::test(json!({ "replicas": 3 }));
+        let q = Queue::test(json!({ "replicas": 3, "replication": 1 }));
         // Same settings as running: the only change asked for is the scale-down.
         let mut running = q.spec.clone();
         running.replicas = 5;
