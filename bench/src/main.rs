@@ -28,8 +28,13 @@ enum SystemKind {
     Direct,
     /// Sluice: clients talk to a sidecar, which talks to the broker.
     Sidecar,
+    /// Sluice replicated: clients talk to a sidecar, which talks to the leaders of
+    /// the partitions among 3 brokers holding 3 copies of each.
+    SidecarR3,
     /// NATS JetStream (Debian's nats-server; see bench/peers/install.sh).
     Nats,
+    /// NATS JetStream, a cluster of 3 servers, streams of 3 replicas.
+    NatsR3,
     /// RabbitMQ quorum queues (Debian's rabbitmq-server; see bench/peers/install.sh).
     Rabbitmq,
 }
@@ -183,14 +188,18 @@ fn make_system(
     bin_dir: &std::path::Path,
 ) -> Result<Box<dyn System>> {
     Ok(match kind {
-        SystemKind::Direct | SystemKind::Sidecar => Box::new(sluice::Sluice::new(
-            kind == SystemKind::Sidecar,
-            bin_dir.to_path_buf(),
-            args.partitions,
-            args.credit,
-            args.dequeue_batch,
-        )),
-        SystemKind::Nats => Box::new(nats::Nats::new(args.credit, args.dequeue_batch)?),
+        SystemKind::Direct | SystemKind::Sidecar | SystemKind::SidecarR3 => {
+            Box::new(sluice::Sluice::new(
+                kind != SystemKind::Direct,
+                if kind == SystemKind::SidecarR3 { 3 } else { 1 },
+                bin_dir.to_path_buf(),
+                args.partitions,
+                args.credit,
+                args.dequeue_batch,
+            ))
+        }
+        SystemKind::Nats => Box::new(nats::Nats::new(1, args.credit, args.dequeue_batch)?),
+        SystemKind::NatsR3 => Box::new(nats::Nats::new(3, args.credit, args.dequeue_batch)?),
         SystemKind::Rabbitmq => Box::new(rabbitmq::RabbitMq::new(args.credit, args.dequeue_batch)?),
     })
 }
@@ -215,11 +224,12 @@ async fn run(args: &Args) -> Result<()> {
             .context("this executable has no directory")?
             .to_path_buf(),
     };
-    if args
-        .systems
-        .iter()
-        .any(|k| matches!(k, SystemKind::Direct | SystemKind::Sidecar))
-    {
+    if args.systems.iter().any(|k| {
+        matches!(
+            k,
+            SystemKind::Direct | SystemKind::Sidecar | SystemKind::SidecarR3
+        )
+    }) {
         for name in [sluice::BROKER_BIN, sluice::SIDECAR_BIN] {
             sluice::find_binary(&bin_dir, name)?;
         }

@@ -34,16 +34,19 @@ fn subject(queue: &str) -> String {
 }
 
 pub struct Nats {
+    /// Servers, and replicas of each stream (1, or 3: a cluster).
+    replicas: usize,
     credit: u32,
     dequeue_batch: u32,
     version: String,
-    server: Option<ChildGuard>,
+    servers: Vec<Option<ChildGuard>>,
     dir: Option<TempDir>,
-    addr: Option<SocketAddr>,
+    /// Each server's client and cluster address.
+    addrs: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Nats {
-    pub fn new(credit: u32, dequeue_batch: u32) -> Result<Self> {
+    pub fn new(replicas: usize, credit: u32, dequeue_batch: u32) -> Result<Self> {
         let bin = find()?;
         let version = Command::new(&bin)
             .arg("--version")
@@ -51,38 +54,59 @@ impl Nats {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         Ok(Nats {
+            replicas,
             credit,
             dequeue_batch,
             version,
-            server: None,
+            servers: Vec::new(),
             dir: None,
-            addr: None,
+            addrs: Vec::new(),
         })
     }
 
-    fn spawn(&self) -> Result<ChildGuard> {
+    fn spawn(&self, i: usize) -> Result<ChildGuard> {
         let dir = &self.dir.as_ref().context("no data directory")?.0;
-        let addr = self.addr.context("no address")?;
+        let (client, cluster) = *self.addrs.get(i).context("no address")?;
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
             .arg(SCRIPT)
             .arg("nats.sh")
-            .arg(dir.join("store"))
-            .arg(addr.port().to_string());
+            .arg(dir.join(format!("store-{i}")))
+            .arg(client.port().to_string());
+        if self.replicas > 1 {
+            let routes = self
+                .addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats://{c}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            cmd.arg(format!("bench-{i}"))
+                .arg(cluster.port().to_string())
+                .arg(routes);
+        }
         Ok(ChildGuard::spawn_group(
-            BIN,
+            &format!("{BIN}-{i}"),
             &mut cmd,
-            dir.join("nats-server.log"),
+            dir.join(format!("nats-server-{i}.log")),
         )?)
     }
 
+    /// A client of the cluster: it knows every server and moves to another when
+    /// its server goes.
     async fn connect(&self) -> Result<jetstream::Context> {
-        let addr = self.addr.context("setup() has not run")?;
+        let servers: Vec<async_nats::ServerAddr> = self
+            .addrs
+            .iter()
+            .map(|(client, _)| format!("nats://{client}").parse())
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(!servers.is_empty(), "setup() has not run");
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
-            .connect(format!("nats://{addr}"))
+            .connect(servers)
             .await
-            .with_context(|| format!("connecting to nats-server at {addr}"))?;
+            .context("connecting to nats-server")?;
         Ok(jetstream::new(client))
     }
 
@@ -104,35 +128,60 @@ impl Nats {
 #[tonic::async_trait]
 impl System for Nats {
     fn name(&self) -> &str {
-        "nats-jetstream"
+        if self.replicas > 1 {
+            "nats-jetstream-r3"
+        } else {
+            "nats-jetstream"
+        }
     }
 
     fn describe(&self) -> String {
         format!(
-            "Debian's nats-server {} (`-js`), one work-queue stream per queue (file storage, 1 replica), one durable pull consumer (explicit acks, max {} pending), publish waits for the stream's PubAck; this version syncs its files on an interval, not per write (see the notes above)",
+            "Debian's nats-server {} (`-js`{}), one work-queue stream per queue (file storage, {} replica(s)), one durable pull consumer (explicit acks, max {} pending), publish waits for the stream's PubAck; this version syncs its files on an interval, not per write (see the notes above)",
             self.version.trim_start_matches("nats-server: "),
+            if self.replicas > 1 {
+                ", a cluster of 3 servers"
+            } else {
+                ""
+            },
+            self.replicas,
             MAX_ACK_PENDING
         )
     }
 
     async fn setup(&mut self, queues: &[QueueSpec]) -> Result<()> {
-        self.dir = Some(TempDir::new("nats")?);
-        self.addr = Some(free_addrs(Ipv4Addr::LOCALHOST.into(), 1)?[0]);
-        let mut server = self.spawn()?;
-        let js = self.wait_up(&mut server).await?;
-        self.server = Some(server);
+        self.dir = Some(TempDir::new(self.name())?);
+        let n = self.replicas;
+        let ports = free_addrs(Ipv4Addr::LOCALHOST.into(), 2 * n)?;
+        self.addrs = (0..n).map(|i| (ports[2 * i], ports[2 * i + 1])).collect();
+        for i in 0..n {
+            let server = self.spawn(i)?;
+            self.servers.push(Some(server));
+        }
+        let mut first = self.servers[0].take().context("server 0")?;
+        let js = self.wait_up(&mut first).await;
+        self.servers[0] = Some(first);
+        let js = js?;
         for q in queues {
-            let stream = js
-                .create_stream(stream::Config {
-                    name: q.name.clone(),
-                    subjects: vec![subject(&q.name)],
-                    retention: stream::RetentionPolicy::WorkQueue,
-                    storage: stream::StorageType::File,
-                    num_replicas: 1,
-                    ..Default::default()
-                })
-                .await
-                .with_context(|| format!("creating stream {}", q.name))?;
+            let config = stream::Config {
+                name: q.name.clone(),
+                subjects: vec![subject(&q.name)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: n,
+                ..Default::default()
+            };
+            // A cluster takes streams once it has elected its meta leader.
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            let stream = loop {
+                match js.create_stream(config.clone()).await {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        bail!("creating stream {}: {e}", q.name)
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
             stream
                 .create_consumer(pull::Config {
                     durable_name: Some(CONSUMER.to_string()),
@@ -148,18 +197,21 @@ impl System for Nats {
     }
 
     fn processes(&self) -> Vec<(String, u32)> {
-        self.server
+        self.servers
             .iter()
-            .map(|s| (BIN.to_string(), s.pid()))
+            .flatten()
+            .map(|s| (s.name.clone(), s.pid()))
             .collect()
     }
 
     async fn restart(&mut self, queue: &str) -> Result<Duration> {
-        if let Some(mut old) = self.server.take() {
+        // Server 0 killed and started again; in a cluster the others serve
+        // meanwhile (the client moves to them).
+        if let Some(mut old) = self.servers.first_mut().and_then(Option::take) {
             old.kill();
         }
         let started = Instant::now();
-        let mut server = self.spawn()?;
+        let mut server = self.spawn(0)?;
         let deadline = started + Duration::from_secs(600);
         loop {
             check_alive(&mut server)?;
@@ -173,7 +225,7 @@ impl System for Nats {
                     .await
                     .map_err(|e| anyhow::anyhow!("ack after restart: {e}"))?;
                 let took = started.elapsed();
-                self.server = Some(server);
+                self.servers[0] = Some(server);
                 return Ok(took);
             }
             if Instant::now() > deadline {
@@ -220,7 +272,7 @@ impl System for Nats {
     }
 
     async fn teardown(&mut self) -> Result<()> {
-        self.server = None;
+        self.servers.clear();
         self.dir = None;
         Ok(())
     }

@@ -98,42 +98,49 @@ async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGua
 pub struct Sluice {
     name: String,
     via_sidecar: bool,
+    /// Brokers, and copies of each partition (1, or 3: a Raft group per partition).
+    copies: u32,
     bin_dir: PathBuf,
     partitions: u32,
     subscribe_credit: u32,
     dequeue_batch: u32,
     // Field order matters for drop: processes stop before their data dir goes.
-    broker: Option<ChildGuard>,
+    brokers: Vec<Option<ChildGuard>>,
     sidecar: Option<ChildGuard>,
     dir: Option<TempDir>,
-    broker_addr: Option<(SocketAddr, SocketAddr)>,
+    /// Each broker's gRPC and HTTP address.
+    broker_addrs: Vec<(SocketAddr, SocketAddr)>,
     endpoint: Option<SocketAddr>,
 }
 
 impl Sluice {
+    /// `copies` brokers holding that many copies of each partition; replicated (3),
+    /// only through the sidecar, which finds each partition's leader.
     pub fn new(
         via_sidecar: bool,
+        copies: u32,
         bin_dir: PathBuf,
         partitions: u32,
         subscribe_credit: u32,
         dequeue_batch: u32,
     ) -> Self {
-        let name = if via_sidecar {
-            "sluice-sidecar"
-        } else {
-            "sluice-direct"
+        let name = match (via_sidecar, copies) {
+            (false, _) => "sluice-direct".to_string(),
+            (true, 1) => "sluice-sidecar".to_string(),
+            (true, n) => format!("sluice-sidecar-r{n}"),
         };
         Sluice {
-            name: name.to_string(),
-            via_sidecar,
+            name,
+            via_sidecar: via_sidecar || copies > 1,
+            copies,
             bin_dir,
             partitions,
             subscribe_credit,
             dequeue_batch,
-            broker: None,
+            brokers: Vec::new(),
             sidecar: None,
             dir: None,
-            broker_addr: None,
+            broker_addrs: Vec::new(),
             endpoint: None,
         }
     }
@@ -143,26 +150,29 @@ impl Sluice {
             .context("setup() has not run: no server to connect to")
     }
 
-    fn spawn_broker(&self) -> Result<ChildGuard> {
+    fn spawn_broker(&self, ordinal: usize) -> Result<ChildGuard> {
         let broker_bin = find_binary(&self.bin_dir, BROKER_BIN)?;
         let dir = &self.dir.as_ref().context("no data directory")?.0;
-        let (grpc, http) = self.broker_addr.context("no broker address")?;
+        let (grpc, http) = *self
+            .broker_addrs
+            .get(ordinal)
+            .context("no broker address")?;
         let mut cmd = Command::new(&broker_bin);
         cmd.arg("--config")
             .arg(dir.join("broker.toml"))
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(dir.join(format!("data-{ordinal}")))
             .arg("--listen")
             .arg(grpc.to_string())
             .arg("--metrics-listen")
             .arg(http.to_string())
             .arg("--ordinal")
-            .arg("0")
+            .arg(ordinal.to_string())
             .env("RUST_LOG", "warn");
         Ok(ChildGuard::spawn_group(
-            BROKER_BIN,
+            &format!("{BROKER_BIN}-{ordinal}"),
             &mut cmd,
-            dir.join("broker.log"),
+            dir.join(format!("broker-{ordinal}.log")),
         )?)
     }
 }
@@ -179,8 +189,12 @@ impl System for Sluice {
         } else {
             "client → sluice-broker"
         };
+        let brokers = match self.copies {
+            1 => "one broker".to_string(),
+            n => format!("{n} brokers, {n} copies of each partition (Raft, majority ack)"),
+        };
         format!(
-            "{hops}; one broker, fsync = \"always\", {} partitions per queue",
+            "{hops}; {brokers}, fsync = \"always\", {} partitions per queue",
             self.partitions
         )
     }
@@ -189,24 +203,36 @@ impl System for Sluice {
         find_binary(&self.bin_dir, BROKER_BIN)?;
         let sidecar_bin = find_binary(&self.bin_dir, SIDECAR_BIN)?;
         let dir = TempDir::new(&self.name)?;
+        let n = self.copies as usize;
+        let ports = free_addrs(Ipv4Addr::LOCALHOST.into(), 2 * n + 2)?;
+        self.broker_addrs = (0..n).map(|i| (ports[2 * i], ports[2 * i + 1])).collect();
+        let (sidecar_grpc, sidecar_http) = (ports[2 * n], ports[2 * n + 1]);
+        let peers = self
+            .broker_addrs
+            .iter()
+            .map(|(grpc, _)| format!("\"{grpc}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut toml = String::new();
         for q in queues {
             writeln!(
                 toml,
-                "[[queue]]\nname = \"{}\"\npartitions = {}\nreplicas = 1\nfsync = \"always\"\nvisibility_timeout = \"60s\"\n",
+                "[[queue]]\nname = \"{}\"\npartitions = {}\nreplicas = {n}\nfsync = \"always\"\nvisibility_timeout = \"60s\"",
                 q.name, self.partitions
             )?;
+            if n > 1 {
+                writeln!(toml, "replication = {n}\npeers = [{peers}]")?;
+            }
+            writeln!(toml)?;
         }
         std::fs::write(dir.0.join("broker.toml"), toml)?;
-        let ports = free_addrs(Ipv4Addr::LOCALHOST.into(), 4)?;
-        let (broker_grpc, broker_http, sidecar_grpc, sidecar_http) =
-            (ports[0], ports[1], ports[2], ports[3]);
-        self.broker_addr = Some((broker_grpc, broker_http));
         self.dir = Some(dir);
-        let mut broker = self.spawn_broker()?;
-        wait_ready(broker_grpc, queues, &mut broker).await?;
-        self.broker = Some(broker);
-        let mut endpoint = broker_grpc;
+        for i in 0..n {
+            let mut broker = self.spawn_broker(i)?;
+            wait_ready(self.broker_addrs[i].0, queues, &mut broker).await?;
+            self.brokers.push(Some(broker));
+        }
+        let mut endpoint = self.broker_addrs[0].0;
         if self.via_sidecar {
             let dir = &self.dir.as_ref().context("no data directory")?.0;
             let mut cmd = Command::new(&sidecar_bin);
@@ -215,8 +241,14 @@ impl System for Sluice {
                 .arg("--metrics-listen")
                 .arg(sidecar_http.to_string())
                 .env("RUST_LOG", "warn");
+            let addrs = self
+                .broker_addrs
+                .iter()
+                .map(|(grpc, _)| grpc.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
             for q in queues {
-                cmd.arg("--route").arg(format!("{}={broker_grpc}", q.name));
+                cmd.arg("--route").arg(format!("{}={addrs}", q.name));
             }
             let mut sidecar =
                 ChildGuard::spawn_group(SIDECAR_BIN, &mut cmd, dir.join("sidecar.log"))?;
@@ -229,25 +261,34 @@ impl System for Sluice {
     }
 
     fn processes(&self) -> Vec<(String, u32)> {
-        [&self.broker, &self.sidecar]
-            .into_iter()
+        self.brokers
+            .iter()
+            .chain([&self.sidecar])
             .flatten()
             .map(|c| (c.name.clone(), c.pid()))
             .collect()
     }
 
+    /// One broker: killed and started again on its data; replicated, broker 0 is
+    /// killed and the time runs until the sidecar serves a message again (the
+    /// failover, as an app sees it), while it comes back.
     async fn restart(&mut self, queue: &str) -> Result<Duration> {
-        let (grpc, _) = self.broker_addr.context("setup() has not run")?;
-        if let Some(mut old) = self.broker.take() {
+        if let Some(mut old) = self.brokers.first_mut().and_then(Option::take) {
             old.kill();
         }
         let started = Instant::now();
-        let mut broker = self.spawn_broker()?;
-        // Served = a message dequeued and acked, straight at the broker.
+        let mut broker = self.spawn_broker(0)?;
+        // Served = a message dequeued and acked: straight at the broker, or through
+        // the sidecar when the partitions have other copies.
+        let at = if self.copies > 1 {
+            self.endpoint()?
+        } else {
+            self.broker_addrs[0].0
+        };
         let deadline = started + Duration::from_secs(600);
         loop {
             check_alive(&mut broker)?;
-            if let Ok(mut c) = connect(grpc).await {
+            if let Ok(mut c) = connect(at).await {
                 let got = c
                     .dequeue(v1::DequeueRequest {
                         queue: queue.to_string(),
@@ -266,12 +307,12 @@ impl System for Sluice {
                     .await
                     .context("ack after restart")?;
                     let took = started.elapsed();
-                    self.broker = Some(broker);
+                    self.brokers[0] = Some(broker);
                     return Ok(took);
                 }
             }
             if Instant::now() > deadline {
-                bail!("broker did not serve {queue} within 10 minutes of a restart");
+                bail!("{queue} was not served within 10 minutes of a broker restart");
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -301,7 +342,7 @@ impl System for Sluice {
     async fn teardown(&mut self) -> Result<()> {
         // Sidecar first, then the broker, then the data.
         self.sidecar = None;
-        self.broker = None;
+        self.brokers.clear();
         self.dir = None;
         self.endpoint = None;
         Ok(())

@@ -25,6 +25,7 @@ fn smoke_run_reports_every_system() {
     );
     let out = Command::new(bench)
         .arg("--smoke")
+        .args(["--systems", "direct,sidecar,sidecar-r3"])
         .output()
         .expect("running sluice-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -34,7 +35,8 @@ fn smoke_run_reports_every_system() {
         "sluice-bench --smoke failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    for system in ["sluice-direct", "sluice-sidecar"] {
+    // sluice-sidecar-r3: three brokers, three copies of each partition.
+    for system in ["sluice-direct", "sluice-sidecar", "sluice-sidecar-r3"] {
         let rows = stdout
             .lines()
             .filter(|l| l.starts_with(&format!("| {system} |")))
