@@ -37,6 +37,8 @@ enum SystemKind {
     NatsR3,
     /// RabbitMQ quorum queues (Debian's rabbitmq-server; see bench/peers/install.sh).
     Rabbitmq,
+    /// RabbitMQ, a cluster of 3 nodes, quorum queues of 3 members.
+    RabbitmqR3,
 }
 
 #[derive(Parser, Debug)]
@@ -200,7 +202,12 @@ fn make_system(
         }
         SystemKind::Nats => Box::new(nats::Nats::new(1, args.credit, args.dequeue_batch)?),
         SystemKind::NatsR3 => Box::new(nats::Nats::new(3, args.credit, args.dequeue_batch)?),
-        SystemKind::Rabbitmq => Box::new(rabbitmq::RabbitMq::new(args.credit, args.dequeue_batch)?),
+        SystemKind::Rabbitmq => {
+            Box::new(rabbitmq::RabbitMq::new(1, args.credit, args.dequeue_batch)?)
+        }
+        SystemKind::RabbitmqR3 => {
+            Box::new(rabbitmq::RabbitMq::new(3, args.credit, args.dequeue_batch)?)
+        }
     })
 }
 

@@ -36,27 +36,84 @@ pub fn find() -> Result<()> {
     }
 }
 
-fn queue_args() -> FieldTable {
+/// A quorum queue of `members` members (one per node).
+fn queue_args(members: usize) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
+    args.insert(
+        "x-quorum-initial-group-size".into(),
+        AMQPValue::LongInt(members as i32),
+    );
     args
 }
 
+/// What `rabbitmqctl` needs to reach one node (sent to a blocking thread).
+struct RabbitMqCtl {
+    node: String,
+    home: PathBuf,
+    epmd_port: u16,
+}
+
+impl RabbitMqCtl {
+    fn of(r: &RabbitMq, i: usize) -> Result<Self> {
+        Ok(RabbitMqCtl {
+            node: r.node_name(i),
+            home: r.node_dir(i)?.join("home"),
+            epmd_port: r.ports.get(i).context("no ports")?[2].port(),
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .env("HOME", &self.home)
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .output()
+            .context("running rabbitmqctl")?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} on {}: {}{}",
+                self.node,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Joins this node to `first`'s cluster (the documented stop, join, start).
+    fn join(&self, first: &str) -> Result<()> {
+        self.run(&["stop_app"])?;
+        self.run(&["join_cluster", first])?;
+        self.run(&["start_app"])
+    }
+}
+
+/// The Erlang cookie the nodes of a cluster share (private nodes on loopback).
+const COOKIE: &str = "SLUICEBENCHCLUSTERCOOKIE";
+
 pub struct RabbitMq {
+    /// Nodes, and members of each quorum queue (1, or 3: a cluster).
+    members: usize,
     prefetch: u16,
     dequeue_batch: u32,
     version: String,
-    // Field order matters for drop: the node (with its epmd), then the data.
-    server: Option<ChildGuard>,
+    // Field order matters for drop: the nodes, the cluster's epmd, then the data.
+    servers: Vec<Option<ChildGuard>>,
+    epmd: Option<ChildGuard>,
     dir: Option<TempDir>,
-    ports: Option<[SocketAddr; 3]>,
+    /// Each node's AMQP and distribution port, and the epmd port they share.
+    ports: Vec<[SocketAddr; 3]>,
+    pid: u32,
 }
 
 impl RabbitMq {
-    pub fn new(prefetch: u32, dequeue_batch: u32) -> Result<Self> {
+    pub fn new(members: usize, prefetch: u32, dequeue_batch: u32) -> Result<Self> {
         find()?;
         let version = Command::new("dpkg-query")
             .args(["-W", "-f=${Version}", "rabbitmq-server"])
@@ -64,51 +121,75 @@ impl RabbitMq {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         Ok(RabbitMq {
+            members,
             prefetch: prefetch.min(u16::MAX as u32) as u16,
             dequeue_batch,
             version,
-            server: None,
+            servers: Vec::new(),
+            epmd: None,
             dir: None,
-            ports: None,
+            ports: Vec::new(),
+            pid: std::process::id(),
         })
     }
 
-    fn amqp_uri(&self) -> Result<String> {
-        let [amqp, _, _] = self.ports.context("setup() has not run")?;
+    fn node_name(&self, i: usize) -> String {
+        format!("sluice-bench-{}-{i}@localhost", self.pid)
+    }
+
+    fn node_dir(&self, i: usize) -> Result<PathBuf> {
+        let dir = &self.dir.as_ref().context("no data directory")?.0;
+        Ok(if self.members > 1 {
+            dir.join(format!("node-{i}"))
+        } else {
+            dir.clone()
+        })
+    }
+
+    fn amqp_uri(&self, i: usize) -> Result<String> {
+        let [amqp, _, _] = *self.ports.get(i).context("setup() has not run")?;
         Ok(format!("amqp://guest:guest@{amqp}/%2f"))
     }
 
-    fn spawn(&self) -> Result<ChildGuard> {
-        let dir = &self.dir.as_ref().context("no data directory")?.0;
-        let [amqp, dist, epmd] = self.ports.context("no ports")?;
+    fn spawn(&self, i: usize) -> Result<ChildGuard> {
+        let dir = self.node_dir(i)?;
+        let [amqp, dist, epmd] = *self.ports.get(i).context("no ports")?;
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
             .arg(SCRIPT)
             .arg("rabbitmq.sh")
-            .arg(dir)
+            .arg(&dir)
             .arg(amqp.port().to_string())
             .arg(dist.port().to_string())
             .arg(epmd.port().to_string())
-            .arg(format!("sluice-bench-{}@localhost", std::process::id()));
+            .arg(self.node_name(i));
+        if self.members > 1 {
+            cmd.arg(COOKIE);
+        }
+        std::fs::create_dir_all(&dir)?;
         Ok(ChildGuard::spawn_group(
-            "rabbitmq-server",
+            &format!("rabbitmq-server-{i}"),
             &mut cmd,
             dir.join("rabbitmq.log"),
         )?)
     }
 
     async fn connect(&self) -> Result<Connection> {
-        let uri = self.amqp_uri()?;
+        self.connect_to(0).await
+    }
+
+    async fn connect_to(&self, i: usize) -> Result<Connection> {
+        let uri = self.amqp_uri(i)?;
         Connection::connect(&uri, ConnectionProperties::default())
             .await
             .with_context(|| format!("connecting to RabbitMQ at {uri}"))
     }
 
-    async fn wait_up(&self, server: &mut ChildGuard) -> Result<Connection> {
+    async fn wait_up(&self, i: usize, server: &mut ChildGuard) -> Result<Connection> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             check_alive(server)?;
-            match self.connect().await {
+            match self.connect_to(i).await {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() > deadline => {
                     return Err(e.context(format!(
@@ -125,24 +206,65 @@ impl RabbitMq {
 #[tonic::async_trait]
 impl System for RabbitMq {
     fn name(&self) -> &str {
-        "rabbitmq"
+        if self.members > 1 {
+            "rabbitmq-r3"
+        } else {
+            "rabbitmq"
+        }
     }
 
     fn describe(&self) -> String {
         format!(
-            "Debian's rabbitmq-server {}, one quorum queue per queue (1 member; Raft log fsynced before a confirm), publisher confirms (one outstanding per producer), manual acks, prefetch {} (Subscribe) / basic.get (Dequeue)",
-            self.version, self.prefetch
+            "Debian's rabbitmq-server {}{}, one quorum queue per queue ({} member(s); Raft log fsynced before a confirm), publisher confirms (one outstanding per producer), manual acks, prefetch {} (Subscribe) / basic.get (Dequeue)",
+            self.version,
+            if self.members > 1 {
+                ", a cluster of 3 nodes (clients on node 0)"
+            } else {
+                ""
+            },
+            self.members,
+            self.prefetch
         )
     }
 
     async fn setup(&mut self, queues: &[QueueSpec]) -> Result<()> {
-        let dir = TempDir::new("rabbitmq")?;
-        let p = free_addrs(Ipv4Addr::LOCALHOST.into(), 3)?;
-        self.ports = Some([p[0], p[1], p[2]]);
+        let dir = TempDir::new(self.name())?;
+        let n = self.members;
+        let p = free_addrs(Ipv4Addr::LOCALHOST.into(), 2 * n + 1)?;
+        let epmd = p[2 * n];
+        self.ports = (0..n).map(|i| [p[2 * i], p[2 * i + 1], epmd]).collect();
         self.dir = Some(dir);
-        let mut server = self.spawn()?;
-        let conn = self.wait_up(&mut server).await?;
-        self.server = Some(server);
+        if n > 1 {
+            // One epmd for the cluster, outside the nodes' process groups.
+            let mut cmd = Command::new("epmd");
+            cmd.args(["-address", "127.0.0.1", "-port", &epmd.port().to_string()]);
+            let log = self.node_dir(0)?.with_file_name("epmd.log");
+            self.epmd = Some(ChildGuard::spawn_group("epmd", &mut cmd, log)?);
+        }
+        for i in 0..n {
+            let server = self.spawn(i)?;
+            self.servers.push(Some(server));
+        }
+        let mut conn = None;
+        for i in 0..n {
+            let mut server = self.servers[i].take().context("node")?;
+            let up = self.wait_up(i, &mut server).await;
+            self.servers[i] = Some(server);
+            let up = up?;
+            if i == 0 {
+                conn = Some(up);
+            } else {
+                let _ = up.close(200, "up".into()).await;
+            }
+        }
+        let conn = conn.context("node 0")?;
+        for i in 1..n {
+            let me = RabbitMqCtl::of(self, i)?;
+            let first = self.node_name(0);
+            tokio::task::spawn_blocking(move || me.join(&first))
+                .await
+                .context("joining the cluster")??;
+        }
         let ch = conn.create_channel().await?;
         for q in queues {
             ch.queue_declare(
@@ -151,7 +273,7 @@ impl System for RabbitMq {
                     durable: true,
                     ..Default::default()
                 },
-                queue_args(),
+                queue_args(n),
             )
             .await
             .with_context(|| format!("declaring quorum queue {}", q.name))?;
@@ -161,22 +283,27 @@ impl System for RabbitMq {
     }
 
     fn processes(&self) -> Vec<(String, u32)> {
-        self.server
+        self.servers
             .iter()
-            .map(|s| ("rabbitmq-server".to_string(), s.pid()))
+            .chain([&self.epmd])
+            .flatten()
+            .map(|s| (s.name.clone(), s.pid()))
             .collect()
     }
 
+    /// Node 0 killed and started again; in a cluster the time runs until node 1
+    /// serves a message meanwhile.
     async fn restart(&mut self, queue: &str) -> Result<Duration> {
-        if let Some(mut old) = self.server.take() {
+        if let Some(mut old) = self.servers.first_mut().and_then(Option::take) {
             old.kill();
         }
         let started = Instant::now();
-        let mut server = self.spawn()?;
+        let mut server = self.spawn(0)?;
+        let at = if self.members > 1 { 1 } else { 0 };
         let deadline = started + Duration::from_secs(600);
         loop {
             check_alive(&mut server)?;
-            if let Ok(conn) = self.connect().await
+            if let Ok(conn) = self.connect_to(at).await
                 && let Ok(ch) = conn.create_channel().await
                 && let Ok(Some(m)) = ch
                     .basic_get(queue.into(), BasicGetOptions { no_ack: false })
@@ -187,7 +314,7 @@ impl System for RabbitMq {
                     .context("ack after restart")?;
                 let took = started.elapsed();
                 let _ = conn.close(200, "done".into()).await;
-                self.server = Some(server);
+                self.servers[0] = Some(server);
                 return Ok(took);
             }
             if Instant::now() > deadline {
@@ -246,7 +373,8 @@ impl System for RabbitMq {
     }
 
     async fn teardown(&mut self) -> Result<()> {
-        self.server = None;
+        self.servers.clear();
+        self.epmd = None;
         self.dir = None;
         Ok(())
     }
