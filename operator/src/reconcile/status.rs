@@ -123,11 +123,7 @@ pub fn brokers(pods: &[Pod]) -> Vec<BrokerStatus> {
         .map(|p| BrokerStatus {
             name: p.name_any(),
             config_hash: p.annotations().get(resources::HASH_ANNOTATION).cloned(),
-            ready: p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            ready: partitions::is_ready(p),
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
