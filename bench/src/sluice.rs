@@ -94,6 +94,40 @@ async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGua
     }
 }
 
+/// Waits until every partition of every queue has a leader among the brokers at
+/// `addrs` (each describes the partitions it leads), so a measurement never starts
+/// inside the first elections.
+async fn wait_led(addrs: &[SocketAddr], queues: &[QueueSpec], partitions: u32) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    for q in queues {
+        loop {
+            let mut led = std::collections::BTreeSet::new();
+            for addr in addrs {
+                let req = v1::DescribeRequest {
+                    queue: q.name.clone(),
+                };
+                if let Ok(mut c) = connect(*addr).await
+                    && let Ok(d) = c.describe(req).await
+                {
+                    led.extend(d.into_inner().owned_partitions);
+                }
+            }
+            if led.len() as u32 >= partitions {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: partitions {:?} of {partitions} led after {STARTUP_TIMEOUT:?}",
+                    q.name,
+                    led
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Sluice, reached straight at the broker or through the sidecar.
 pub struct Sluice {
     name: String,
@@ -231,6 +265,10 @@ impl System for Sluice {
             let mut broker = self.spawn_broker(i)?;
             wait_ready(self.broker_addrs[i].0, queues, &mut broker).await?;
             self.brokers.push(Some(broker));
+        }
+        if n > 1 {
+            let grpc: Vec<SocketAddr> = self.broker_addrs.iter().map(|(g, _)| *g).collect();
+            wait_led(&grpc, queues, self.partitions).await?;
         }
         let mut endpoint = self.broker_addrs[0].0;
         if self.via_sidecar {

@@ -339,3 +339,57 @@ async fn the_sidecar_follows_partition_leaders_across_a_failover() {
     );
     assert!(invented.is_empty(), "{invented:?}");
 }
+
+/// A keyless enqueue sent while no partition has a leader yet (here: one broker of
+/// three is up, so no group has a majority) waits for an election instead of
+/// failing: the app sees a queue's first seconds, or a failover, as latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_enqueue_waits_for_the_first_leader_through_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let toml = settings(&addrs, 2, "");
+    let start = |i: usize| {
+        let (dir, toml, addr) = (dir.path().to_path_buf(), toml.clone(), addrs[i]);
+        async move {
+            let data = dir.join(format!("data-{i}"));
+            Broker::start_at(&dir, &toml, i as u32, data, addr, &[]).await
+        }
+    };
+    let first = start(0).await;
+    let routes = format!(
+        "{QUEUE}={}",
+        addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let sidecar = Sidecar::start(dir.path(), &routes).await;
+    let mut app = sidecar.client().await;
+    // The sidecar knows the queue (broker 0 describes it) but no partition is led.
+    eventually_within("the sidecar to be ready", Duration::from_secs(30), || {
+        let ready = http_get(sidecar.metrics, "/readyz").0 == 200;
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let sent = tokio::spawn(async move {
+        app.enqueue(v1::EnqueueRequest {
+            queue: QUEUE.into(),
+            message: Some(msg("first")),
+            partition: None,
+        })
+        .await
+    });
+    let others = [start(1).await, start(2).await];
+    let answer = sent.await.unwrap();
+    assert!(answer.is_ok(), "the enqueue was refused: {answer:?}");
+    let mut app = sidecar.client().await;
+    let got: Vec<String> = drain_through_failovers(&mut app, 500)
+        .await
+        .iter()
+        .map(body_str)
+        .filter(|b| !b.starts_with("probe-"))
+        .collect();
+    assert_eq!(got, ["first"]);
+    drop((first, others));
+}

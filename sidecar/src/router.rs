@@ -349,14 +349,35 @@ impl QueueRoute {
         }
     }
 
-    /// A partition for a keyless message, round-robin over healthy owners, avoiding
-    /// `except` (a broker that just failed).
-    pub fn any_partition(&self, except: Option<SocketAddr>) -> Result<u32, Status> {
+    /// A partition for a keyless message, round-robin over partitions with a
+    /// healthy owner. A replicated queue may have none for a moment (its groups are
+    /// still electing, say right after it was made, or a leader just died): then
+    /// wait up to [`LEADER_WAIT`] for one, as [`Self::enqueue_batch`] does, so the
+    /// app sees an election as latency rather than an error.
+    pub async fn any_partition(&self) -> Result<u32, Status> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match self.led_partition() {
+                Err(e)
+                    if e.code() == Code::Unavailable
+                        && self.settings().is_ok_and(|s| s.replication > 1)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(queue = %self.queue, "waiting for a partition's leader");
+                    tokio::time::sleep(RETRY / 2).await;
+                    self.refresh().await;
+                }
+                found => return found,
+            }
+        }
+    }
+
+    fn led_partition(&self) -> Result<u32, Status> {
         let layout = self.layout.read().unwrap();
         let mut candidates: Vec<u32> = layout
             .owner
             .iter()
-            .filter(|(_, b)| b.is_healthy() && Some(b.addr) != except)
+            .filter(|(_, b)| b.is_healthy())
             .map(|(p, _)| *p)
             .collect();
         if candidates.is_empty() {

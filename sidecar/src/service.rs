@@ -26,14 +26,14 @@ fn check(route: &QueueRoute, m: &v1::NewMessage) -> Result<(), Status> {
 
 /// The partition of a message: by explicit choice, key or dedup id, else any
 /// partition with a healthy owner.
-fn partition_of(
+async fn partition_of(
     route: &QueueRoute,
     m: &v1::NewMessage,
     explicit: Option<u32>,
 ) -> Result<u32, Status> {
     match place(explicit, &m.key, &m.dedup_id, route.partitions()) {
         Placement::Explicit(p) | Placement::Hashed(p) => Ok(p),
-        Placement::Any => route.any_partition(None),
+        Placement::Any => route.any_partition().await,
     }
 }
 
@@ -175,7 +175,7 @@ impl Queues for SidecarService {
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
         check(&route, &m)?;
-        let p = partition_of(&route, &m, r.partition)?;
+        let p = partition_of(&route, &m, r.partition).await?;
         let movable = !is_pinned(r.partition, &m.key, &m.dedup_id);
         if r.queue != route.queue {
             let mut out = route.enqueue_batch(&r.queue, p, vec![m]).await?;
@@ -199,7 +199,7 @@ impl Queues for SidecarService {
             // more on another broker. (If the first broker stored it before failing,
             // this makes a second copy: at-least-once. Give a dedup id to avoid that.)
             (Err(e), Some(m)) if is_transport_failure(&e) => {
-                let p2 = route.any_partition(None).map_err(|_| e.clone())?;
+                let p2 = route.any_partition().await.map_err(|_| e.clone())?;
                 let mut out = route.enqueue_batch(&r.queue, p2, vec![m]).await?;
                 Ok(Response::new(out.remove(0)))
             }
@@ -221,7 +221,7 @@ impl Queues for SidecarService {
             check(&route, &m)
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {}", e.message())))?;
             let g = groups
-                .entry(partition_of(&route, &m, r.partition)?)
+                .entry(partition_of(&route, &m, r.partition).await?)
                 .or_default();
             g.0.push(i);
             g.1.push(m);
