@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Node, PersistentVolume, PersistentVolumeClaim, Pod, Probe, Secret,
     ServiceAccount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -336,8 +337,9 @@ async fn heartbeat(client: &Client, cfg: &AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Binds every pending claim to a new directory-backed PV, and removes the PVs
-/// (and directories) it made once their claim is gone.
+/// Binds every pending claim to a new directory-backed PV, grows the PVs it made
+/// whose claim asks for more ([`resize`]), and removes the PVs (and directories) it
+/// made once their claim is gone.
 async fn provision(client: &Client, cfg: &AgentConfig) -> Result<()> {
     let pvcs: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -359,6 +361,7 @@ async fn provision(client: &Client, cfg: &AgentConfig) -> Result<()> {
             }
         }
     }
+    resize(client, &existing.items).await?;
     let have: HashSet<String> = existing.items.iter().map(|p| p.name_any()).collect();
     for pvc in pvcs.list(&ListParams::default()).await?.items {
         let spec = pvc.spec.clone().unwrap_or_default();
@@ -402,6 +405,60 @@ async fn provision(client: &Client, cfg: &AgentConfig) -> Result<()> {
         match pvs.create(&PostParams::default(), &pv).await {
             Ok(_) | Err(kube::Error::Api(_)) => {}
             Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What an external resizer and the kubelet do together for a claim whose request
+/// grew past its volume (the API server let it through: the claim is bound and its
+/// StorageClass allows expansion): the PV's capacity, then the claim's, take the
+/// new size. A directory has no size of its own, so nothing else changes.
+async fn resize(client: &Client, ours: &[PersistentVolume]) -> Result<()> {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let storage =
+        |q: Option<&BTreeMap<String, Quantity>>| q.and_then(|m| m.get("storage")).cloned();
+    for pv in ours {
+        let Some(claim) = pv.spec.as_ref().and_then(|s| s.claim_ref.clone()) else {
+            continue;
+        };
+        let (Some(ns), Some(name)) = (claim.namespace, claim.name) else {
+            continue;
+        };
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        let Some(pvc) = pvcs.get_opt(&name).await? else {
+            continue;
+        };
+        if pvc.uid() != claim.uid {
+            continue;
+        }
+        let asked = storage(
+            pvc.spec
+                .as_ref()
+                .and_then(|s| s.resources.as_ref())
+                .and_then(|r| r.requests.as_ref()),
+        );
+        let has = storage(pv.spec.as_ref().and_then(|s| s.capacity.as_ref()));
+        let shown = storage(pvc.status.as_ref().and_then(|s| s.capacity.as_ref()));
+        let Some(asked) = asked else { continue };
+        if has.as_ref() != Some(&asked) {
+            tracing::info!(pv = %pv.name_any(), claim = %name, size = %asked.0, "growing volume");
+            pvs.patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"capacity": {"storage": asked}}})),
+            )
+            .await?;
+        }
+        if shown.as_ref() != Some(&asked)
+            && pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+        {
+            pvcs.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"capacity": {"storage": asked}}})),
+            )
+            .await?;
         }
     }
     Ok(())

@@ -12,6 +12,7 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
@@ -620,21 +621,50 @@ async fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy
 }
 
 #[test]
-fn setting_and_partition_changes_roll_out_while_the_queue_serves() {
+fn setting_partition_and_storage_changes_roll_out_while_the_queue_serves() {
     isolated(
-        "setting_and_partition_changes_roll_out_while_the_queue_serves",
+        "setting_partition_and_storage_changes_roll_out_while_the_queue_serves",
         WorldOptions::default(),
-        setting_and_partition_changes_roll_out_while_the_queue_serves_in,
+        setting_partition_and_storage_changes_roll_out_while_the_queue_serves_in,
     );
 }
 
-async fn setting_and_partition_changes_roll_out_while_the_queue_serves_in(w: Arc<World>) {
+/// The StorageClass whose volumes the node agent grows (it plays the class's
+/// resizer), where the node is ours.
+const EXPANDABLE: &str = "sluice-e2e-expandable";
+
+async fn setting_partition_and_storage_changes_roll_out_while_the_queue_serves_in(w: Arc<World>) {
     let client = w.client.clone();
     let ns = &w.ns("shop");
     w.app_namespace(ns).await;
+    let ours = w.node().is_some();
+    if ours {
+        let classes: Api<StorageClass> = Api::all(client.clone());
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": EXPANDABLE},
+            "provisioner": "sluice.dev/e2e-agent",
+            "allowVolumeExpansion": true,
+        }))
+        .unwrap();
+        classes
+            .patch(
+                EXPANDABLE,
+                &PatchParams::apply("sluice-e2e").force(),
+                &Patch::Apply(&class),
+            )
+            .await
+            .unwrap();
+    }
     // Replicas stay: a replica change would move partitions with messages, and is
     // refused (operator/tests/control_plane.rs shows the refusal).
-    let spec = |partitions: u32, vt: &str| json!({"replicas": 2, "partitions": partitions, "delivery": {"visibilityTimeout": vt}});
+    let storage = |size: &str| {
+        if ours {
+            json!({"size": size, "storageClassName": EXPANDABLE})
+        } else {
+            json!({"size": size})
+        }
+    };
+    let spec = |partitions: u32, vt: &str| json!({"replicas": 2, "partitions": partitions, "delivery": {"visibilityTimeout": vt}, "storage": storage("1Gi")});
     apply_queue(&client, ns, "orders", spec(6, "30s")).await;
     let before = queue_ready(&client, ns, "orders", 2).await;
     w.app_pod(ns, "app", "orders", "default").await;
@@ -748,6 +778,109 @@ async fn setting_and_partition_changes_roll_out_while_the_queue_serves_in(w: Arc
     .await;
     assert_eq!(d["partitions"], 8, "{d}");
     round_trip(&w, ns, "app", "after", 1000).await;
+    if ours {
+        let grown = json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"}, "storage": storage("2Gi")});
+        volumes_grow_in_place(&w, ns, grown).await;
+    }
+}
+
+/// `storage.size` 1Gi → 2Gi on `orders`: the claims grow (the agent resizes them as
+/// the class's resizer would), the StatefulSet is made again with the new claim
+/// template around the same running brokers, and messages stored before it are
+/// delivered after it. A Queue whose volumes have no StorageClass is refused the
+/// same change, with the reason, and is not wedged by it.
+async fn volumes_grow_in_place(w: &World, ns: &str, grown: Value) {
+    let client = &w.client;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let queues = queue_api(client, ns);
+    let brokers_before = queue_ready(client, ns, "orders", 2).await;
+    let sts_before = sts_api.get("sluice-orders").await.unwrap().uid();
+    produce_all(w, ns, "app", "grow", 500).await;
+
+    apply_queue(client, ns, "orders", grown).await;
+    let template_size = |s: &StatefulSet| {
+        s.spec.as_ref()?.volume_claim_templates.as_ref()?[0]
+            .spec
+            .as_ref()?
+            .resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("storage")
+            .map(|q| q.0.clone())
+    };
+    eventually("the StatefulSet made again with 2Gi claims", || async {
+        let s = sts_api.get_opt("sluice-orders").await.ok()??;
+        (s.uid() != sts_before
+            && s.metadata.deletion_timestamp.is_none()
+            && template_size(&s).as_deref() == Some("2Gi"))
+        .then_some(())
+    })
+    .await;
+    eventually("every claim at 2Gi and the Queue done growing", || async {
+        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+        let generation = q.pointer("/metadata/generation")?.as_i64()?;
+        let (progressing, reason, _) = condition(&q, "Progressing")?;
+        let (degraded, _, _) = condition(&q, "Degraded")?;
+        let claims = pvcs
+            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+            .await
+            .ok()?
+            .items;
+        let at_2gi = claims.len() == 2
+            && claims.iter().all(|c| {
+                let capacity = c.status.as_ref().and_then(|s| s.capacity.as_ref());
+                capacity
+                    .and_then(|m| m.get("storage"))
+                    .map(|q| q.0.as_str())
+                    == Some("2Gi")
+            });
+        (q.pointer("/status/observedGeneration")?.as_i64()? == generation
+            && q.pointer("/status/layout/storage/size")?.as_str()? == "2Gi"
+            && progressing == "False"
+            && reason == "RolloutComplete"
+            && degraded == "False"
+            && at_2gi)
+            .then_some(())
+    })
+    .await;
+    // The same brokers, never restarted, now owned by the new StatefulSet.
+    let brokers_after = queue_ready(client, ns, "orders", 2).await;
+    for p in &brokers_before {
+        let now = brokers_after
+            .iter()
+            .find(|a| a.name_any() == p.name_any())
+            .unwrap();
+        assert_eq!(now.uid(), p.uid(), "{} kept running", p.name_any());
+    }
+    consume_all(w, ns, "app", "grow", 500).await;
+
+    // Volumes without a StorageClass cannot grow: Degraded says why, the Queue
+    // keeps its size and takes the next valid change.
+    let plain = |size: &str| json!({"replicas": 1, "partitions": 1, "storage": {"size": size}});
+    apply_queue(client, ns, "plain", plain("1Gi")).await;
+    queue_ready(client, ns, "plain", 1).await;
+    apply_queue(client, ns, "plain", plain("2Gi")).await;
+    let (_, msg) = eventually("growth without a StorageClass refused", || async {
+        let q = serde_json::to_value(queues.get("plain").await.ok()?).ok()?;
+        let (status, reason, msg) = condition(&q, "Degraded")?;
+        (status == "True" && reason == "StorageChangeBlocked").then_some((q, msg))
+    })
+    .await;
+    assert!(
+        msg.starts_with("spec.storage.size cannot grow from 1Gi to 2Gi: volume claim data-sluice-plain-0 has no StorageClass"),
+        "{msg}"
+    );
+    let sts = sts_api.get("sluice-plain").await.unwrap();
+    assert_eq!(template_size(&sts).as_deref(), Some("1Gi"));
+    apply_queue(client, ns, "plain", plain("1Gi")).await;
+    eventually("Degraded clears once the size is back", || async {
+        let q = serde_json::to_value(queues.get("plain").await.ok()?).ok()?;
+        let (status, _, _) = condition(&q, "Degraded")?;
+        (status == "False").then_some(())
+    })
+    .await;
 }
 
 #[test]

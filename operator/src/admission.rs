@@ -481,11 +481,14 @@ mod queue_update_tests {
     }
 
     #[tokio::test]
-    async fn growing_partitions_and_other_settings_are_admitted() {
+    async fn growing_partitions_volumes_and_other_settings_are_admitted() {
+        // (Whether the volumes' StorageClass can grow them is the reconciler's to
+        // find out: it says so in Degraded.)
         let r = answer(&update(
             json!({"replicas": 2, "partitions": 6}),
             json!({}),
-            json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"}}),
+            json!({"replicas": 2, "partitions": 8, "delivery": {"visibilityTimeout": "45s"},
+                   "storage": {"size": "2Gi"}}),
         ))
         .await;
         assert_eq!(r["allowed"], true, "{r}");

@@ -148,6 +148,43 @@ pub struct StorageSpec {
     pub storage_class_name: Option<String>,
 }
 
+/// Bytes of a quantity of [`QUANTITY_PATTERN`], to compare sizes written in different
+/// units ("1024Mi" is "1Gi"). None for anything else. (k8s-openapi keeps a Quantity
+/// as its string, and the pattern is narrow enough that parsing it is a few lines.)
+pub fn quantity_bytes(q: &str) -> Option<u128> {
+    let unit_at = q
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(q.len());
+    let (number, unit) = q.split_at(unit_at);
+    let scale: u128 = match unit {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        _ => return None,
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || whole.len() > 20 || fraction.len() > 9 {
+        return None;
+    }
+    let whole: u128 = whole.parse().ok()?;
+    let fraction_bytes = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<u128>().ok()? * scale / 10u128.pow(fraction.len() as u32)
+    };
+    Some(whole * scale + fraction_bytes)
+}
+
 impl Default for StorageSpec {
     fn default() -> Self {
         Self {

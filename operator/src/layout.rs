@@ -4,14 +4,16 @@
 //! `p` lives on broker `p % brokers` and, replicated, the next `replication - 1`
 //! brokers after it ([`sluice_config::replica_set`]). Partition data cannot move
 //! between brokers yet, so a change that gives a partition another set of brokers,
-//! drops a partition, or changes the volumes' claim template
-//! would leave acknowledged messages on a volume nobody reads (or wedge the
-//! StatefulSet, whose claim templates are immutable). The admission webhook refuses
+//! drops a partition, shrinks the volumes or changes their class would leave
+//! acknowledged messages on a volume nobody reads (or wedge the StatefulSet, whose
+//! claim templates are immutable). Volumes may grow: the reconciler expands the
+//! claims and makes the StatefulSet again around the running pods
+//! ([`crate::reconcile::volumes`]), where their StorageClass allows it. The admission webhook refuses
 //! such changes with these messages ([`check_update`]); the reconciler holds the same
 //! line from the layout recorded in `status.layout` ([`plan`]), so the guard stands
 //! without the webhook and without the StatefulSet.
 
-use crate::crd::{QueueSpec, StorageSpec, default_replication};
+use crate::crd::{QueueSpec, StorageSpec, default_replication, quantity_bytes};
 use crate::reconcile::conditions::Reason;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -80,12 +82,21 @@ pub enum Refusal {
     )]
     Replication { from: i32, to: i32 },
     #[error(
-        "spec.storage.{field} cannot change from {from} to {to}: the brokers' volume claims are fixed when the StatefulSet is made (Kubernetes refuses changes to its claim templates); keep {from}, or create a new Queue with the storage you want and move the traffic to it"
+        "spec.storage.storageClassName cannot change from {from} to {to}: the brokers' volumes hold the messages and cannot move to another class; keep {from}, or create a new Queue with the storage you want and move the traffic to it"
     )]
-    Storage {
-        field: &'static str,
+    StorageClass { from: String, to: String },
+    #[error(
+        "spec.storage.size cannot go down from {from} to {to}: Kubernetes cannot shrink a volume claim; keep {from} or more"
+    )]
+    StorageShrink { from: String, to: String },
+    #[error(
+        "spec.storage.size cannot grow from {from} to {to}: {why}; keep {from}, or create a new Queue with the storage you want and move the traffic to it"
+    )]
+    NotExpandable {
         from: String,
         to: String,
+        /// Which StorageClass (or its absence) forbids it.
+        why: String,
     },
 }
 
@@ -96,7 +107,9 @@ impl Refusal {
             Refusal::PartitionsDecrease { .. } => Reason::PartitionsDecreaseBlocked,
             Refusal::MovesPartitions { from, to, .. } if to < from => Reason::ScaleDownBlocked,
             Refusal::MovesPartitions { .. } => Reason::ScaleUpBlocked,
-            Refusal::Storage { .. } => Reason::StorageChangeBlocked,
+            Refusal::StorageClass { .. }
+            | Refusal::StorageShrink { .. }
+            | Refusal::NotExpandable { .. } => Reason::StorageChangeBlocked,
             Refusal::Replication { .. } => Reason::ReplicationChangeBlocked,
         }
     }
@@ -135,15 +148,42 @@ pub struct Plan {
     pub layout: Layout,
     /// What was held back, and why.
     pub refusals: Vec<Refusal>,
+    /// The volumes grow to a larger size: their claims are expanded before the
+    /// StatefulSet takes the new template.
+    pub grows: Option<Growth>,
+}
+
+/// Volumes asked to grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Growth {
+    pub from: String,
+    pub to: String,
+}
+
+impl Plan {
+    /// Holds the volumes at their size after all (the reconciler found their
+    /// StorageClass cannot expand them).
+    pub fn hold_size(&mut self, why: String) {
+        if let Some(g) = self.grows.take() {
+            self.refusals.push(Refusal::NotExpandable {
+                from: g.from.clone(),
+                to: g.to,
+                why,
+            });
+            self.spec.storage.size = g.from;
+            self.layout = Layout::of(&self.spec);
+        }
+    }
 }
 
 /// Moves from the layout the volumes hold (none for a new Queue) towards `wanted`:
 /// partitions may grow (new partitions get owners, old ones keep theirs); a replica
-/// change may not give a partition with messages another owner; the claim template
-/// stays as it is.
+/// change may not give a partition with messages another owner; the volumes may grow
+/// but keep their class.
 pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
     let mut spec = wanted.clone();
     let mut refusals = Vec::new();
+    let mut grows = None;
     // Unset: what the volumes hold, or for a new Queue the default for its size.
     let replication = wanted.replication.unwrap_or_else(|| {
         held.map_or_else(|| default_replication(wanted.replicas), |h| h.replication)
@@ -175,41 +215,42 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
                 spec.replicas = held.brokers;
             }
         }
-        let storage = check_storage(&held.storage, &wanted.storage);
-        if !storage.is_empty() {
-            refusals.extend(storage);
-            spec.storage = held.storage.clone();
+        if held.storage.storage_class_name != wanted.storage.storage_class_name {
+            let show = |c: &Option<String>| {
+                c.clone()
+                    .unwrap_or_else(|| "the cluster default class".into())
+            };
+            refusals.push(Refusal::StorageClass {
+                from: show(&held.storage.storage_class_name),
+                to: show(&wanted.storage.storage_class_name),
+            });
+            spec.storage.storage_class_name = held.storage.storage_class_name.clone();
+        }
+        let (from, to) = (&held.storage.size, &wanted.storage.size);
+        match (quantity_bytes(from), quantity_bytes(to)) {
+            _ if from == to => {}
+            (Some(f), Some(t)) if t == f => spec.storage.size = from.clone(),
+            (Some(f), Some(t)) if t > f => {
+                grows = Some(Growth {
+                    from: from.clone(),
+                    to: to.clone(),
+                })
+            }
+            _ => {
+                refusals.push(Refusal::StorageShrink {
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+                spec.storage.size = from.clone();
+            }
         }
     }
     Plan {
         layout: Layout::of(&spec),
         spec,
         refusals,
+        grows,
     }
-}
-
-/// Checks a change of the volumes' claim template.
-fn check_storage(held: &StorageSpec, wanted: &StorageSpec) -> Vec<Refusal> {
-    let mut refusals = Vec::new();
-    if held.size != wanted.size {
-        refusals.push(Refusal::Storage {
-            field: "size",
-            from: held.size.clone(),
-            to: wanted.size.clone(),
-        });
-    }
-    if held.storage_class_name != wanted.storage_class_name {
-        let show = |c: &Option<String>| {
-            c.clone()
-                .unwrap_or_else(|| "the cluster default class".into())
-        };
-        refusals.push(Refusal::Storage {
-            field: "storageClassName",
-            from: show(&held.storage_class_name),
-            to: show(&wanted.storage_class_name),
-        });
-    }
-    refusals
 }
 
 /// What the admission webhook refuses in an update from `old` (whose volumes hold
@@ -403,30 +444,82 @@ mod tests {
     }
 
     #[test]
-    fn storage_changes_are_refused_field_by_field() {
-        let s = spec(json!({"storage": {"size": "5Gi", "storageClassName": "fast"}}));
+    fn volumes_may_grow_but_not_shrink_or_change_class() {
+        // Larger: carried out, as a growth for the reconciler to expand.
+        let p = plan(
+            &spec(json!({"storage": {"size": "5Gi"}})),
+            Some(&held(6, 3)),
+        );
+        assert_eq!(p.refusals, vec![]);
+        assert_eq!(p.spec.storage.size, "5Gi");
+        assert_eq!(p.layout.storage.size, "5Gi");
+        assert_eq!(
+            p.grows,
+            Some(Growth {
+                from: "1Gi".into(),
+                to: "5Gi".into()
+            })
+        );
+        // The same size in other units changes nothing.
+        let p = plan(
+            &spec(json!({"storage": {"size": "1024Mi"}})),
+            Some(&held(6, 3)),
+        );
+        assert_eq!((p.refusals.clone(), p.grows.clone()), (vec![], None));
+        assert_eq!(p.spec.storage.size, "1Gi");
+        // Smaller, and another class: refused, held as they were.
+        let s = spec(json!({"storage": {"size": "512Mi", "storageClassName": "fast"}}));
         let p = plan(&s, Some(&held(6, 3)));
-        assert_eq!(p.refusals.len(), 2);
+        let said: Vec<String> = p.refusals.iter().map(Refusal::to_string).collect();
+        assert_eq!(said.len(), 2, "{said:?}");
         assert!(
-            p.refusals[0]
-                .to_string()
-                .starts_with("spec.storage.size cannot change from 1Gi to 5Gi"),
+            said[0].starts_with(
+                "spec.storage.storageClassName cannot change from the cluster default class to fast"
+            ),
             "{}",
-            p.refusals[0]
+            said[0]
         );
         assert!(
-            p.refusals[1]
-                .to_string()
-                .contains("from the cluster default class to fast"),
+            said[1].starts_with("spec.storage.size cannot go down from 1Gi to 512Mi"),
             "{}",
-            p.refusals[1]
+            said[1]
         );
         assert!(
             p.refusals
                 .iter()
                 .all(|r| r.reason() == Reason::StorageChangeBlocked)
         );
-        assert_eq!(p.spec.storage, StorageSpec::default());
+        assert_eq!((p.spec.storage, p.grows), (StorageSpec::default(), None));
+    }
+
+    #[test]
+    fn a_growth_the_class_cannot_carry_is_held_back() {
+        let mut p = plan(
+            &spec(json!({"storage": {"size": "2Gi"}})),
+            Some(&held(6, 3)),
+        );
+        p.hold_size("StorageClass standard does not allow volume expansion".into());
+        assert_eq!(p.spec.storage.size, "1Gi");
+        assert_eq!(p.layout.storage.size, "1Gi");
+        assert_eq!(p.grows, None);
+        assert_eq!(
+            p.refusals[0].to_string(),
+            "spec.storage.size cannot grow from 1Gi to 2Gi: StorageClass standard does not allow volume expansion; keep 1Gi, or create a new Queue with the storage you want and move the traffic to it"
+        );
+    }
+
+    #[test]
+    fn quantities_compare_across_units() {
+        use crate::crd::quantity_bytes as b;
+        assert_eq!(b("1Gi"), Some(1 << 30));
+        assert_eq!(b("1024Mi"), b("1Gi"));
+        assert_eq!(b("1.5Gi"), Some(3 << 29));
+        assert_eq!(b("10G"), Some(10_000_000_000));
+        assert_eq!(b("500"), Some(500));
+        assert!(b("2Gi") > b("2G"));
+        for bad in ["", "Gi", "1Xi", "1.Gi x", "-1Gi"] {
+            assert_eq!(b(bad), None, "{bad}");
+        }
     }
 
     #[test]

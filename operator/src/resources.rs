@@ -97,6 +97,11 @@ pub fn peer_address(queue: &str, ns: &str, ordinal: u32) -> String {
 }
 
 /// Selector labels of a queue's broker pods.
+/// The label selector of everything a Queue owns (pods, volume claims, settings).
+pub fn queue_selector(queue: &str) -> String {
+    format!("{QUEUE_LABEL}={queue}")
+}
+
 pub fn selector_labels(queue: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "sluice-broker".into()),

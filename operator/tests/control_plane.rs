@@ -1107,8 +1107,12 @@ async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_cha
             "spec.partitions cannot go down from 6 to 4",
         ),
         (
-            json!({"replicas": 2, "partitions": 6, "storage": {"size": "5Gi"}}),
-            "spec.storage.size cannot change from 1Gi to 5Gi",
+            json!({"replicas": 2, "partitions": 6, "storage": {"size": "512Mi"}}),
+            "spec.storage.size cannot go down from 1Gi to 512Mi: Kubernetes cannot shrink a volume claim; keep 1Gi or more",
+        ),
+        (
+            json!({"replicas": 2, "partitions": 6, "storage": {"size": "1Gi", "storageClassName": "fast"}}),
+            "spec.storage.storageClassName cannot change from the cluster default class to fast",
         ),
     ];
     for (spec, why) in refused {
@@ -1122,7 +1126,7 @@ async fn changes_that_would_strand_messages_are_refused_by_the_api_and_later_cha
         .await;
         assert!(err.contains(why), "{spec}: {err}");
         assert!(
-            err.contains("create a new Queue") || err.contains("keep partitions"),
+            err.contains("create a new Queue") || err.contains("keep "),
             "{err}"
         );
     }

@@ -17,8 +17,9 @@ pub async fn cleanup(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     let ns = q.namespace().ok_or(Error::NoNamespace)?;
     let name = q.name_any();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let sel = format!("{}={}", resources::QUEUE_LABEL, name);
-    let list = pvcs.list(&ListParams::default().labels(&sel)).await?;
+    let list = pvcs
+        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
+        .await?;
     for pvc in &list.items {
         if pvc.metadata.deletion_timestamp.is_none() {
             pvcs.delete(&pvc.name_any(), &DeleteParams::default())

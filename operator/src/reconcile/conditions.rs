@@ -42,6 +42,9 @@ pub enum Reason {
     RolloutComplete,
     /// Progressing=True.
     RollingOut,
+    /// Progressing=True: every broker runs the current settings; some volumes have
+    /// not reached the size asked for.
+    VolumesGrowing,
     /// Degraded=False.
     AsExpected,
     /// Degraded=True: fewer replicas were refused (partitions would move).
@@ -74,6 +77,7 @@ impl Reason {
             Reason::BrokersNotReady => "BrokersNotReady",
             Reason::RolloutComplete => "RolloutComplete",
             Reason::RollingOut => "RollingOut",
+            Reason::VolumesGrowing => "VolumesGrowing",
             Reason::AsExpected => "AsExpected",
             Reason::ScaleDownBlocked => "ScaleDownBlocked",
             Reason::ScaleUpBlocked => "ScaleUpBlocked",
@@ -132,6 +136,8 @@ pub struct Rollout {
     /// The partitions as the brokers report them; None when no broker could be
     /// asked (none ready, or none with an address yet).
     pub partitions: Option<PartitionsSeen>,
+    /// While volumes grow: the size asked for, and the bound claims short of it.
+    pub growing: Option<(String, Vec<String>)>,
 }
 
 impl Rollout {
@@ -181,7 +187,18 @@ pub fn compute(observed: &Observed) -> Vec<QueueCondition> {
         )],
         Observed::Applied(r) => {
             let replicas = r.replicas;
-            let progressing = if r.rolled() {
+            let growing = r.growing.as_ref().filter(|(_, short)| !short.is_empty());
+            let progressing = if let (true, Some((size, short))) = (r.rolled(), growing) {
+                QueueCondition::new(
+                    Progressing,
+                    true,
+                    Reason::VolumesGrowing,
+                    format!(
+                        "volumes growing to {size}: {} not there yet",
+                        short.join(", ")
+                    ),
+                )
+            } else if r.rolled() {
                 QueueCondition::new(
                     Progressing,
                     false,
@@ -351,6 +368,7 @@ mod tests {
             refused: None,
             pods: None,
             partitions: None,
+            growing: None,
         }
     }
 
@@ -426,6 +444,18 @@ mod tests {
         let behind = Rollout {
             partitions: Some(seen(&[], &[1])),
             ..rollout()
+        };
+        let growing = Rollout {
+            growing: Some(("2Gi".into(), vec!["data-sluice-orders-1 (1Gi)".into()])),
+            ..rollout()
+        };
+        let grown = Rollout {
+            growing: Some(("2Gi".into(), vec![])),
+            ..rollout()
+        };
+        let growing_while_rolling = Rollout {
+            updated: 2,
+            ..growing.clone()
         };
         let no_majority = Rollout {
             ready: 1,
@@ -532,6 +562,33 @@ mod tests {
                     (Ready, false, Reason::BrokersNotReady),
                     (Degraded, false, Reason::AsExpected),
                     (Available, false, Reason::NoMajority),
+                ],
+            ),
+            (
+                "volumes short of the size asked for",
+                Observed::Applied(&growing),
+                vec![
+                    (Progressing, true, Reason::VolumesGrowing),
+                    (Ready, true, Reason::AllBrokersReady),
+                    (Degraded, false, Reason::AsExpected),
+                ],
+            ),
+            (
+                "every volume grown",
+                Observed::Applied(&grown),
+                vec![
+                    (Progressing, false, Reason::RolloutComplete),
+                    (Ready, true, Reason::AllBrokersReady),
+                    (Degraded, false, Reason::AsExpected),
+                ],
+            ),
+            (
+                "a rollout says so before volumes do",
+                Observed::Applied(&growing_while_rolling),
+                vec![
+                    (Progressing, true, Reason::RollingOut),
+                    (Ready, true, Reason::AllBrokersReady),
+                    (Degraded, false, Reason::AsExpected),
                 ],
             ),
         ]);

@@ -118,6 +118,14 @@ pub enum Scenario {
     Cleanup { pvcs: Vec<&'static str> },
     /// The ConfigMap apply fails: Warning `ReconcileError`, `Degraded=True`.
     ApplyFails,
+    /// `storage.size` 1Gi (recorded on `old`) to 2Gi; three bound claims of class
+    /// `standard`. Where the class allows expansion: each claim patched to 2Gi, the
+    /// StatefulSet deleted with its pods orphaned, `VolumesGrowing`, nothing applied.
+    /// Where it does not: applied at 1Gi, `StorageChangeBlocked` Event and condition.
+    GrowVolumes {
+        old: StatefulSet,
+        class_allows: bool,
+    },
 }
 
 /// The mock API server's side of the pair.
@@ -356,6 +364,30 @@ impl ApiServerVerifier {
             })
             .collect();
         call.ok(&json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items }));
+    }
+
+    /// Expects the Queue's claims to be listed; answers with three bound 1Gi claims
+    /// of class `standard`.
+    async fn claims(&mut self) {
+        let list = self.next(Method::GET, PVCS_PATH).await;
+        assert!(
+            list.query
+                .contains("labelSelector=sluice.dev%2Fqueue%3Dorders")
+        );
+        let items: Vec<Value> = (0..3)
+            .map(|i| {
+                json!({
+                    "metadata": { "name": format!("data-sluice-orders-{i}"), "namespace": NS },
+                    "spec": { "storageClassName": "standard",
+                        "resources": { "requests": { "storage": "1Gi" } } },
+                    "status": { "phase": "Bound", "capacity": { "storage": "1Gi" } }
+                })
+            })
+            .collect();
+        list.ok(&json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaimList",
+            "metadata": {}, "items": items
+        }));
     }
 
     /// Expects the pods to be listed; answers with one unschedulable pod.
@@ -625,6 +657,85 @@ impl ApiServerVerifier {
                 let mut q = self.queue.clone();
                 q.metadata.finalizers = None;
                 call.ok(&q);
+            }
+            Scenario::GrowVolumes { old, class_allows } => {
+                self.get_sts(Some(&old)).await;
+                self.claims().await;
+                let class = self
+                    .next(
+                        Method::GET,
+                        "/apis/storage.k8s.io/v1/storageclasses/standard",
+                    )
+                    .await;
+                class.ok(&json!({
+                    "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                    "metadata": { "name": "standard" }, "provisioner": "example.com/disk",
+                    "allowVolumeExpansion": class_allows
+                }));
+                if class_allows {
+                    for i in 0..3 {
+                        let patch = self
+                            .next(
+                                Method::PATCH,
+                                &format!("{PVCS_PATH}/data-sluice-orders-{i}"),
+                            )
+                            .await;
+                        assert_eq!(patch.content_type, "application/merge-patch+json");
+                        assert_eq!(
+                            patch.body,
+                            json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+                        );
+                        patch.echo();
+                    }
+                    let delete = self.next(Method::DELETE, STS_PATH).await;
+                    assert_eq!(
+                        delete.body["propagationPolicy"], "Orphan",
+                        "{}",
+                        delete.body
+                    );
+                    let mut going = serde_json::to_value(&old).unwrap();
+                    going["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
+                    delete.ok(&going);
+                    let note = self.event("Normal", "VolumesGrowing").await;
+                    assert!(
+                        note.starts_with("volumes growing from 1Gi to 2Gi: claims expanded"),
+                        "{note}"
+                    );
+                } else {
+                    let mut running = self.queue.spec.clone();
+                    running.storage.size = "1Gi".into();
+                    let sts = self
+                        .applies(
+                            &running,
+                            json!({
+                                "replicas": 3, "readyReplicas": 3, "updatedReplicas": 3,
+                                "observedGeneration": 2
+                            }),
+                        )
+                        .await;
+                    assert_eq!(
+                        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+                        "1Gi",
+                        "the claim template keeps its size"
+                    );
+                    let note = self.event("Warning", "StorageChangeBlocked").await;
+                    assert!(
+                        note.starts_with("spec.storage.size cannot grow from 1Gi to 2Gi: StorageClass standard does not allow volume expansion"),
+                        "{note}"
+                    );
+                    self.prune(&running).await;
+                    self.ready_pods(&running, 3).await;
+                    let st = self.status().await;
+                    assert_eq!(st.layout.as_ref().unwrap().storage.size, "1Gi");
+                    assert_conditions(
+                        &st,
+                        &[
+                            ("Progressing", "False", "RolloutComplete"),
+                            ("Ready", "True", "AllBrokersReady"),
+                            ("Degraded", "True", "StorageChangeBlocked"),
+                        ],
+                    );
+                }
             }
             Scenario::ApplyFails => {
                 self.get_sts(None).await;

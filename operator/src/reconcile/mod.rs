@@ -17,6 +17,7 @@ pub mod guard;
 pub mod partitions;
 pub mod status;
 pub mod validate;
+pub mod volumes;
 
 use crate::crd::{DeletionPolicy, Queue, QueueStatus};
 use crate::metrics::{ErrorLabel, Metrics};
@@ -112,6 +113,7 @@ pub enum EventReason {
     InvalidSpec,
     ReconcileError,
     VolumesDeleted,
+    VolumesGrowing,
 }
 
 impl EventReason {
@@ -124,6 +126,7 @@ impl EventReason {
             EventReason::InvalidSpec => "InvalidSpec",
             EventReason::ReconcileError => "ReconcileError",
             EventReason::VolumesDeleted => "VolumesDeleted",
+            EventReason::VolumesGrowing => "VolumesGrowing",
         }
     }
 }
@@ -295,7 +298,12 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let existing = guard::existing(ctx, &ns, &name).await?;
-    let scale = guard::check(q, existing.as_ref());
+    let mut scale = guard::check(q, existing.as_ref());
+    if volumes::grow(ctx, q, &ns, existing.as_ref(), &mut scale.plan).await?
+        == volumes::Next::AwaitStatefulSet
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     // What is applied: the Queue with the refused changes held back.
     let carried = Queue {
         spec: scale.plan.spec.clone(),

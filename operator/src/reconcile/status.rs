@@ -1,9 +1,9 @@
 //! Step: the Queue's status from what the StatefulSet, its pods and the brokers
 //! (their partition reports) say.
 
-use super::conditions::{self, Observed, Rollout};
+use super::conditions::{self, ConditionType, Observed, Reason, Rollout};
 use super::guard::Scale;
-use super::{Context, Error, partitions, patch_status};
+use super::{Context, Error, partitions, patch_status, volumes};
 use crate::crd::{BrokerStatus, Queue, QueueStatus};
 use crate::resources;
 use crate::settings::BrokerSettings;
@@ -37,6 +37,7 @@ pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) 
         refused: scale.refused(),
         pods: None,
         partitions: None,
+        growing: None,
     }
 }
 
@@ -87,6 +88,17 @@ pub async fn report(
         status.partitions = seen.partitions.clone();
         rollout.partitions = Some(seen);
     }
+    // Claims are looked at while volumes grow: from the reconciliation that asked
+    // for it until the condition says every claim has the size.
+    let was_growing = status.conditions.iter().any(|c| {
+        c.type_ == ConditionType::Progressing.as_str()
+            && c.reason == Reason::VolumesGrowing.as_str()
+    });
+    if scale.plan.grows.is_some() || was_growing {
+        let size = scale.plan.spec.storage.size.clone();
+        let short = volumes::short_of(ctx, &ns, &name, &size).await?;
+        rollout.growing = Some((size, short));
+    }
     conditions::merge(
         &mut status,
         conditions::compute(&Observed::Applied(&rollout)),
@@ -96,8 +108,9 @@ pub async fn report(
     patch_status(ctx, q, status).await?;
     ctx.metrics.queues_reconciled.inc();
     let partitions_healthy = rollout.partitions.as_ref().is_none_or(|p| p.healthy());
+    let grown = rollout.growing.as_ref().is_none_or(|(_, s)| s.is_empty());
     Ok(
-        if !(rollout.all_ready() && rollout.rolled() && partitions_healthy) {
+        if !(rollout.all_ready() && rollout.rolled() && partitions_healthy && grown) {
             Action::requeue(RESYNC_BUSY)
         } else if scale.plan.layout.replication > 1 {
             Action::requeue(RESYNC_REPLICATED)
@@ -109,8 +122,7 @@ pub async fn report(
 
 async fn list_pods(ctx: &Context, ns: &str, queue: &str) -> Result<Vec<Pod>, String> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let sel = format!("{}={}", resources::QUEUE_LABEL, queue);
-    pods.list(&ListParams::default().labels(&sel))
+    pods.list(&ListParams::default().labels(&resources::queue_selector(queue)))
         .await
         .map(|l| l.items)
         .map_err(|e| e.to_string())
