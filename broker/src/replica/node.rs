@@ -305,6 +305,14 @@ impl Replica {
     }
 }
 
+/// How long records nobody waits for (leases of deliveries, floors) wait for a write
+/// somebody waits for, to ride in its entry. Each entry costs the group a round: an
+/// AppendEntries and an fsync on every copy, then another AppendEntries to say it is
+/// committed. A delivery is followed by its ack within this time when consumers keep
+/// up, so the lease rides with the ack. (Losing a lease record to a failover only
+/// means the new leader delivers the message again: at least once, as before.)
+const RIDE_ALONG: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Turns queued records into log entries, in the order they were queued: whatever
 /// waits when an entry is proposed rides in it.
 async fn propose(
@@ -315,6 +323,14 @@ async fn propose(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
+        let deadline = tokio::time::Instant::now() + RIDE_ALONG;
+        while batch.iter().all(|p| p.done.is_none()) {
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, 1024)).await {
+                Ok(n) if n > 0 => {}
+                // The time is up, or nothing more will come.
+                _ => break,
+            }
+        }
         let mut records = BytesMut::new();
         let mut waiting = Vec::new();
         for p in batch.drain(..) {
