@@ -3,10 +3,15 @@
 
 use openraft::Snapshot;
 use sluice_proto::replication as pb;
+use sluice_proto::replication::peer_answer::Answer;
+use sluice_proto::replication::peer_call::Call;
 use sluice_proto::replication::replication_server::Replication;
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::network::PeerTls;
 use super::{FloorSnapshot, Raft, convert};
@@ -57,6 +62,40 @@ impl Groups {
             .remove(&(queue.to_string(), partition));
     }
 
+    async fn append_entries(
+        &self,
+        req: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, Status> {
+        let raft = self.get(req.group.as_ref())?;
+        let rpc = convert::append_from(req).map_err(malformed)?;
+        let resp = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        Ok(convert::append_response_to(&resp))
+    }
+
+    async fn vote(&self, req: pb::VoteRequest) -> Result<pb::VoteResponse, Status> {
+        let raft = self.get(req.group.as_ref())?;
+        let rpc = convert::vote_request_from(req).map_err(malformed)?;
+        let resp = raft.vote(rpc).await.map_err(raft_failed)?;
+        Ok(convert::vote_response_to(&resp))
+    }
+
+    /// One call from an `Exchange` stream, answered as its unary method would be.
+    async fn answer(&self, call: Option<Call>) -> Answer {
+        let answered = match call {
+            Some(Call::AppendEntries(req)) => {
+                self.append_entries(req).await.map(Answer::AppendEntries)
+            }
+            Some(Call::Vote(req)) => self.vote(req).await.map(Answer::Vote),
+            None => Err(Status::invalid_argument("a call without a message")),
+        };
+        answered.unwrap_or_else(|s| {
+            Answer::Failure(pb::Failure {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            })
+        })
+    }
+
     fn get(&self, group: Option<&pb::Group>) -> Result<Raft, Status> {
         let g = group.ok_or_else(|| Status::invalid_argument("message names no group"))?;
         self.rafts
@@ -93,6 +132,8 @@ fn raft_failed(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft: {e}"))
 }
 
+type Answers = Pin<Box<dyn futures::Stream<Item = Result<pb::PeerAnswer, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Replication for ReplicationService {
     async fn append_entries(
@@ -100,11 +141,8 @@ impl Replication for ReplicationService {
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         self.groups.check_peer(&request)?;
-        let req = request.into_inner();
-        let raft = self.groups.get(req.group.as_ref())?;
-        let rpc = convert::append_from(req).map_err(malformed)?;
-        let resp = raft.append_entries(rpc).await.map_err(raft_failed)?;
-        Ok(Response::new(convert::append_response_to(&resp)))
+        let answer = self.groups.append_entries(request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn vote(
@@ -112,11 +150,35 @@ impl Replication for ReplicationService {
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
         self.groups.check_peer(&request)?;
-        let req = request.into_inner();
-        let raft = self.groups.get(req.group.as_ref())?;
-        let rpc = convert::vote_request_from(req).map_err(malformed)?;
-        let resp = raft.vote(rpc).await.map_err(raft_failed)?;
-        Ok(Response::new(convert::vote_response_to(&resp)))
+        let answer = self.groups.vote(request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
+    type ExchangeStream = Answers;
+
+    /// Each call is answered by a task of its own: an AppendEntries waits for its
+    /// fsync, and the other groups' calls must not wait behind it.
+    async fn exchange(
+        &self,
+        request: Request<Streaming<pb::PeerCall>>,
+    ) -> Result<Response<Answers>, Status> {
+        self.groups.check_peer(&request)?;
+        let mut calls = request.into_inner();
+        let (answers, out) = mpsc::unbounded_channel();
+        let groups = self.groups.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(call)) = calls.message().await {
+                let (groups, answers) = (groups.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let answer = groups.answer(call.call).await;
+                    let _ = answers.send(Ok(pb::PeerAnswer {
+                        id: call.id,
+                        answer: Some(answer),
+                    }));
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out))))
     }
 
     async fn install_snapshot(
