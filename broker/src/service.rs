@@ -209,7 +209,10 @@ impl Queues for QueueService {
         let start = subscription_start(&mut inbound).await?;
         let q = self.open(&start.queue, &metadata).await?;
         let vis = validate_visibility(start.visibility_timeout_ms, default_visibility(&q))?;
-        Ok(Response::new(spawn_subscription(q, &start, vis, inbound)))
+        let never = std::future::pending();
+        Ok(Response::new(spawn_subscription(
+            q, &start, vis, inbound, never,
+        )))
     }
 
     async fn stats(

@@ -88,17 +88,21 @@ pub async fn subscription_start(
 /// A fetch in progress is never cancelled (a cancelled remote fetch could strand
 /// leased messages), and messages delivered but unsettled when the stream ends are
 /// given back at once, as AMQP does with a closed channel's unacknowledged messages.
+/// When `ends` resolves (the server is shutting down), the stream ends with the
+/// status it gives, the same way.
 pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
     backend: B,
     start: &v1::SubscribeStart,
     visibility_ms: u64,
     mut inbound: Streaming<v1::SubscribeRequest>,
+    ends: impl Future<Output = Status> + Send + 'static,
 ) -> SubscribeStream {
     use v1::subscribe_request::Request as In;
     use v1::subscribe_response::Response as Out;
     let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
     let mut credit = u64::from(start.initial_credit).min(MAX_CREDIT);
     tokio::spawn(async move {
+        let mut ends = std::pin::pin!(ends);
         let send = |out: Out| {
             let tx = tx.clone();
             async move {
@@ -120,6 +124,10 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
                 ));
             }
             tokio::select! {
+                status = &mut ends => {
+                    let _ = tx.send(Err(status)).await;
+                    break 'stream;
+                }
                 incoming = inbound.message(), if settling.len() < MAX_SETTLING => {
                     match incoming {
                         Ok(Some(v1::SubscribeRequest { request: Some(In::Credit(n)) })) => {

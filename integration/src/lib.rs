@@ -29,6 +29,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub use sluice_testkit::http::get as http_get;
+pub use sluice_testkit::http::post as http_post;
 pub use sluice_testkit::{eventually_within, free_addr};
 
 /// A broker or sidecar process, killed when dropped; its output goes to a log file.

@@ -461,3 +461,86 @@ async fn a_relayed_subscription_gives_back_what_it_holds_and_outlives_a_broker_r
     let s = stats(&mut app, "orders").await;
     assert_eq!((s.ready, s.in_flight), (0, 0));
 }
+
+/// SIGTERM to the sidecar: open subscriptions end at once with the reason, and what
+/// they delivered unsettled is back in the queue for other consumers (not after its
+/// 60 s lease); new Dequeue calls are refused; enqueues still work during the grace
+/// period; then the sidecar exits cleanly.
+#[tokio::test]
+async fn a_terminated_sidecar_gives_back_deliveries_keeps_taking_enqueues_then_exits() {
+    use v1::subscribe_response::Response as Out;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "", 0).await;
+    let routes = format!("orders={}", broker.addr);
+    let mut sidecar = Sidecar::start_with(dir.path(), &routes, &["--drain-seconds", "3"]).await;
+    eventually_within("sidecar readiness", Duration::from_secs(10), || async {
+        (http_get(sidecar.metrics, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+    let mut app = sidecar.client().await;
+    for i in 0..3 {
+        enqueue(&mut app, "orders", msg(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut sub = AppSubscription::start(&mut app, 60_000, 3).await;
+    for _ in 0..3 {
+        assert!(matches!(sub.next().await, Out::Message(_)));
+    }
+
+    sidecar.proc.signal("TERM");
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.answers.message())
+        .await
+        .expect("the subscription ends when the sidecar drains");
+    let status = ended.expect_err("it ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    let refused = app
+        .dequeue(v1::DequeueRequest {
+            queue: "orders".into(),
+            max_messages: 1,
+            wait_ms: 0,
+            visibility_timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    enqueue(&mut app, "orders", msg("during the grace"))
+        .await
+        .expect("enqueues still work while draining");
+    // Straight from the broker: the three deliveries are back, with the new one.
+    let mut direct = broker.client().await;
+    let got: HashSet<String> = drain(&mut direct, "orders", 300)
+        .await
+        .iter()
+        .map(body_str)
+        .collect();
+    let want: HashSet<String> = ["m0", "m1", "m2", "during the grace"]
+        .map(String::from)
+        .into();
+    assert_eq!(got, want);
+    let exit = eventually_within("the sidecar exits", Duration::from_secs(30), || {
+        let status = sidecar.proc.exit_status();
+        async move { status }
+    })
+    .await;
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// `POST /shutdown` from inside the pod (loopback) drains and stops the sidecar, as
+/// a Job's app does when its work is done.
+#[tokio::test]
+async fn the_app_can_stop_the_sidecar_from_inside_the_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "", 0).await;
+    let routes = format!("orders={}", broker.addr);
+    let mut sidecar = Sidecar::start_with(dir.path(), &routes, &["--drain-seconds", "1"]).await;
+    let (code, _) = http_post(sidecar.metrics, "/shutdown");
+    assert_eq!(code, 202);
+    let exit = eventually_within("the sidecar exits", Duration::from_secs(30), || {
+        let status = sidecar.proc.exit_status();
+        async move { status }
+    })
+    .await;
+    assert!(exit.success(), "{exit:?}");
+}

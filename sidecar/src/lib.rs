@@ -9,6 +9,7 @@
 //! - [`router`]: broker discovery, partition ownership, per-partition batching.
 //! - [`settle`]: acks, nacks and extensions sent to the owners of their partitions.
 //! - [`subscription`]: Subscribe relayed over broker Subscribe streams.
+//! - [`drain`]: the shutdown (no new deliveries, settles until the grace ends).
 //! - [`service`]: the API, call by call.
 //!
 //! What the broker speaks too (validators, receipts, partitioning, the subscription
@@ -16,6 +17,7 @@
 //! with the `embedded` feature (`sluice-sidecar --embedded`).
 
 pub mod credentials;
+pub mod drain;
 pub mod metrics;
 pub mod router;
 pub mod routes;
@@ -30,25 +32,31 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 
+pub use drain::Drain;
 pub use router::Router;
 pub use service::SidecarService;
 
-/// Serves the API on `grpc` (and readiness/metrics on `http`) until `shutdown`.
-/// Readiness (HTTP /readyz and gRPC health) follows whether every queue has a broker.
+/// Serves the API on `grpc` (and readiness/metrics on `http`). When `shutdown`
+/// resolves, or the app posts `/shutdown` to `http` from inside the pod, the sidecar
+/// drains ([`drain`]) for `grace`, then stops. Readiness (HTTP /readyz and gRPC
+/// health) follows whether every queue has a broker, and turns false on shutdown.
 pub async fn run(
     router: Arc<Router>,
     grpc: TcpListener,
     http: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
 ) -> Result<(), tonic::transport::Error> {
     router.start().await;
+    let drain = Drain::default();
     let ready = Arc::new(AtomicBool::new(router.is_ready()));
     let (health, health_service) = tonic_health::server::health_reporter();
     {
         let (router, ready, health) = (router.clone(), ready.clone(), health.clone());
+        let drain = drain.clone();
         tokio::spawn(async move {
             loop {
-                let now = router.is_ready();
+                let now = router.is_ready() && !drain.is_draining();
                 ready.store(now, Ordering::Relaxed);
                 if now {
                     health.set_serving::<QueuesServer<SidecarService>>().await;
@@ -68,24 +76,62 @@ pub async fn run(
             listener,
             registry,
             ready.clone(),
-            Default::default(),
+            shutdown_route(drain.clone()),
             async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             },
         ));
     }
+    // Asked to stop: drain for the grace period, then stop serving.
+    let stopped = {
+        let (drain, ready) = (drain.clone(), ready.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = drain.started() => {}
+            }
+            drain.start();
+            ready.store(false, Ordering::Relaxed);
+            tokio::time::sleep(grace).await;
+            tracing::info!("grace period over: stopping");
+        }
+    };
     let max = MAX_REQUEST_BYTES;
     tracing::info!(addr = ?grpc.local_addr().ok(), ready = router.is_ready(), "sidecar serving");
     let result = grpc_server()
         .add_routes(reflection_routes())
         .add_service(
-            QueuesServer::new(SidecarService::new(router))
+            QueuesServer::new(SidecarService::new(router, drain))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(health_service)
-        .serve_with_incoming_shutdown(incoming_nodelay(grpc), shutdown)
+        .serve_with_incoming_shutdown(incoming_nodelay(grpc), stopped)
         .await;
     let _ = stop_tx.send(true);
     result
+}
+
+/// `POST /shutdown`: the app asks the sidecar to drain and stop (a Job whose work is
+/// done, so its pod can complete). Only from inside the pod: the HTTP port also
+/// answers the kubelet's probes on the pod's address, and nobody else may stop it.
+fn shutdown_route(drain: Drain) -> axum::Router {
+    use axum::extract::ConnectInfo;
+    use axum::http::StatusCode;
+    axum::Router::new().route(
+        "/shutdown",
+        axum::routing::post(
+            move |ConnectInfo(from): ConnectInfo<std::net::SocketAddr>| {
+                let drain = drain.clone();
+                async move {
+                    if from.ip().is_loopback() {
+                        drain.start();
+                        (StatusCode::ACCEPTED, "draining, then stopping")
+                    } else {
+                        (StatusCode::FORBIDDEN, "only from inside the pod (loopback)")
+                    }
+                }
+            },
+        ),
+    )
 }

@@ -46,6 +46,11 @@ struct Args {
     data_dir: PathBuf,
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
+    /// On SIGTERM (or `POST /shutdown` from inside the pod): seconds to keep taking
+    /// enqueues, acks and nacks, with no new deliveries, before stopping. Keep it
+    /// below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "SLUICE_DRAIN_SECONDS", default_value_t = 5)]
+    drain_seconds: u64,
 }
 
 #[tokio::main]
@@ -77,7 +82,8 @@ async fn main() -> anyhow::Result<()> {
         tls,
     };
     let router = sluice_sidecar::Router::secured(routes, &security).context("TLS settings")?;
-    sluice_sidecar::run(router, grpc, Some(http), shutdown_signal())
+    let grace = std::time::Duration::from_secs(args.drain_seconds);
+    sluice_sidecar::run(router, grpc, Some(http), shutdown_signal(), grace)
         .await
         .context("sidecar failed")
 }

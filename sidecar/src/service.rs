@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::drain::Drain;
 use crate::router::{BrokerConn, QueueRoute, Router, is_transport_failure, timed};
 use crate::settle::{ThenMap, settle};
 use crate::subscription::RelayedSubscription;
@@ -135,11 +136,12 @@ async fn dequeue_any(
 #[derive(Clone)]
 pub struct SidecarService {
     router: Arc<Router>,
+    drain: Drain,
 }
 
 impl SidecarService {
-    pub fn new(router: Arc<Router>) -> Self {
-        SidecarService { router }
+    pub fn new(router: Arc<Router>, drain: Drain) -> Self {
+        SidecarService { router, drain }
     }
 
     /// Calls every reachable broker of a queue.
@@ -243,6 +245,7 @@ impl Queues for SidecarService {
         &self,
         req: Request<v1::DequeueRequest>,
     ) -> Result<Response<v1::DequeueResponse>, Status> {
+        self.drain.check()?;
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
         let messages = dequeue_any(&route, r).await?;
@@ -288,6 +291,7 @@ impl Queues for SidecarService {
         &self,
         req: Request<Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.drain.check()?;
         let mut inbound = req.into_inner();
         let start = subscription_start(&mut inbound).await?;
         let route = self.router.route(&start.queue)?;
@@ -297,8 +301,13 @@ impl Queues for SidecarService {
             v => v,
         };
         let backend = RelayedSubscription::new(route, start.queue.clone());
+        let ends = self.drain.started();
+        let ends = async move {
+            ends.await;
+            Drain::refusal()
+        };
         Ok(Response::new(spawn_subscription(
-            backend, &start, vis, inbound,
+            backend, &start, vis, inbound, ends,
         )))
     }
 

@@ -1,11 +1,12 @@
-//! A raw HTTP/1.0 GET (no client library): the metrics, health and readiness
-//! endpoints the tests look at. One request and one reading of the answer, sent
-//! either blocking ([`get`]) or on the tokio runtime ([`get_async`]).
+//! A raw HTTP/1.0 GET or empty POST (no client library): the metrics, health,
+//! readiness and shutdown endpoints the tests use. One request and one reading of the
+//! answer, sent either blocking ([`get`], [`post`]) or on the tokio runtime
+//! ([`get_async`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-/// The request for `path` on `host`.
+/// The GET request for `path` on `host`.
 fn request(host: &str, path: &str) -> String {
     format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")
 }
@@ -25,12 +26,22 @@ pub fn parse(answer: &[u8]) -> Option<(u16, String)> {
 /// GET `path` on `addr`, blocking: (status, body), status 0 when the answer is not
 /// HTTP. Panics when nothing answers at `addr` (a test's server must).
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
-    s.write_all(request(&addr.ip().to_string(), path).as_bytes())
-        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    send(addr, &request(&addr.ip().to_string(), path), "GET", path)
+}
+
+/// POST with an empty body to `path` on `addr`, blocking, as [`get`].
+pub fn post(addr: SocketAddr, path: &str) -> (u16, String) {
+    let host = addr.ip().to_string();
+    let req = format!("POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+    send(addr, &req, "POST", path)
+}
+
+fn send(addr: SocketAddr, req: &str, method: &str, path: &str) -> (u16, String) {
+    let fail = |e: std::io::Error| -> ! { panic!("{method} {path} on {addr}: {e}") };
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| fail(e));
+    s.write_all(req.as_bytes()).unwrap_or_else(|e| fail(e));
     let mut answer = Vec::new();
-    s.read_to_end(&mut answer)
-        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    s.read_to_end(&mut answer).unwrap_or_else(|e| fail(e));
     parse(&answer).unwrap_or((0, String::new()))
 }
 
