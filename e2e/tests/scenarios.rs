@@ -1044,9 +1044,45 @@ async fn mutual_tls_and_access_list_admit_only_listed_sidecars_in(w: Arc<World>)
         "the brokers run as their own ServiceAccount"
     );
 
+    // A server-side dry run of an app pod shows the injection and changes nothing:
+    // the namespace's sidecar certificate is issued only for a pod really made.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let dry_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "dry", "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": "ledger"}},
+        "spec": {"containers": [{"name": "app", "image": "app"}], "serviceAccountName": "teller"}
+    }))
+    .unwrap();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually("a dry run that shows the injection", || async {
+        let p = pods.create(&dry_run, &dry_pod).await.ok()?;
+        (container_names(&p) == ["app", "sluice-sidecar"]).then_some(())
+    })
+    .await;
+    assert!(
+        secrets
+            .get_opt("sluice-sidecar-tls")
+            .await
+            .unwrap()
+            .is_none(),
+        "a dry run issued the sidecars' certificate"
+    );
+    assert!(pods.get_opt("dry").await.unwrap().is_none());
+
     // The teller's app, through its injected sidecar and projected token.
     let teller = w.app_pod(ns, "teller-app", "ledger", "teller").await;
     assert_eq!(container_names(&teller), ["app", "sluice-sidecar"]);
+    assert!(
+        secrets
+            .get_opt("sluice-sidecar-tls")
+            .await
+            .unwrap()
+            .is_some(),
+        "a pod really made gets the certificate"
+    );
     // One attempt per message: a refusal shows as `failed` with its code.
     let produce = |count: &'static str, prefix: &'static str| {
         let w = w.clone();

@@ -185,8 +185,12 @@ impl Webhook {
         }
         // The sidecar mounts the namespace's client certificate: make sure it exists
         // before the pod does. Refusing the pod (and letting its controller retry) is
-        // better than creating one whose sidecar cannot start.
-        if let Err(e) = self.sidecar_certificate(&ns).await {
+        // better than creating one whose sidecar cannot start. A dry run changes
+        // nothing (the configuration declares `sideEffects: NoneOnDryRun`): it shows
+        // the injection without issuing the certificate.
+        if req.dry_run {
+            debug!(%ns, "dry run: the sidecars' certificate is not issued");
+        } else if let Err(e) = self.sidecar_certificate(&ns).await {
             self.metrics.webhook("error");
             warn!(error = %e, %ns, "could not issue the sidecars' certificate");
             let mut denied = AdmissionResponse::from(&req).deny(format!(

@@ -22,13 +22,14 @@ fn webhook_json(
     path: &str,
     rule: Value,
     namespace_selector: Value,
+    side_effects: &str,
 ) -> Value {
     json!({
         "metadata": {"name": name},
         "webhooks": [{
             "name": hook,
             "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
+            "sideEffects": side_effects,
             "failurePolicy": "Fail",
             "timeoutSeconds": 10,
             "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
@@ -52,6 +53,8 @@ pub fn webhook_configuration(
         "/mutate",
         rule,
         namespace_selector,
+        // As the chart: a pod's creation may issue a Secret, a dry run nothing.
+        "NoneOnDryRun",
     );
     serde_json::from_value(cfg).expect("webhook configuration")
 }
@@ -70,6 +73,7 @@ pub fn queue_webhook_configuration(
         "/validate-queue",
         rule,
         namespace_selector,
+        "None",
     );
     serde_json::from_value(cfg).expect("validating webhook configuration")
 }
