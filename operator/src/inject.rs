@@ -201,10 +201,14 @@ pub fn inject(
 
     let spec = pod.spec.as_ref();
     let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-    let mut ops = vec![add(
-        &["spec", "containers", "-"],
-        resources::sidecar_container(&cfg.sidecar, &routes),
-    )];
+    let mut sidecar = resources::sidecar_container(&cfg.sidecar, &routes);
+    let grace = spec.and_then(|s| s.termination_grace_period_seconds);
+    sidecar.env.get_or_insert_with(Vec::new).push(EnvVar {
+        name: "SLUICE_DRAIN_SECONDS".into(),
+        value: Some(drain_seconds(grace).to_string()),
+        ..Default::default()
+    });
+    let mut ops = vec![add(&["spec", "containers", "-"], sidecar)];
     let volumes = resources::sidecar_volumes(&cfg.sidecar, &tokens);
     if spec.and_then(|s| s.volumes.as_ref()).is_some() {
         ops.extend(volumes.iter().map(|v| add(&["spec", "volumes", "-"], v)));
@@ -242,6 +246,13 @@ pub fn inject(
         warnings,
         skipped: None,
     }
+}
+
+/// How long the injected sidecar drains on shutdown (no new deliveries, settles
+/// still taken): 5 s, ending a second before the kubelet's SIGKILL at the pod's
+/// grace period (30 s unless the pod sets it), so that it always exits on its own.
+pub fn drain_seconds(grace: Option<i64>) -> i64 {
+    (grace.unwrap_or(30) - 1).clamp(0, 5)
 }
 
 #[cfg(test)]
@@ -295,6 +306,20 @@ mod tests {
 
     fn allowed(_: &QueueRef) -> Access {
         Access::Allowed
+    }
+
+    #[test]
+    fn the_sidecar_drains_within_the_pods_grace_period() {
+        let drain_of = |grace: Option<i64>| {
+            let mut p = annotated("orders");
+            p.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
+            let out = apply(&p, &inject(&p, "shop", &cfg(false), allowed).patch);
+            let side = containers(&out).last().unwrap().clone();
+            env(&side, "SLUICE_DRAIN_SECONDS").map(str::to_string)
+        };
+        assert_eq!(drain_of(None).as_deref(), Some("5"), "30 s by default");
+        assert_eq!(drain_of(Some(5)).as_deref(), Some("4"));
+        assert_eq!(drain_of(Some(0)).as_deref(), Some("0"));
     }
 
     #[test]
