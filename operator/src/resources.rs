@@ -97,6 +97,19 @@ pub fn peer_address(queue: &str, ns: &str, ordinal: u32) -> String {
 }
 
 /// Selector labels of a queue's broker pods.
+/// The storage a volume claim (or a StatefulSet's claim template) asks for.
+pub fn requested_size(claim: &PersistentVolumeClaim) -> Option<String> {
+    claim
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|q| q.0.clone())
+}
+
 /// The label selector of everything a Queue owns (pods, volume claims, settings).
 pub fn queue_selector(queue: &str) -> String {
     format!("{QUEUE_LABEL}={queue}")

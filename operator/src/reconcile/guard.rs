@@ -42,17 +42,14 @@ pub fn held(
         return Some(layout);
     }
     let sts = existing?.spec.as_ref()?;
-    let claim = sts
-        .volume_claim_templates
-        .as_ref()
-        .and_then(|t| t.first())
-        .and_then(|t| t.spec.as_ref());
+    let template = sts.volume_claim_templates.as_ref().and_then(|t| t.first());
     let storage = StorageSpec {
-        size: claim
-            .and_then(|c| c.resources.as_ref()?.requests.as_ref()?.get("storage"))
-            .map(|q| q.0.clone())
+        size: template
+            .and_then(resources::requested_size)
             .unwrap_or_else(|| spec.storage.size.clone()),
-        storage_class_name: claim.and_then(|c| c.storage_class_name.clone()),
+        storage_class_name: template
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|c| c.storage_class_name.clone()),
     };
     Some(Layout {
         partitions: spec.partitions,

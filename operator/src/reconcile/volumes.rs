@@ -68,7 +68,7 @@ pub async fn grow(
             // The API server resizes bound claims only; an unbound one has no data.
             continue;
         }
-        if requested(claim).and_then(|r| quantity_bytes(&r)) < to {
+        if resources::requested_size(claim).and_then(|r| quantity_bytes(&r)) < to {
             pvcs.patch(
                 &claim.name_any(),
                 &PatchParams::default(),
@@ -87,7 +87,7 @@ pub async fn grow(
                 .first()
                 .cloned()
         })
-        .and_then(|t| requested(&t));
+        .and_then(|t| resources::requested_size(&t));
     if existing.is_some() && template_size.as_deref() != Some(growth.to.as_str()) {
         let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
         let orphan = DeleteParams {
@@ -167,18 +167,6 @@ fn is_bound(claim: &PersistentVolumeClaim) -> bool {
         .as_ref()
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Bound")
-}
-
-fn requested(claim: &PersistentVolumeClaim) -> Option<String> {
-    claim
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")
-        .map(|q| q.0.clone())
 }
 
 /// Bound claims of the Queue whose volume has not reached `size`: each as
