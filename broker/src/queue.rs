@@ -3,8 +3,8 @@
 //! dead-letter queue.
 
 use bytes::{Bytes, BytesMut};
+use sluice_config::QueueSettings;
 use sluice_config::report::PartitionReport;
-use sluice_config::{QueueSettings, replica_set};
 use sluice_dataplane::partitioning::{Placement, place};
 use sluice_proto::{Receipt, receipt::message_id, v1};
 use std::collections::HashMap;
@@ -57,6 +57,42 @@ struct Recovered {
 /// Replays the logs of the partitions `owned`, on as many threads as there are cores
 /// (partitions are independent; replay is CPU-bound on a warm page cache). Returns
 /// each partition's state and segment list, in `owned` order.
+/// Deletes the copies in `queue_dir` of partitions this broker no longer hosts: the
+/// operator wrote settings without this broker among a partition's members once it
+/// saw the group committed to members elsewhere, so no majority needs this copy. Only
+/// with an operator-owned placement; the formula never moves a copy.
+fn drop_moved_copies(
+    queue_dir: &Path,
+    settings: &QueueSettings,
+    hosted: &[u32],
+) -> Result<(), BrokerError> {
+    if settings.placement.is_empty() && settings.members.is_empty() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(queue_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if p < settings.partitions && !hosted.contains(&p) {
+            tracing::info!(queue = %settings.name, partition = p, copies = ?settings.copies_of(p), "deleting this broker's copy: the partition moved to other brokers");
+            std::fs::remove_dir_all(entry.path()).map_err(|e| {
+                BrokerError::Internal(format!(
+                    "deleting the moved copy {}: {e}",
+                    entry.path().display()
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn recover_partitions(
     dir: &Path,
     settings: &Arc<QueueSettings>,
@@ -596,6 +632,10 @@ impl Partition {
                             tracing::info!(queue = %self.settings.name, partition = self.id, term, messages, "leading partition");
                             self.ready.notify_waiters();
                             self.kick.notify_one();
+                            // The leader moves the copies where the settings place them.
+                            tokio::spawn(
+                                replica.clone().converge(self.settings.copies_of(self.id)),
+                            );
                             // Dead letters move within this broker: its copy of the
                             // dead-letter partition should lead too.
                             if let Some(dlq) = self
@@ -700,13 +740,17 @@ impl Queue {
         let settings = Arc::new(settings);
         let replicated = settings.replication > 1;
         let me = ordinal % settings.replicas;
-        // The partitions this broker holds: its own, or, replicated, those with a copy here.
-        let owned: Vec<u32> = (0..settings.partitions)
-            .filter(|&p| match replicated {
-                false => p % settings.replicas == me,
-                true => replica_set(p, settings.replicas, settings.replication).contains(&me),
-            })
-            .collect();
+        // The partitions this broker holds: its own, or, replicated, those with a copy
+        // here (placed here, or still a member of the group moving off this broker).
+        let owned: Vec<u32> = match replicated {
+            false => (0..settings.partitions)
+                .filter(|&p| p % settings.replicas == me)
+                .collect(),
+            true => settings.hosted_by(me),
+        };
+        if replicated {
+            drop_moved_copies(&dir.join(&settings.name), &settings, &owned)?;
+        }
         let ready = Arc::new(Notify::new());
         let log_options = LogOptions {
             fsync: settings.fsync,
@@ -719,7 +763,9 @@ impl Queue {
             let peers = Arc::new(Peers::new(&settings.peers, groups.peer_tls()));
             for &id in &owned {
                 let pdir = dir.join(&settings.name).join(id.to_string());
-                let members = replica_set(id, settings.replicas, settings.replication);
+                // Only the group's members form it; a copy placed here joins it.
+                let members = settings.members_of(id);
+                let form = members.contains(&me).then_some(members);
                 let (name, peers, options, observer) = (
                     settings.name.clone(),
                     peers.clone(),
@@ -732,7 +778,7 @@ impl Queue {
                         &name,
                         id,
                         u64::from(me),
-                        &members,
+                        form.as_deref(),
                         peers,
                         options,
                         observer,
@@ -872,7 +918,7 @@ impl Queue {
             None => Err(BrokerError::FailedPrecondition(format!(
                 "partition {p} of queue {} is on broker(s) {:?}, not this one ({}); send through the sidecar",
                 self.name(),
-                replica_set(p, self.settings.replicas, self.settings.replication),
+                self.settings.copies_of(p),
                 self.ordinal
             ))),
         }
@@ -994,14 +1040,15 @@ impl Queue {
             .partitions
             .iter()
             .map(|(id, p)| {
-                let (copies, state) = match &p.journal {
-                    Journal::Replicated(r) => (self.settings.replication, r.state()),
+                let (copies, state, members) = match &p.journal {
+                    Journal::Replicated(r) => (self.settings.replication, r.state(), r.members()),
                     Journal::Local(_) => (
                         1,
                         CopyState {
                             in_sync: Some(1),
                             term: 0,
                         },
+                        None,
                     ),
                 };
                 PartitionReport {
@@ -1011,6 +1058,7 @@ impl Queue {
                     leader: state.in_sync.is_some(),
                     term: state.term,
                     in_sync: state.in_sync,
+                    members,
                 }
             })
             .collect();

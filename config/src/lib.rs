@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 mod duration;
+pub mod placement;
 pub mod report;
 pub use duration::{
     DURATION_MAX_CHARS, DURATION_PATTERN, GoDuration, format_duration, parse_duration,
 };
+pub use placement::replica_set;
 
 /// Errors in queue settings and names.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,17 @@ pub struct QueueSettings {
     /// partition reach each other. Needed when `replication` is above 1.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// Replicated: for each partition, the brokers that should hold its copies (the
+    /// operator's [`placement::rebalance`]). A partition's leader moves the copies
+    /// there. Empty: the [`replica_set`] formula.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Vec<u32>>,
+    /// Replicated: for each partition, the members of its group as last seen
+    /// committed. They form a new group, and keep their copies until the group has
+    /// moved off them; a broker deletes a copy it is neither a member of nor placed
+    /// on. Empty: the same as `placement`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Vec<u32>>,
     pub fsync: FsyncMode,
     #[serde(with = "duration::serde_str")]
     pub fsync_interval: Duration,
@@ -176,6 +189,8 @@ impl Default for QueueSettings {
             replicas: 1,
             replication: 1,
             peers: Vec::new(),
+            placement: Vec::new(),
+            members: Vec::new(),
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_millis(10),
             visibility_timeout: Duration::from_secs(30),
@@ -203,16 +218,6 @@ fn is_one(n: &u32) -> bool {
 /// Copy counts a partition may have: odd, so that a majority is well defined and
 /// one more copy always buys one more failure survived.
 pub const REPLICATION_CHOICES: [u32; 3] = [1, 3, 5];
-
-/// The brokers (ordinals) holding copies of `partition`: its home broker
-/// (`partition % replicas`) and the next `replication - 1` after it, so that no two
-/// copies share a broker and each broker leads about as many partitions as it follows.
-pub fn replica_set(partition: u32, replicas: u32, replication: u32) -> Vec<u32> {
-    let replicas = replicas.max(1);
-    (0..replication.clamp(1, replicas))
-        .map(|i| (partition + i) % replicas)
-        .collect()
-}
 
 /// The audience of the ServiceAccount tokens that open a queue: the sidecar's
 /// projected token for it and the broker's TokenReview both name it, so a token
@@ -263,6 +268,35 @@ impl QueueSettings {
             retention_max_bytes: 0,
             ..self.clone()
         }
+    }
+
+    /// The brokers that should hold copies of `partition`, sorted.
+    pub fn copies_of(&self, partition: u32) -> Vec<u32> {
+        Self::sorted(self.placement.get(partition as usize), || {
+            replica_set(partition, self.replicas, self.replication)
+        })
+    }
+
+    /// The members of `partition`'s group as the operator last saw them, sorted.
+    pub fn members_of(&self, partition: u32) -> Vec<u32> {
+        match self.members.get(partition as usize) {
+            Some(m) => Self::sorted(Some(m), Vec::new),
+            None => self.copies_of(partition),
+        }
+    }
+
+    /// The partitions broker `me` holds a copy of: those placed on it and those
+    /// whose group it is still a member of.
+    pub fn hosted_by(&self, me: u32) -> Vec<u32> {
+        (0..self.partitions)
+            .filter(|&p| self.copies_of(p).contains(&me) || self.members_of(p).contains(&me))
+            .collect()
+    }
+
+    fn sorted(list: Option<&Vec<u32>>, otherwise: impl FnOnce() -> Vec<u32>) -> Vec<u32> {
+        let mut v = list.cloned().unwrap_or_else(otherwise);
+        v.sort_unstable();
+        v
     }
 
     /// Checks everything a schema cannot: ranges and relations between fields.
@@ -349,6 +383,42 @@ impl QueueSettings {
                     self.peers.len()
                 ),
             );
+        }
+        for (field, lists) in [("placement", &self.placement), ("members", &self.members)] {
+            if lists.is_empty() {
+                continue;
+            }
+            if self.replication == 1 {
+                return bad(
+                    field,
+                    "is for replicated partitions only (replication above 1)".into(),
+                );
+            }
+            if lists.len() != self.partitions as usize {
+                return bad(
+                    field,
+                    format!(
+                        "needs the copies of each of the {} partitions, got {}",
+                        self.partitions,
+                        lists.len()
+                    ),
+                );
+            }
+            for (p, copies) in lists.iter().enumerate() {
+                let distinct: std::collections::BTreeSet<_> = copies.iter().collect();
+                if copies.len() != self.replication as usize
+                    || distinct.len() != copies.len()
+                    || copies.iter().any(|&b| b >= self.replicas)
+                {
+                    return bad(
+                        field,
+                        format!(
+                            "partition {p} needs {} different brokers below {}, got {copies:?}",
+                            self.replication, self.replicas
+                        ),
+                    );
+                }
+            }
         }
         if self.visibility_timeout.is_zero() || self.visibility_timeout > MAX_VISIBILITY_TIMEOUT {
             return bad(
@@ -593,16 +663,64 @@ mod tests {
     }
 
     #[test]
-    fn copies_of_a_partition_sit_on_different_brokers() {
-        assert_eq!(replica_set(0, 3, 3), vec![0, 1, 2]);
-        assert_eq!(replica_set(2, 3, 3), vec![2, 0, 1]);
-        assert_eq!(replica_set(4, 5, 3), vec![4, 0, 1]);
-        assert_eq!(replica_set(1, 1, 1), vec![0]);
-        for p in 0..20 {
-            let mut set = replica_set(p, 5, 5);
-            set.sort_unstable();
-            assert_eq!(set, vec![0, 1, 2, 3, 4]);
+    fn an_explicit_placement_is_checked_and_read_back() {
+        let mut q = QueueSettings {
+            partitions: 2,
+            replicas: 4,
+            replication: 3,
+            peers: (0..4).map(|i| format!("b{i}:7000")).collect(),
+            ..QueueSettings::named("q")
+        };
+        // Without one: the formula.
+        assert_eq!(q.copies_of(1), vec![1, 2, 3]);
+        assert_eq!(q.members_of(1), vec![1, 2, 3]);
+        // Partition 1 moving from {1, 2, 3} to {0, 2, 3}: broker 1 keeps its copy
+        // until the operator saw the move done, broker 0 hosts the new one.
+        q.placement = vec![vec![0, 1, 2], vec![3, 2, 0]];
+        q.members = vec![vec![0, 1, 2], vec![1, 2, 3]];
+        q.validate().unwrap();
+        assert_eq!(q.copies_of(1), vec![0, 2, 3]);
+        assert_eq!(q.members_of(1), vec![1, 2, 3]);
+        assert_eq!(q.hosted_by(1), vec![0, 1]);
+        assert_eq!(q.hosted_by(3), vec![1]);
+        let file = BrokerFile {
+            queues: vec![q.clone()],
+        };
+        assert_eq!(BrokerFile::from_toml(&file.to_toml(), "t").unwrap(), file);
+        for (bad, says) in [
+            (
+                vec![vec![0, 1, 2]],
+                "placement: needs the copies of each of the 2 partitions, got 1",
+            ),
+            (
+                vec![vec![0, 1, 2], vec![0, 0, 1]],
+                "placement: partition 1 needs 3 different brokers below 4",
+            ),
+            (
+                vec![vec![0, 1, 2], vec![1, 2, 4]],
+                "partition 1 needs 3 different brokers below 4, got [1, 2, 4]",
+            ),
+        ] {
+            let err = QueueSettings {
+                placement: bad,
+                ..q.clone()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
         }
+        let single = QueueSettings {
+            replicas: 2,
+            placement: vec![vec![0], vec![1]],
+            ..QueueSettings::named("q")
+        };
+        assert!(
+            single
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("replicated partitions only")
+        );
     }
 
     #[test]

@@ -23,4 +23,9 @@ pub struct PartitionReport {
     /// On the leader: copies, its own among them, holding every entry it applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_sync: Option<u32>,
+    /// On the leader of a replicated partition: the brokers (ordinals) its group's
+    /// committed membership holds, when no change is under way. The operator sees a
+    /// move done when they are the placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<u32>>,
 }

@@ -147,6 +147,12 @@ impl Broker {
         }
     }
 
+    /// Writes new settings, read at the next (re)start: what a ConfigMap change and
+    /// the rollout it starts are to a broker pod.
+    pub fn reconfigure(&self, config_toml: &str) {
+        std::fs::write(&self.config, config_toml).unwrap();
+    }
+
     /// Starts the process again on the same data directory and ports, and waits
     /// until every queue is recovered (or the process has ended).
     pub async fn restart(&mut self) {

@@ -62,6 +62,13 @@ pub struct Replica {
 /// openraft reports it, are refreshed at every tick, so the age is current.
 const QUORUM_LEASE_MS: u64 = 2_000;
 
+/// How long a copy joining a group may take to catch up before the leader tries
+/// again (it stays a learner meanwhile and keeps receiving the log).
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+/// The first pause after a failed move step; doubled up to [`MOVE_RETRY_MAX`].
+const MOVE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+const MOVE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Raft timing for brokers on one network: heartbeats every 100 ms, an election after
 /// 0.5–1 s without one, so a dead leader is replaced within about a second and a half.
 fn config(queue: &str, partition: u32) -> Config {
@@ -88,15 +95,17 @@ fn not_leader(queue: &str, partition: u32, leader: Option<NodeId>) -> BrokerErro
 }
 
 impl Replica {
-    /// Opens the copy of `partition` in `dir`: reads its log, starts its Raft node
-    /// over `members` (broker ordinals) and forms the group if it never was.
+    /// Opens the copy of `partition` in `dir`: reads its log and starts its Raft
+    /// node. With `form` (broker ordinals: this copy is a member), it forms the group
+    /// if it never was; without, it waits for the leader to add it (a copy placed on
+    /// this broker by a move).
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
         dir: &Path,
         queue: &str,
         partition: u32,
         me: NodeId,
-        members: &[u32],
+        form: Option<&[u32]>,
         peers: Arc<Peers>,
         options: LogOptions,
         observer: Arc<dyn LogObserver>,
@@ -144,10 +153,11 @@ impl Replica {
         )
         .await
         .map_err(|e| BrokerError::Internal(format!("starting raft: {e}")))?;
-        if !raft
-            .is_initialized()
-            .await
-            .map_err(|e| BrokerError::Internal(format!("raft: {e}")))?
+        if let Some(members) = form
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| BrokerError::Internal(format!("raft: {e}")))?
         {
             // Every member forms the group with the same members: safe (openraft),
             // and no member has to come up first.
@@ -225,6 +235,92 @@ impl Replica {
         CopyState {
             in_sync: Some(in_sync),
             term: m.current_term,
+        }
+    }
+
+    /// On the leader: the group's voters, once a membership without a change in
+    /// progress is committed (applied here). None elsewhere, or mid-change.
+    pub fn members(&self) -> Option<Vec<u32>> {
+        self.check_leader().ok()?;
+        let m = self.raft.metrics().borrow().clone();
+        let config = &m.membership_config;
+        let applied = m.last_applied.map(|l| l.index);
+        let committed = config.log_id().is_none_or(|l| Some(l.index) <= applied);
+        let joint = config.membership().get_joint_config().len() > 1;
+        (committed && !joint).then(|| config.voter_ids().map(|n| n as u32).collect())
+    }
+
+    /// Moves the group onto `target` (broker ordinals): each broker new to it joins
+    /// as a learner and catches up from the log (or the floor snapshot), then one
+    /// joint-consensus change makes the target the voters, and copies left out stop
+    /// being members. Runs on the leader, and ends when the group is there or this
+    /// copy stops leading: the next leader starts it again. A leader moved off steps
+    /// down once the change is committed.
+    pub async fn converge(self: Arc<Self>, target: Vec<u32>) {
+        let target: BTreeSet<NodeId> = target.into_iter().map(u64::from).collect();
+        let mut backoff = MOVE_RETRY;
+        loop {
+            if self.check_leader().is_err() {
+                return;
+            }
+            let (voters, learners, joint) = {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                let membership = m.membership();
+                (
+                    membership.voter_ids().collect::<BTreeSet<_>>(),
+                    membership.learner_ids().collect::<BTreeSet<_>>(),
+                    membership.get_joint_config().len() > 1,
+                )
+            };
+            let (queue, partition) = (&self.queue, self.partition);
+            let stale: BTreeSet<NodeId> = learners.difference(&target).copied().collect();
+            if voters == target && !joint && stale.is_empty() {
+                return;
+            }
+            tracing::info!(
+                queue,
+                partition,
+                ?voters,
+                ?target,
+                "moving the partition's copies"
+            );
+            let moved = async {
+                if voters != target || joint {
+                    for &n in target.difference(&voters) {
+                        tokio::time::timeout(
+                            CATCH_UP,
+                            self.raft.add_learner(n, openraft::EmptyNode {}, true),
+                        )
+                        .await
+                        .map_err(|_| format!("broker {n} did not catch up within {CATCH_UP:?}"))?
+                        .map_err(|e| format!("adding broker {n}: {e}"))?;
+                    }
+                    self.raft
+                        .change_membership(target.clone(), false)
+                        .await
+                        .map_err(|e| format!("changing the members: {e}"))?;
+                }
+                // Learners of an earlier target that changed meanwhile.
+                if !stale.is_empty() {
+                    self.raft
+                        .change_membership(openraft::ChangeMembers::RemoveNodes(stale), false)
+                        .await
+                        .map_err(|e| format!("removing learners: {e}"))?;
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            match moved {
+                Ok(()) => {
+                    tracing::info!(queue, partition, ?target, "the partition's copies moved");
+                    backoff = MOVE_RETRY;
+                }
+                Err(e) => {
+                    tracing::warn!(queue, partition, error = %e, "moving the partition's copies failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MOVE_RETRY_MAX);
+                }
+            }
         }
     }
 

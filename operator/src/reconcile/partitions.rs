@@ -193,6 +193,7 @@ mod tests {
             leader,
             term,
             in_sync,
+            members: None,
         }
     }
 
