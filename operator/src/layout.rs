@@ -17,6 +17,7 @@ use crate::crd::{QueueSpec, StorageSpec, default_replication, quantity_bytes};
 use crate::reconcile::conditions::Reason;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use sluice_config::placement;
 
 /// What the brokers' volumes hold: partition `p` lives on the brokers of
 /// `replica_set(p, brokers, replication)`. `partitions` is a high-water mark: a
@@ -33,6 +34,14 @@ pub struct Layout {
     pub replication: i32,
     /// The brokers' volume claim template.
     pub storage: StorageSpec,
+    /// Replicated, once copies moved: the brokers holding each partition's copies,
+    /// as last seen committed. Absent: `replica_set(p, brokers, replication)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Vec<Vec<u32>>>,
+    /// A move of the copies onto this many brokers, under way: the StatefulSet runs
+    /// the larger of the two counts until every partition's group has moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<i32>,
 }
 
 impl Layout {
@@ -45,7 +54,23 @@ impl Layout {
                 .replication
                 .unwrap_or_else(|| default_replication(spec.replicas)),
             storage: spec.storage.clone(),
+            placement: None,
+            moving_to: None,
         }
+    }
+
+    /// The brokers holding each partition's copies (sorted), for the partitions
+    /// rolled out.
+    pub fn members(&self) -> Vec<Vec<u32>> {
+        self.placement.clone().unwrap_or_else(|| {
+            (0..self.partitions)
+                .map(|p| {
+                    let mut c = self.copies(p, self.brokers);
+                    c.sort_unstable();
+                    c
+                })
+                .collect()
+        })
     }
 
     fn copies(&self, p: i32, brokers: i32) -> Vec<u32> {
@@ -78,6 +103,14 @@ pub enum Refusal {
     )]
     MovesPartitions { from: i32, to: i32, moved: Vec<i32> },
     #[error(
+        "spec.replicas cannot go down to {to}: each partition has {replication} copies, each on its own broker; keep replicas at {replication} or more"
+    )]
+    FewerBrokersThanCopies { to: i32, replication: i32 },
+    #[error(
+        "spec.replicas cannot change to {to} now: partition copies are moving onto {moving_to} brokers; wait until the Queue's Progressing condition no longer says PartitionsMoving, then change replicas"
+    )]
+    MoveUnderWay { moving_to: i32, to: i32 },
+    #[error(
         "spec.replication cannot change from {from} to {to} yet: the brokers' volumes hold {from} copies of each partition and copies cannot be added or removed while the partitions hold messages; keep replication at {from}, or create a new Queue with the replication you want and move the traffic to it"
     )]
     Replication { from: i32, to: i32 },
@@ -106,7 +139,10 @@ impl Refusal {
         match self {
             Refusal::PartitionsDecrease { .. } => Reason::PartitionsDecreaseBlocked,
             Refusal::MovesPartitions { from, to, .. } if to < from => Reason::ScaleDownBlocked,
-            Refusal::MovesPartitions { .. } => Reason::ScaleUpBlocked,
+            Refusal::FewerBrokersThanCopies { .. } => Reason::ScaleDownBlocked,
+            Refusal::MovesPartitions { .. } | Refusal::MoveUnderWay { .. } => {
+                Reason::ScaleUpBlocked
+            }
             Refusal::StorageClass { .. }
             | Refusal::StorageShrink { .. }
             | Refusal::NotExpandable { .. } => Reason::StorageChangeBlocked,
@@ -151,6 +187,28 @@ pub struct Plan {
     /// The volumes grow to a larger size: their claims are expanded before the
     /// StatefulSet takes the new template.
     pub grows: Option<Growth>,
+    /// Replicated: where the copies go and who holds them now, for the brokers'
+    /// settings. None while the formula places every copy.
+    pub placed: Option<Placed>,
+    /// Copies moving onto other brokers, until the brokers report them moved.
+    pub moving: Option<Move>,
+}
+
+/// A replicated Queue's placement, as the brokers' settings carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Where each partition's copies should be.
+    pub placement: Vec<Vec<u32>>,
+    /// Who holds them now (they keep their copies until the move is seen done).
+    pub members: Vec<Vec<u32>>,
+}
+
+/// Copies moving onto `brokers` brokers: done when every partition's group has
+/// `target` as its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub brokers: i32,
+    pub target: Vec<Vec<u32>>,
 }
 
 /// Volumes asked to grow.
@@ -170,8 +228,24 @@ impl Plan {
                 to: g.to,
                 why,
             });
-            self.spec.storage.size = g.from;
-            self.layout = Layout::of(&self.spec);
+            self.spec.storage.size = g.from.clone();
+            self.layout.storage.size = g.from;
+        }
+    }
+
+    /// The brokers report every partition moved: the new placement is what the
+    /// volumes hold, the StatefulSet runs the brokers asked for, and copies left
+    /// behind may go.
+    pub fn finish_move(&mut self) {
+        if let Some(m) = self.moving.take() {
+            self.spec.replicas = m.brokers;
+            self.layout.brokers = m.brokers;
+            self.layout.moving_to = None;
+            self.layout.placement = Some(m.target.clone());
+            self.placed = Some(Placed {
+                placement: m.target.clone(),
+                members: m.target,
+            });
         }
     }
 }
@@ -204,7 +278,25 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
             });
             spec.partitions = held.partitions;
         }
-        if wanted.replicas != held.brokers {
+        let replicated = held.replication > 1;
+        if let Some(to) = held.moving_to
+            && wanted.replicas != to
+        {
+            // The settings name the members the operator last saw committed; a new
+            // target now could leave a copy off both lists while it is a member.
+            refusals.push(Refusal::MoveUnderWay {
+                moving_to: to,
+                to: wanted.replicas,
+            });
+            spec.replicas = to;
+        } else if replicated && wanted.replicas < held.replication {
+            refusals.push(Refusal::FewerBrokersThanCopies {
+                to: wanted.replicas,
+                replication: held.replication,
+            });
+            spec.replicas = held.brokers;
+        }
+        if wanted.replicas != held.brokers && !replicated {
             let moved = held.moved_by(wanted.replicas);
             if !moved.is_empty() {
                 refusals.push(Refusal::MovesPartitions {
@@ -245,11 +337,51 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
             }
         }
     }
+    let mut layout = Layout::of(&spec);
+    let (mut placed, mut moving) = (None, None);
+    if let Some(held) = held.filter(|h| h.replication > 1) {
+        let members = held.members();
+        let to = held.moving_to.unwrap_or(spec.replicas);
+        let partitions = spec.partitions as u32;
+        let replication = held.replication as u32;
+        if to != held.brokers {
+            // Copies move onto `to` brokers; the StatefulSet runs both the old and
+            // the new brokers until they have.
+            let target = placement::rebalance(&members, partitions, to as u32, replication);
+            let mut now = members.clone();
+            // New partitions form where they are placed.
+            now.extend_from_slice(&target[now.len()..]);
+            spec.replicas = held.brokers.max(to);
+            layout.brokers = held.brokers;
+            layout.placement = Some(members);
+            layout.moving_to = Some(to);
+            placed = Some(Placed {
+                placement: target.clone(),
+                members: now,
+            });
+            moving = Some(Move {
+                brokers: to,
+                target,
+            });
+        } else if held.placement.is_some() {
+            // Moved before: new partitions are placed among the same brokers.
+            let all = placement::rebalance(&members, partitions, to as u32, replication);
+            let mut kept = members;
+            kept.extend_from_slice(&all[kept.len()..]);
+            layout.placement = Some(kept.clone());
+            placed = Some(Placed {
+                placement: kept.clone(),
+                members: kept,
+            });
+        }
+    }
     Plan {
-        layout: Layout::of(&spec),
+        layout,
         spec,
         refusals,
         grows,
+        placed,
+        moving,
     }
 }
 
@@ -280,6 +412,8 @@ mod tests {
             brokers,
             replication: 1,
             storage: StorageSpec::default(),
+            placement: None,
+            moving_to: None,
         }
     }
 
@@ -321,8 +455,7 @@ mod tests {
         assert_eq!(p.refusals[0].reason(), Reason::ReplicationChangeBlocked);
         assert_eq!(p.spec.replication, Some(1));
         assert!(p.refusals[0].to_string().contains("keep replication at 1"));
-        // Replicated, a replica change moves copies: 3 brokers to 4 moves partition 1
-        // from {1, 2, 0} to {1, 2, 3}.
+        // Replicated, a replica change is carried out by moving copies (below).
         let three = Layout {
             replication: 3,
             ..held(6, 3)
@@ -331,11 +464,8 @@ mod tests {
             &spec(json!({"replicas": 4, "partitions": 6, "replication": 3})),
             Some(&three),
         );
-        assert!(
-            matches!(&p.refusals[..], [Refusal::MovesPartitions { moved, .. }] if moved.contains(&1)),
-            "{:?}",
-            p.refusals
-        );
+        assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+        assert!(p.moving.is_some());
         // The webhook: a metadata-only update passes, a replication change does not.
         let old = spec(json!({"replicas": 3, "partitions": 6, "replication": 3}));
         assert!(check_update(&old, Some(&three), &old).is_empty());
@@ -344,6 +474,89 @@ mod tests {
             check_update(&old, Some(&three), &one),
             vec![Refusal::Replication { from: 3, to: 1 }]
         );
+    }
+
+    #[test]
+    fn replicated_copies_move_onto_more_brokers_and_back() {
+        let three = Layout {
+            replication: 3,
+            ..held(6, 3)
+        };
+        let five = spec(json!({"replicas": 5, "partitions": 6, "replication": 3}));
+        let mut p = plan(&five, Some(&three));
+        assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+        // The StatefulSet runs five brokers; the volumes still hold the old placement.
+        assert_eq!(p.spec.replicas, 5);
+        assert_eq!((p.layout.brokers, p.layout.moving_to), (3, Some(5)));
+        let formula = three.members();
+        assert_eq!(p.layout.placement.as_ref(), Some(&formula));
+        let m = p.moving.clone().unwrap();
+        assert_eq!(m.brokers, 5);
+        let placed = p.placed.clone().unwrap();
+        assert_eq!((&placed.placement, &placed.members), (&m.target, &formula));
+        assert!(m.target.iter().flatten().any(|&b| b >= 3), "{:?}", m.target);
+        // Planning again while the move runs gives the same target.
+        let again = plan(&five, Some(&p.layout));
+        assert_eq!(again.moving, Some(m.clone()));
+        assert_eq!(again.placed, Some(placed));
+        // Fewer brokers than copies: refused.
+        let two = spec(json!({"replicas": 2, "partitions": 6}));
+        let p2 = plan(&two, Some(&three));
+        assert_eq!(
+            p2.refusals,
+            vec![Refusal::FewerBrokersThanCopies {
+                to: 2,
+                replication: 3
+            }]
+        );
+        assert_eq!(
+            (p2.spec.replicas, p2.refusals[0].reason()),
+            (3, Reason::ScaleDownBlocked)
+        );
+        assert!(p2.moving.is_none());
+        // Another replica count meanwhile is refused until the move is done.
+        let four = spec(json!({"replicas": 4, "partitions": 6, "replication": 3}));
+        let mid = plan(&four, Some(&p.layout));
+        assert_eq!(
+            mid.refusals,
+            vec![Refusal::MoveUnderWay {
+                moving_to: 5,
+                to: 4
+            }]
+        );
+        assert_eq!(mid.spec.replicas, 5);
+        assert_eq!(check_update(&five, Some(&p.layout), &four), mid.refusals);
+        // The brokers report it done: the new placement is what the volumes hold.
+        p.finish_move();
+        assert_eq!(p.spec.replicas, 5);
+        assert_eq!(
+            (
+                p.layout.brokers,
+                p.layout.moving_to,
+                p.layout.placement.as_ref()
+            ),
+            (5, None, Some(&m.target))
+        );
+        let settled = plan(&five, Some(&p.layout));
+        assert!(settled.moving.is_none());
+        assert_eq!(settled.placed.unwrap().members, m.target);
+        // Back to three: five brokers run until the copies left 3 and 4.
+        let back_spec = spec(json!({"replicas": 3, "partitions": 6, "replication": 3}));
+        let mut back = plan(&back_spec, Some(&p.layout));
+        assert_eq!((back.spec.replicas, back.layout.brokers), (5, 5));
+        let target = back.moving.clone().unwrap().target;
+        assert!(target.iter().flatten().all(|&b| b < 3), "{target:?}");
+        back.finish_move();
+        assert_eq!((back.spec.replicas, back.layout.brokers), (3, 3));
+        // More partitions after a move: placed among the brokers, the old stay.
+        let more = plan(
+            &spec(json!({"replicas": 3, "partitions": 8, "replication": 3})),
+            Some(&back.layout),
+        );
+        let placed = more.placed.unwrap();
+        assert_eq!(placed.placement.len(), 8);
+        assert_eq!(&placed.placement[..6], &target[..]);
+        assert_eq!(placed.members, placed.placement);
     }
 
     #[test]

@@ -337,7 +337,8 @@ fn default_affinity(queue: &str) -> Affinity {
 
 /// The broker StatefulSet of `q` as carried out (refused changes held back, see
 /// [`crate::layout::plan`]); `hash` rolls the pods when the settings change.
-pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str) -> StatefulSet {
+/// `layout`: what the volumes hold once it is applied, recorded on it for the guard.
+pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str, layout: &Layout) -> StatefulSet {
     let name = q.name_any();
     let t = q.spec.template.clone().unwrap_or_default();
     let restricted = !q.spec.access.service_accounts.is_empty();
@@ -395,7 +396,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str) -> StatefulSet {
     let mut metadata = meta(q, sts_name(&name));
     metadata.annotations = Some(BTreeMap::from([(
         LAYOUT_ANNOTATION.to_string(),
-        serde_json::to_string(&Layout::of(&q.spec)).expect("a layout serializes"),
+        serde_json::to_string(layout).expect("a layout serializes"),
     )]));
     StatefulSet {
         metadata,
@@ -701,7 +702,12 @@ mod tests {
 
     #[test]
     fn tls_mounts_the_queue_certificate_and_points_the_broker_at_it() {
-        let mut sts = stateful_set(&queue("{}"), &defaults(), "h");
+        let mut sts = stateful_set(
+            &queue("{}"),
+            &defaults(),
+            "h",
+            &Layout::of(&queue("{}").spec),
+        );
         with_tls(&mut sts, "orders", "abc");
         let t = sts.spec.unwrap().template;
         assert_eq!(
@@ -734,12 +740,17 @@ mod tests {
 
     #[test]
     fn brokers_of_a_restricted_queue_get_their_own_service_account() {
-        let open = stateful_set(&queue("{}"), &defaults(), "h");
+        let open = stateful_set(
+            &queue("{}"),
+            &defaults(),
+            "h",
+            &Layout::of(&queue("{}").spec),
+        );
         let pod = open.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.service_account_name, None);
         assert_eq!(pod.automount_service_account_token, Some(false));
         let q = queue("{access: {serviceAccounts: [{name: billing}]}}");
-        let pod = stateful_set(&q, &defaults(), "h")
+        let pod = stateful_set(&q, &defaults(), "h", &Layout::of(&q.spec))
             .spec
             .unwrap()
             .template
@@ -762,7 +773,7 @@ mod tests {
     #[test]
     fn statefulset_shape() {
         let q = queue("{replicas: 3, storage: {size: 2Gi, storageClassName: fast}}");
-        let s = stateful_set(&q, &defaults(), "abc");
+        let s = stateful_set(&q, &defaults(), "abc", &Layout::of(&q.spec));
         let spec = s.spec.unwrap();
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.service_name.as_deref(), Some("sluice-orders"));
@@ -812,7 +823,7 @@ mod tests {
         let q = queue(
             "template: {image: my/broker:1, priorityClassName: high, nodeSelector: {disk: ssd}, terminationGracePeriodSeconds: 5}",
         );
-        let s = stateful_set(&q, &defaults(), "h");
+        let s = stateful_set(&q, &defaults(), "h", &Layout::of(&q.spec));
         let pod = s.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some("my/broker:1"));
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));

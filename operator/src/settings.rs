@@ -5,6 +5,7 @@
 //! namespaces, and the hash that rolls the pods.
 
 use crate::crd::{Fsync, Overflow, QueueSpec};
+use crate::layout::Placed;
 use sha2::{Digest, Sha256};
 use sluice_config::{BrokerFile, ConfigError, FsyncMode, QueueSettings};
 
@@ -147,9 +148,21 @@ pub fn queue_settings(
 
 /// Checks what the schema cannot (Kubernetes 1.20 has no CEL rules, and older
 /// objects may predate the schema) and renders `broker.toml`.
-pub fn render(name: &str, namespace: &str, spec: &QueueSpec) -> Result<BrokerSettings, SpecError> {
+/// `placed`: a replicated Queue's placement, once copies move (else the brokers
+/// place them by the formula, and the settings do not name it).
+pub fn render(
+    name: &str,
+    namespace: &str,
+    spec: &QueueSpec,
+    placed: Option<&Placed>,
+) -> Result<BrokerSettings, SpecError> {
     validate_template(spec)?;
-    let settings = queue_settings(name, namespace, spec)?;
+    let mut settings = queue_settings(name, namespace, spec)?;
+    if let Some(placed) = placed {
+        settings.placement = placed.placement.clone();
+        settings.members = placed.members.clone();
+        settings.validate_naming(spec_field)?;
+    }
     let file = BrokerFile {
         queues: vec![settings],
     };
@@ -221,7 +234,7 @@ mod tests {
     #[test]
     fn defaults_render_the_documented_broker_toml() {
         let s = spec("{}");
-        let r = render("orders", "ns", &s).unwrap();
+        let r = render("orders", "ns", &s, None).unwrap();
         let expected = "# Written by sluice-operator from Queue orders. Do not edit.
 [[queue]]
 name = \"orders\"
@@ -251,8 +264,8 @@ overflow = \"reject_new\"
 
     #[test]
     fn settings_change_changes_hash() {
-        let a = render("q", "ns", &spec("{}")).unwrap();
-        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}")).unwrap();
+        let a = render("q", "ns", &spec("{}"), None).unwrap();
+        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}"), None).unwrap();
         assert_ne!(a.hash, b.hash);
         assert!(b.toml.contains("visibility_timeout = \"1m\""));
     }
@@ -260,12 +273,15 @@ overflow = \"reject_new\"
     #[test]
     fn access_list_is_rendered_for_the_broker_to_read() {
         let s = spec("access: {serviceAccounts: [{name: billing}, {name: audit, namespace: ops}]}");
-        let r = render("orders", "shop", &s).unwrap();
+        let r = render("orders", "shop", &s, None).unwrap();
         let file = sluice_config::BrokerFile::from_toml(&r.toml, "rendered").unwrap();
         assert_eq!(file.queues[0].access, ["shop/billing", "ops/audit"]);
-        assert_ne!(r.hash, render("orders", "shop", &spec("{}")).unwrap().hash);
+        assert_ne!(
+            r.hash,
+            render("orders", "shop", &spec("{}"), None).unwrap().hash
+        );
         assert!(
-            !render("orders", "shop", &spec("{}"))
+            !render("orders", "shop", &spec("{}"), None)
                 .unwrap()
                 .toml
                 .contains("access")
@@ -437,7 +453,7 @@ overflow = \"reject_new\"
         let spec: QueueSpec = serde_json::from_value(spec_json.clone()).unwrap_or_else(|e| {
             panic!("the schema accepts {spec_json} but the operator cannot read it: {e}")
         });
-        match render(name, "shop", &spec) {
+        match render(name, "shop", &spec, None) {
             Ok(rendered) => {
                 assert_eq!(validate(name, "shop", &spec), Ok(()));
                 let dir = tempfile::tempdir().unwrap();
@@ -479,7 +495,7 @@ overflow = \"reject_new\"
         assert_eq!((one.replication, one.peers.len()), (1, 0));
         // An unreplicated Queue's settings (and so its pods) stay as they were.
         assert!(
-            !render("orders", "shop", &spec("replicas: 2"))
+            !render("orders", "shop", &spec("replicas: 2"), None)
                 .unwrap()
                 .toml
                 .contains("peers")

@@ -339,31 +339,65 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     wait_degraded(&client, ns, "orders", "ScaleDownBlocked").await;
     assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(3));
     wait_event(&client, ns, "orders", "ScaleDownBlocked").await;
-    // Scale up moves partitions too (p % replicas): refused the same way.
+    // Scale up: carried out by moving copies. The StatefulSet runs four brokers,
+    // the volumes hold the old placement until the brokers report the copies moved
+    // (none run here, so the move stays under way), and the settings carry where
+    // each partition's copies go.
     let mut bigger = changed.clone();
     bigger["spec"]["replicas"] = json!(4);
-    apply_queue(&client, ns, bigger).await;
-    let q = wait_degraded(&client, ns, "orders", "ScaleUpBlocked").await;
+    apply_queue(&client, ns, bigger.clone()).await;
+    let q = wait_queue(
+        &client,
+        ns,
+        "orders",
+        "Progressing=True PartitionsMoving",
+        |q| {
+            condition(q, "Progressing")
+                .is_some_and(|c| c.status == "True" && c.reason == "PartitionsMoving")
+        },
+    )
+    .await;
     assert!(
-        condition(&q, "Degraded")
+        condition(&q, "Progressing")
             .unwrap()
             .message
-            // Three copies each (the default from 3 brokers): 1..5 change brokers.
-            .contains("partitions 1, 2, 3, 4, 5 would move"),
+            .contains("moving partition copies onto 4 brokers: 6 of 6 partitions left"),
         "{:?}",
-        condition(&q, "Degraded")
+        condition(&q, "Progressing")
     );
-    wait_event(&client, ns, "orders", "ScaleUpBlocked").await;
+    wait_event(&client, ns, "orders", "PartitionsMoving").await;
     let layout = q.status.as_ref().unwrap().layout.clone().unwrap();
-    assert_eq!((layout.partitions, layout.brokers), (6, 3));
-    assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(3));
+    assert_eq!(
+        (layout.partitions, layout.brokers, layout.moving_to),
+        (6, 3, Some(4))
+    );
+    assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(4));
+    let moving_hash = q.status.as_ref().unwrap().config_hash.clone().unwrap();
+    let settings = cm_api
+        .get(&format!("sluice-orders-config-{moving_hash}"))
+        .await
+        .unwrap()
+        .data
+        .unwrap()["broker.toml"]
+        .clone();
+    assert!(
+        settings.contains("placement = [[") && settings.contains("members = [[0, 1, 2]"),
+        "{settings}"
+    );
+    // Another count while copies move: refused until they have.
+    let mut five = changed.clone();
+    five["spec"]["replicas"] = json!(5);
+    apply_queue(&client, ns, five).await;
+    wait_degraded(&client, ns, "orders", "ScaleUpBlocked").await;
+    assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(4));
+    let changed = bigger;
     // Fewer partitions: refused, the brokers keep reading all six.
     let mut fewer = changed.clone();
     fewer["spec"]["partitions"] = json!(4);
     apply_queue(&client, ns, fewer).await;
     wait_degraded(&client, ns, "orders", "PartitionsDecreaseBlocked").await;
     let cm = cm_api
-        .get(&format!("sluice-orders-config-{hash2}"))
+        .get(&format!("sluice-orders-config-{moving_hash}"))
         .await
         .unwrap();
     assert!(cm.data.unwrap()["broker.toml"].contains("partitions = 6"));
@@ -392,12 +426,12 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
     .await;
     assert_eq!(
         back.spec.unwrap().replicas,
-        Some(3),
-        "recreated at the layout's size"
+        Some(4),
+        "recreated at the size of the move under way"
     );
     apply_queue(&client, ns, changed.clone()).await;
     // The settings cannot be edited in place (immutable); a deleted version comes back.
-    let current = format!("sluice-orders-config-{hash2}");
+    let current = format!("sluice-orders-config-{moving_hash}");
     let edit = cm_api
         .patch(
             &current,

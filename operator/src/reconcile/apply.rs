@@ -8,6 +8,7 @@
 use super::guard::Scale;
 use super::{Context, Error, EventReason, FIELD_MANAGER, publish};
 use crate::crd::Queue;
+use crate::layout::Layout;
 use crate::resources;
 use crate::settings::BrokerSettings;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -29,13 +30,14 @@ pub async fn apply_all(
     q: &Queue,
     ns: &str,
     rendered: &BrokerSettings,
+    layout: &Layout,
 ) -> Result<StatefulSet, Error> {
     if !q.spec.access.service_accounts.is_empty() {
         grant_token_review(ctx, q, ns).await?;
     }
     config_map(ctx, q, ns, rendered).await?;
     service(ctx, q, ns).await?;
-    let applied = stateful_set(ctx, q, ns, rendered).await?;
+    let applied = stateful_set(ctx, q, ns, rendered, layout).await?;
     pdb(ctx, q, ns).await?;
     Ok(applied)
 }
@@ -139,9 +141,10 @@ async fn stateful_set(
     q: &Queue,
     ns: &str,
     rendered: &BrokerSettings,
+    layout: &Layout,
 ) -> Result<StatefulSet, Error> {
     let name = q.name_any();
-    let mut desired = resources::stateful_set(q, &ctx.defaults, &rendered.hash);
+    let mut desired = resources::stateful_set(q, &ctx.defaults, &rendered.hash, layout);
     if let Some(certs) = &ctx.certs {
         let secret = resources::tls_secret_name(&name);
         let fingerprint = certs

@@ -2,6 +2,7 @@
 //! ([`compute`]) that derives them from what the reconciler observed. [`merge`] writes
 //! them into the status, keeping `lastTransitionTime` when a status did not change.
 
+use super::moves::Moving;
 use super::partitions::PartitionsSeen;
 use crate::crd::QueueStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -45,6 +46,8 @@ pub enum Reason {
     /// Progressing=True: every broker runs the current settings; some volumes have
     /// not reached the size asked for.
     VolumesGrowing,
+    /// Progressing=True: partition copies are moving onto other brokers.
+    PartitionsMoving,
     /// Degraded=False.
     AsExpected,
     /// Degraded=True: fewer replicas were refused (partitions would move).
@@ -78,6 +81,7 @@ impl Reason {
             Reason::RolloutComplete => "RolloutComplete",
             Reason::RollingOut => "RollingOut",
             Reason::VolumesGrowing => "VolumesGrowing",
+            Reason::PartitionsMoving => "PartitionsMoving",
             Reason::AsExpected => "AsExpected",
             Reason::ScaleDownBlocked => "ScaleDownBlocked",
             Reason::ScaleUpBlocked => "ScaleUpBlocked",
@@ -138,6 +142,8 @@ pub struct Rollout {
     pub partitions: Option<PartitionsSeen>,
     /// While volumes grow: the size asked for, and the bound claims short of it.
     pub growing: Option<(String, Vec<String>)>,
+    /// While partition copies move onto other brokers.
+    pub moving: Option<Moving>,
 }
 
 impl Rollout {
@@ -188,7 +194,20 @@ pub fn compute(observed: &Observed) -> Vec<QueueCondition> {
         Observed::Applied(r) => {
             let replicas = r.replicas;
             let growing = r.growing.as_ref().filter(|(_, short)| !short.is_empty());
-            let progressing = if let (true, Some((size, short))) = (r.rolled(), growing) {
+            let progressing = if let Some(m) = &r.moving {
+                QueueCondition::new(
+                    Progressing,
+                    true,
+                    Reason::PartitionsMoving,
+                    format!(
+                        "moving partition copies onto {} brokers: {} of {} partitions left ({})",
+                        m.to,
+                        m.left.len(),
+                        m.partitions,
+                        crate::layout::list(&m.left)
+                    ),
+                )
+            } else if let (true, Some((size, short))) = (r.rolled(), growing) {
                 QueueCondition::new(
                     Progressing,
                     true,
@@ -369,6 +388,7 @@ mod tests {
             pods: None,
             partitions: None,
             growing: None,
+            moving: None,
         }
     }
 

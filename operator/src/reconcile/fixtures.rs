@@ -87,7 +87,7 @@ pub fn existing_sts(replicas: i32, hash: &str) -> StatefulSet {
 }
 
 fn st_hash(spec: &QueueSpec) -> String {
-    crate::settings::render(NAME, NS, spec).unwrap().hash
+    crate::settings::render(NAME, NS, spec, None).unwrap().hash
 }
 
 /// What the mock API server expects, and answers, in one test.
@@ -265,7 +265,7 @@ impl ApiServerVerifier {
     /// StatefulSet and PDB applies, in that order; the StatefulSet answers with
     /// `status`. Returns the applied StatefulSet.
     async fn applies(&mut self, spec: &QueueSpec, status: Value) -> Value {
-        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
         let cm = self
             .next(
                 Method::PATCH,
@@ -314,7 +314,7 @@ impl ApiServerVerifier {
     /// answers with the current one, an older version, and one of another owner:
     /// only the older version of this Queue is deleted.
     async fn prune(&mut self, spec: &QueueSpec) {
-        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
         let list = self.next(Method::GET, CMS_PATH).await;
         assert!(
             list.query
@@ -351,7 +351,7 @@ impl ApiServerVerifier {
     /// Expects the pods to be listed; answers with `n` ready pods running `spec`'s
     /// settings.
     async fn ready_pods(&mut self, spec: &QueueSpec, n: i32) {
-        let hash = crate::settings::render(NAME, NS, spec).unwrap().hash;
+        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
         let call = self.next(Method::GET, PODS_PATH).await;
         let items: Vec<Value> = (0..n)
             .map(|i| {

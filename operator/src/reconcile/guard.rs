@@ -57,6 +57,8 @@ pub fn held(
         // A StatefulSet without a recorded layout predates replication.
         replication: 1,
         storage,
+        placement: None,
+        moving_to: None,
     })
 }
 
@@ -154,6 +156,8 @@ mod tests {
             brokers: 2,
             replication: 1,
             storage: StorageSpec::default(),
+            placement: None,
+            moving_to: None,
         };
         q.status = Some(QueueStatus {
             layout: Some(recorded.clone()),
@@ -252,7 +256,7 @@ mod mock_tests {
         // Same settings as running: the only change asked for is the scale-down.
         let mut running = q.spec.clone();
         running.replicas = 5;
-        let hash = settings::render(NAME, NS, &running).unwrap().hash;
+        let hash = settings::render(NAME, NS, &running, None).unwrap().hash;
         let old = existing_sts(5, &hash);
         let (res, _) = reconcile_with(q, Scenario::ScaleDownBlocked { old }).await;
         assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));

@@ -14,6 +14,7 @@ pub mod conditions;
 #[cfg(test)]
 mod fixtures;
 pub mod guard;
+pub mod moves;
 pub mod partitions;
 pub mod status;
 pub mod validate;
@@ -114,6 +115,10 @@ pub enum EventReason {
     ReconcileError,
     VolumesDeleted,
     VolumesGrowing,
+    /// Partition copies started moving onto other brokers.
+    PartitionsMoving,
+    /// Every partition's copies moved.
+    PartitionsMoved,
 }
 
 impl EventReason {
@@ -127,6 +132,8 @@ impl EventReason {
             EventReason::ReconcileError => "ReconcileError",
             EventReason::VolumesDeleted => "VolumesDeleted",
             EventReason::VolumesGrowing => "VolumesGrowing",
+            EventReason::PartitionsMoving => "PartitionsMoving",
+            EventReason::PartitionsMoved => "PartitionsMoved",
         }
     }
 }
@@ -304,20 +311,22 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    let moving = moves::follow(ctx, q, &ns, &mut scale.plan).await?;
     // What is applied: the Queue with the refused changes held back.
     let carried = Queue {
         spec: scale.plan.spec.clone(),
         ..q.clone()
     };
-    let rendered = settings::render(&name, &ns, &carried.spec).map_err(Error::Settings)?;
-    let applied = apply::apply_all(ctx, &carried, &ns, &rendered).await?;
+    let placed = scale.plan.placed.as_ref();
+    let rendered = settings::render(&name, &ns, &carried.spec, placed).map_err(Error::Settings)?;
+    let applied = apply::apply_all(ctx, &carried, &ns, &rendered, &scale.plan.layout).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
     guard::announce(ctx, q, &status, &scale).await;
     if status::rollout(&applied, &scale, &rendered).rolled() {
         let current = resources::cm_name(&name, &rendered.hash);
         apply::prune_config_maps(ctx, q, &ns, &current).await?;
     }
-    status::report(ctx, q, status, &applied, &scale, &rendered).await
+    status::report(ctx, q, status, &applied, &scale, &rendered, moving).await
 }
 
 fn now() -> Time {

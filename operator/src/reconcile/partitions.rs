@@ -180,6 +180,54 @@ pub fn summarize(
     seen
 }
 
+/// The partitions (of the queue and, with `dead_letter`, of its dead-letter queue,
+/// which moves with it) whose group has not yet committed `target` as its members:
+/// no leader reports them (the latest term's leader counts). Sorted, no repeats.
+pub fn moves_left(
+    queue: &str,
+    dead_letter: bool,
+    target: &[Vec<u32>],
+    answers: &[Answer],
+) -> Vec<i32> {
+    let dlq = format!("{queue}{}", sluice_config::DLQ_SUFFIX);
+    let mut left = Vec::new();
+    let names = if dead_letter {
+        vec![queue, dlq.as_str()]
+    } else {
+        vec![queue]
+    };
+    for name in names {
+        // Per partition: the latest term's leader and the members it reports.
+        type Led<'a> = Option<(u64, Option<&'a Vec<u32>>)>;
+        let mut led: Vec<Led> = vec![None; target.len()];
+        for (_, answer) in answers {
+            for r in answer.iter().flatten() {
+                if r.queue != name || !r.leader {
+                    continue;
+                }
+                if let Some(slot) = led.get_mut(r.partition as usize)
+                    && slot.is_none_or(|(term, _)| r.term > term)
+                {
+                    *slot = Some((r.term, r.members.as_ref()));
+                }
+            }
+        }
+        for (p, want) in target.iter().enumerate() {
+            let there = led[p].and_then(|(_, m)| m).is_some_and(|m| {
+                let mut m = m.clone();
+                m.sort_unstable();
+                &m == want
+            });
+            if !there {
+                left.push(p as i32);
+            }
+        }
+    }
+    left.sort_unstable();
+    left.dedup();
+    left
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +243,63 @@ mod tests {
             in_sync,
             members: None,
         }
+    }
+
+    #[test]
+    fn a_move_is_done_when_every_leader_of_queue_and_dead_letters_reports_the_target() {
+        let target = vec![vec![0, 1, 3], vec![1, 2, 4]];
+        let led = |queue: &str, p: u32, term: u64, members: &[u32]| PartitionReport {
+            queue: queue.into(),
+            members: Some(members.to_vec()),
+            ..report(p, true, term, Some(3))
+        };
+        let answers: Vec<Answer> = vec![
+            (
+                "b-0".into(),
+                Ok(vec![
+                    led("orders", 0, 2, &[3, 1, 0]),
+                    led("orders.dlq", 0, 2, &[0, 1, 3]),
+                    // An old leader of partition 1, from before the move.
+                    led("orders", 1, 1, &[1, 2, 4]),
+                ]),
+            ),
+            (
+                "b-1".into(),
+                Ok(vec![
+                    led("orders", 1, 3, &[0, 1, 2]),
+                    led("orders.dlq", 1, 1, &[1, 2, 4]),
+                ]),
+            ),
+            ("b-2".into(), Err("refused".into())),
+        ];
+        // Partition 1's latest leader still has the old members.
+        assert_eq!(moves_left("orders", true, &target, &answers), vec![1]);
+        // A leader mid-change reports no members: not done.
+        let mut mid = answers.clone();
+        mid[1].1 = Ok(vec![
+            PartitionReport {
+                members: None,
+                ..led("orders", 1, 3, &[])
+            },
+            led("orders.dlq", 1, 1, &[1, 2, 4]),
+        ]);
+        assert_eq!(moves_left("orders", true, &target, &mid), vec![1]);
+        let mut done = answers;
+        done[1].1 = Ok(vec![
+            led("orders", 1, 3, &[4, 2, 1]),
+            led("orders.dlq", 1, 1, &[1, 2, 4]),
+        ]);
+        assert!(moves_left("orders", true, &target, &done).is_empty());
+        // Without dead letters only the queue's own partitions count.
+        let no_dlq: Vec<Answer> = vec![(
+            "b-0".into(),
+            Ok(vec![
+                led("orders", 0, 2, &[0, 1, 3]),
+                led("orders", 1, 2, &[1, 2, 4]),
+            ]),
+        )];
+        assert!(moves_left("orders", false, &target, &no_dlq).is_empty());
+        assert_eq!(moves_left("orders", true, &target, &no_dlq), vec![0, 1]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::conditions::{self, ConditionType, Observed, Reason, Rollout};
 use super::guard::Scale;
+use super::moves::Moving;
 use super::{Context, Error, partitions, patch_status, volumes};
 use crate::crd::{BrokerStatus, Queue, QueueStatus};
 use crate::resources;
@@ -23,6 +24,10 @@ pub const RESYNC_REPLICATED: Duration = Duration::from_secs(60);
 /// when no kubelet reports status.
 pub const RESYNC_BUSY: Duration = Duration::from_secs(15);
 
+/// Requeue period while partition copies move: the brokers are asked how far they
+/// got (nothing watched changes when a group gets its new members).
+pub const RESYNC_MOVING: Duration = Duration::from_secs(3);
+
 /// What the applied StatefulSet reports.
 pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) -> Rollout {
     let ss = applied.status.clone().unwrap_or_default();
@@ -38,6 +43,7 @@ pub fn rollout(applied: &StatefulSet, scale: &Scale, rendered: &BrokerSettings) 
         pods: None,
         partitions: None,
         growing: None,
+        moving: None,
     }
 }
 
@@ -51,11 +57,13 @@ pub async fn report(
     applied: &StatefulSet,
     scale: &Scale,
     rendered: &BrokerSettings,
+    moving: Option<Moving>,
 ) -> Result<Action, Error> {
     let ns = q.namespace().ok_or(Error::NoNamespace)?;
     let name = q.name_any();
     let generation = q.metadata.generation;
     let mut rollout = rollout(applied, scale, rendered);
+    rollout.moving = moving;
     let replicas = rollout.replicas;
     status.replicas = Some(replicas);
     status.ready_replicas = Some(rollout.ready);
@@ -109,15 +117,15 @@ pub async fn report(
     ctx.metrics.queues_reconciled.inc();
     let partitions_healthy = rollout.partitions.as_ref().is_none_or(|p| p.healthy());
     let grown = rollout.growing.as_ref().is_none_or(|(_, s)| s.is_empty());
-    Ok(
-        if !(rollout.all_ready() && rollout.rolled() && partitions_healthy && grown) {
-            Action::requeue(RESYNC_BUSY)
-        } else if scale.plan.layout.replication > 1 {
-            Action::requeue(RESYNC_REPLICATED)
-        } else {
-            Action::requeue(RESYNC_HEALTHY)
-        },
-    )
+    Ok(if rollout.moving.is_some() {
+        Action::requeue(RESYNC_MOVING)
+    } else if !(rollout.all_ready() && rollout.rolled() && partitions_healthy && grown) {
+        Action::requeue(RESYNC_BUSY)
+    } else if scale.plan.layout.replication > 1 {
+        Action::requeue(RESYNC_REPLICATED)
+    } else {
+        Action::requeue(RESYNC_HEALTHY)
+    })
 }
 
 async fn list_pods(ctx: &Context, ns: &str, queue: &str) -> Result<Vec<Pod>, String> {
