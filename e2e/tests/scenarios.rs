@@ -509,6 +509,143 @@ async fn brokers_deleted_and_killed(w: Arc<World>, replication: u32) {
     consume_acknowledged(&w, ns, "app", &producer, n_acked).await;
 }
 
+/// A replicated Queue grows from 3 to 5 brokers and back to 3 while producers
+/// write keyed messages through the sidecar: the copies move live (the Queue says
+/// PartitionsMoving, then records the new placement from the brokers' reports),
+/// every acknowledged message is delivered, and each key in order.
+#[test]
+fn replicated_queue_scales_up_and_down_under_traffic_by_moving_its_partitions() {
+    isolated(
+        "replicated_queue_scales_up_and_down_under_traffic_by_moving_its_partitions",
+        WorldOptions::default(),
+        replicated_queue_scales_by_moving_partitions_in,
+    );
+}
+
+/// Waits until `orders` has moved its copies onto `brokers` brokers: the layout
+/// records them with no move under way, and the Queue said PartitionsMoving on
+/// the way (sampled).
+async fn moved_onto(client: &Client, ns: &str, brokers: u64) -> Value {
+    let queues = queue_api(client, ns);
+    let saw_moving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let q = eventually_within(
+        &format!("copies moved onto {brokers} brokers"),
+        std::time::Duration::from_secs(300),
+        || {
+            let (queues, saw) = (queues.clone(), saw_moving.clone());
+            async move {
+                let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+                if condition(&q, "Progressing")
+                    .is_some_and(|(s, r, _)| s == "True" && r == "PartitionsMoving")
+                {
+                    saw.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let layout = q.pointer("/status/layout")?;
+                (layout["brokers"].as_u64() == Some(brokers) && layout.get("movingTo").is_none())
+                    .then_some(q)
+            }
+        },
+    )
+    .await;
+    assert!(
+        saw_moving.load(std::sync::atomic::Ordering::Relaxed),
+        "Progressing=True PartitionsMoving was reported during the move"
+    );
+    let placement = q
+        .pointer("/status/layout/placement")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(placement.len(), 6, "{q}");
+    for copies in placement {
+        let copies = copies.as_array().unwrap();
+        assert_eq!(copies.len(), 3, "{q}");
+        assert!(copies.iter().all(|b| b.as_u64().unwrap() < brokers), "{q}");
+    }
+    q
+}
+
+async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    three_broker_orders_with(&w, ns, 3).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+    let spec = |replicas: u32| {
+        json!({"replicas": replicas, "partitions": 6, "replication": 3,
+               "storage": {"size": "1Gi"}})
+    };
+    let produce = |prefix: &'static str| {
+        let w = w.clone();
+        let ns = ns.to_string();
+        async move {
+            let args = [
+                "produce",
+                "--queue",
+                "orders",
+                "--count",
+                "5000",
+                "--prefix",
+                prefix,
+                "--concurrency",
+                "16",
+                "--keyed",
+            ];
+            let job = w.app_job(&ns, "app", &args).await;
+            eventually("traffic flowing", || async {
+                (job.acked().await >= 500).then_some(())
+            })
+            .await;
+            job
+        }
+    };
+
+    let up = produce("up").await;
+    apply_queue(&client, ns, "orders", spec(5)).await;
+    moved_onto(&client, ns, 5).await;
+    queue_ready(&client, ns, "orders", 5).await;
+    partitions_led(&client, ns, 3).await;
+
+    let down = produce("down").await;
+    apply_queue(&client, ns, "orders", spec(3)).await;
+    moved_onto(&client, ns, 3).await;
+    queue_ready(&client, ns, "orders", 3).await;
+    partitions_led(&client, ns, 3).await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("app pod Ready again", || async {
+        pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+    })
+    .await;
+    let mut expected = 0;
+    for job in [&up, &down] {
+        let produced = job.result().await;
+        assert_eq!(produced["failed"], 0, "{produced}");
+        expected += produced["acked"].as_u64().unwrap();
+    }
+    let (up_id, down_id) = (up.id.to_string(), down.id.to_string());
+    let args = [
+        "consume",
+        "--queue",
+        "orders",
+        "--expect-job",
+        &up_id,
+        "--expect-job",
+        &down_id,
+        "--lanes",
+        "16",
+    ];
+    let consumed = w.app(ns, "app", &args).await;
+    assert_eq!(
+        consumed["missing"], 0,
+        "acknowledged messages lost: {consumed}"
+    );
+    assert_eq!(
+        consumed["expected"].as_u64().unwrap(),
+        expected,
+        "{consumed}"
+    );
+    assert_eq!(consumed["out_of_order"], 0, "keys out of order: {consumed}");
+}
+
 #[test]
 fn deleting_queues_removes_what_they_owned_and_volumes_per_deletion_policy() {
     isolated(

@@ -40,7 +40,8 @@ pub struct Layout {
     pub placement: Option<Vec<Vec<u32>>>,
     /// A move of the copies onto this many brokers, under way: the StatefulSet runs
     /// the larger of the two counts until every partition's group has moved.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written as null when none, so that the status's merge patch removes it.
+    #[serde(default)]
     pub moving_to: Option<i32>,
 }
 
@@ -537,6 +538,9 @@ mod tests {
             ),
             (5, None, Some(&m.target))
         );
+        // The status's merge patch must remove the move: null, not absent.
+        let json = serde_json::to_value(&p.layout).unwrap();
+        assert_eq!(json.get("movingTo"), Some(&serde_json::Value::Null));
         let settled = plan(&five, Some(&p.layout));
         assert!(settled.moving.is_none());
         assert_eq!(settled.placed.unwrap().members, m.target);

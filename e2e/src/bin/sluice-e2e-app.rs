@@ -71,6 +71,11 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 50)]
         retries: u32,
+        /// Each of the `concurrency` lanes (message i goes in lane i % concurrency,
+        /// after the lane's previous one is acknowledged) is a key of its own,
+        /// `<prefix>-k<lane>`: the queue must deliver each lane in order.
+        #[arg(long)]
+        keyed: bool,
     },
     /// Dequeue and ack until every expected body was received (or `timeout_s` passes).
     Consume {
@@ -80,11 +85,16 @@ enum Cmd {
         prefix: Option<String>,
         #[arg(long)]
         count: Option<u64>,
-        /// Expect what the produce job with this id (of this server) had acknowledged.
+        /// Expect what the produce job with this id (of this server) had
+        /// acknowledged; repeated for several jobs.
         #[arg(long)]
-        expect_job: Option<u64>,
+        expect_job: Vec<u64>,
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
+        /// Count first deliveries that come before an earlier message of their lane
+        /// (`<prefix>-<i>`, lane i % lanes), as `produce --keyed` makes them.
+        #[arg(long)]
+        lanes: Option<u64>,
     },
     /// Print the queue's settings and layout as the brokers describe them.
     Describe {
@@ -230,26 +240,32 @@ async fn run(addr: &str, cmd: Cmd, job: &Job, jobs: &Jobs) -> anyhow::Result<Val
             prefix,
             concurrency,
             retries,
-        } => produce(addr, job, &queue, count, &prefix, concurrency, retries).await,
+            keyed,
+        } => {
+            let lanes = Lanes { concurrency, keyed };
+            produce(addr, job, &queue, count, &prefix, lanes, retries).await
+        }
         Cmd::Consume {
             queue,
             prefix,
             count,
             expect_job,
             timeout_s,
+            lanes,
         } => {
             let mut expected: HashSet<String> = HashSet::new();
             if let (Some(p), Some(n)) = (&prefix, count) {
                 expected.extend((0..n).map(|i| format!("{p}-{i}")));
             }
-            if let Some(id) = expect_job {
+            for id in expect_job {
                 let other = jobs.get(id).with_context(|| format!("no job {id}"))?;
                 expected.extend(other.bodies.lock().unwrap().iter().cloned());
             }
             if expected.is_empty() {
                 bail!("nothing expected: give --prefix and --count, or --expect-job");
             }
-            consume(addr, job, &queue, expected, Duration::from_secs(timeout_s)).await
+            let timeout = Duration::from_secs(timeout_s);
+            consume(addr, job, &queue, expected, lanes, timeout).await
         }
         Cmd::Describe { queue } => {
             let mut client = connect(addr).await?;
@@ -279,16 +295,23 @@ async fn run(addr: &str, cmd: Cmd, job: &Job, jobs: &Jobs) -> anyhow::Result<Val
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How a producer spreads its messages: `concurrency` lanes, each sending its next
+/// message once the previous one is acknowledged; with `keyed`, a lane is a key.
+struct Lanes {
+    concurrency: usize,
+    keyed: bool,
+}
+
 async fn produce(
     addr: &str,
     job: &Job,
     queue: &str,
     count: u64,
     prefix: &str,
-    concurrency: usize,
+    lanes: Lanes,
     retries: u32,
 ) -> anyhow::Result<Value> {
+    let concurrency = lanes.concurrency.max(1) as u64;
     let client = connect(addr).await?;
     let (mut failed, mut errors) = (0u64, 0u64);
     let mut last_error: Option<String> = None;
@@ -297,6 +320,10 @@ async fn produce(
         let mut client = client.clone();
         async move {
             let body = format!("{prefix}-{i}");
+            let key = match lanes.keyed {
+                true => format!("{prefix}-k{}", i % concurrency),
+                false => String::new(),
+            };
             let mut errors = Vec::new();
             let mut last_code = None;
             for attempt in 0..=retries {
@@ -307,28 +334,27 @@ async fn produce(
                     queue: queue.to_string(),
                     message: Some(v1::NewMessage {
                         body: body.clone().into_bytes().into(),
+                        key: key.clone(),
                         ..Default::default()
                     }),
                     partition: None,
                 };
                 match client.enqueue(req).await {
-                    Ok(_) => return (body, true, errors, last_code),
+                    Ok(_) => return (i, (body, true, errors, last_code)),
                     Err(e) => {
                         errors.push(format!("enqueue {body} (attempt {attempt}): {e}"));
                         last_code = Some(format!("{:?}", e.code()));
                     }
                 }
             }
-            (body, false, errors, last_code)
+            (i, (body, false, errors, last_code))
         }
     };
-    let mut issued = 0u64;
     let mut running = futures::stream::FuturesUnordered::new();
-    while issued < count && running.len() < concurrency.max(1) {
-        running.push(one(issued));
-        issued += 1;
+    for i in 0..count.min(concurrency) {
+        running.push(one(i));
     }
-    while let Some((body, ok, errs, code)) = futures::StreamExt::next(&mut running).await {
+    while let Some((i, (body, ok, errs, code))) = futures::StreamExt::next(&mut running).await {
         for e in errs {
             errors += 1;
             if errors <= 3 {
@@ -342,9 +368,9 @@ async fn produce(
         } else {
             failed += 1;
         }
-        if issued < count {
-            running.push(one(issued));
-            issued += 1;
+        // The lane's next message.
+        if i + concurrency < count {
+            running.push(one(i + concurrency));
         }
     }
     let acked = job.acked.load(Ordering::Relaxed);
@@ -356,8 +382,12 @@ async fn consume(
     job: &Job,
     queue: &str,
     expected: HashSet<String>,
+    lanes: Option<u64>,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
+    // Per lane, the highest message number delivered so far.
+    let mut lane_last: HashMap<(String, u64), u64> = HashMap::new();
+    let mut out_of_order = Vec::new();
     let mut client = connect(addr).await?;
     let mut seen: HashSet<String> = HashSet::new();
     let (mut received, mut errors) = (0u64, 0u64);
@@ -383,7 +413,18 @@ async fn consume(
         received += msgs.len() as u64;
         let receipts: Vec<String> = msgs.iter().map(|m| m.receipt.clone()).collect();
         for m in msgs {
-            seen.insert(String::from_utf8_lossy(&m.body).to_string());
+            let body = String::from_utf8_lossy(&m.body).to_string();
+            if let (Some(n), Some((prefix, i))) = (lanes, body.rsplit_once('-'))
+                && let Ok(i) = i.parse::<u64>()
+                && !seen.contains(&body)
+            {
+                let last = lane_last.entry((prefix.to_string(), i % n)).or_insert(i);
+                if i < *last {
+                    out_of_order.push(format!("{body} after {prefix}-{last}"));
+                }
+                *last = (*last).max(i);
+            }
+            seen.insert(body);
         }
         if receipts.is_empty() {
             continue;
@@ -416,5 +457,7 @@ async fn consume(
         "expected": expected.len(), "received": received, "unique": seen.len(),
         "acked": job.acked.load(Ordering::Relaxed), "errors": errors, "missing": missing.len(),
         "missing_sample": missing.iter().take(10).collect::<Vec<_>>(),
+        "out_of_order": out_of_order.len(),
+        "out_of_order_sample": out_of_order.iter().take(10).collect::<Vec<_>>(),
     }))
 }
