@@ -5,7 +5,8 @@
 //! leader adds the new copies as learners, lets them catch up and swaps the members,
 //! and a broker deletes a copy once the settings no longer list it. Shown with real
 //! broker processes restarted as a StatefulSet rollout would: every acknowledged
-//! message is delivered, per key in order, and moved-off copies leave the volumes.
+//! message is delivered, per key in order, and moved-off copies leave the volumes;
+//! the same when brokers are killed in the middle of a move.
 
 use sluice_config::placement::rebalance;
 use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
@@ -14,10 +15,12 @@ use sluice_integration::*;
 use sluice_proto::v1;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const PARTITIONS: u32 = 6;
+const KEYS: usize = 11;
 
 /// Settings over the first `brokers` of `addrs`, with a placement and members.
 fn settings(
@@ -114,7 +117,7 @@ async fn send(app: &mut Client, i: usize) -> bool {
     app.enqueue(v1::EnqueueRequest {
         queue: QUEUE.into(),
         message: Some(v1::NewMessage {
-            key: format!("k{}", i % 11),
+            key: format!("k{}", i % KEYS),
             dedup_id: format!("m{i}"),
             ..msg(&format!("m{i}"))
         }),
@@ -122,6 +125,96 @@ async fn send(app: &mut Client, i: usize) -> bool {
     })
     .await
     .is_ok()
+}
+
+/// An app enqueueing keyed messages all along, retrying refusals as apps do (a
+/// partition is unavailable for the seconds of an election).
+struct Traffic {
+    acknowledged: Arc<Mutex<Vec<usize>>>,
+    stop: Arc<AtomicBool>,
+    producer: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(app: &Client) -> Traffic {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer = tokio::spawn({
+            let (mut app, acknowledged, stop) = (app.clone(), acknowledged.clone(), stop.clone());
+            async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if send(&mut app, i).await {
+                        acknowledged.lock().unwrap().push(i);
+                        i += 1;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Traffic {
+            acknowledged,
+            stop,
+            producer,
+        }
+    }
+
+    fn progress(&self, what: &str) -> usize {
+        let n = self.acknowledged.lock().unwrap().len();
+        eprintln!("{what}: {n} messages acknowledged so far");
+        n
+    }
+
+    async fn until(&self, n: usize, what: &str) {
+        eventually_within(what, Duration::from_secs(60), || async {
+            (self.progress(what) >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the app, then drains the queue: every acknowledged message comes out,
+    /// and each key's first deliveries in the order they were enqueued.
+    async fn check(self, mut app: Client) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.producer.await.unwrap();
+        let acknowledged: Vec<usize> = self.acknowledged.lock().unwrap().clone();
+        let mut got: Vec<usize> = Vec::new();
+        for _ in 0..10 {
+            got.extend(
+                drain_through_failovers(&mut app, 1500)
+                    .await
+                    .iter()
+                    .map(|m| body_str(m)[1..].parse::<usize>().unwrap()),
+            );
+            let seen: HashSet<usize> = got.iter().copied().collect();
+            if acknowledged.iter().all(|i| seen.contains(i)) {
+                break;
+            }
+        }
+        let seen: HashSet<usize> = got.iter().copied().collect();
+        let lost: Vec<_> = acknowledged.iter().filter(|i| !seen.contains(i)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged messages lost: {lost:?}",
+            lost.len()
+        );
+        let mut last: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut first_seen = HashSet::new();
+        for i in got {
+            if !first_seen.insert(i) {
+                continue;
+            }
+            if let Some(&before) = last.get(&(i % KEYS)) {
+                assert!(before < i, "key k{}: m{i} after m{before}", i % KEYS);
+            }
+            last.insert(i % KEYS, i);
+        }
+        eprintln!(
+            "{} messages, all delivered in key order",
+            acknowledged.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,36 +247,8 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
     let sidecar = Sidecar::start(dir.path(), &routes).await;
     let app = sidecar.client().await;
 
-    // The app enqueues keyed messages all along, retrying refusals as apps do
-    // (a partition is unavailable for the seconds of an election).
-    let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = tokio::spawn({
-        let (mut app, acknowledged, stop) = (app.clone(), acknowledged.clone(), stop.clone());
-        async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if send(&mut app, i).await {
-                    acknowledged.lock().unwrap().push(i);
-                    i += 1;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            i
-        }
-    });
-    let progress = |what: &str| {
-        let n = acknowledged.lock().unwrap().len();
-        eprintln!("{what}: {n} messages acknowledged so far");
-        n
-    };
-    eventually_within(
-        "enqueues before the move",
-        Duration::from_secs(30),
-        || async { (progress("starting") >= 200).then_some(()) },
-    )
-    .await;
+    let traffic = Traffic::start(&app);
+    traffic.until(200, "before the move").await;
 
     // Three brokers to five: the two new ones take a fair share of the copies.
     let five = rebalance(&three, PARTITIONS, 5, 3);
@@ -195,7 +260,7 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
     }
     roll(&mut brokers, &[0, 1, 2], &toml).await;
     moved(&brokers, &[0, 1, 2, 3, 4], &five).await;
-    progress("moved onto five brokers");
+    traffic.progress("moved onto five brokers");
     // The operator saw it done: members follow, and moved-off copies are deleted.
     let toml = settings(&addrs, 5, &five, &five);
     roll(&mut brokers, &[0, 1, 2, 3, 4], &toml).await;
@@ -206,14 +271,14 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
             "copies of partition {p}"
         );
     }
-    progress("five brokers settled");
+    traffic.progress("five brokers settled");
 
     // Back to three: the copies leave brokers 3 and 4 before they stop.
     let back = rebalance(&five, PARTITIONS, 3, 3);
     let toml = settings(&addrs, 5, &back, &five);
     roll(&mut brokers, &[0, 1, 2, 3, 4], &toml).await;
     moved(&brokers, &[0, 1, 2, 3, 4], &back).await;
-    progress("moved back onto three brokers");
+    traffic.progress("moved back onto three brokers");
     for b in &mut brokers[3..5] {
         b.proc.stop(Duration::from_secs(10));
     }
@@ -222,52 +287,63 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
     for p in 0..PARTITIONS {
         assert_eq!(holders(&brokers, &[0, 1, 2], p), vec![0, 1, 2]);
     }
-    let before_stop = progress("three brokers settled");
-    eventually_within(
-        "enqueues after the moves",
-        Duration::from_secs(30),
-        || async { (progress("after") >= before_stop + 100).then_some(()) },
-    )
-    .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    producer.await.unwrap();
+    let n = traffic.progress("three brokers settled");
+    traffic.until(n + 100, "after the moves").await;
+    traffic.check(app).await;
+}
 
-    // Every acknowledged message comes out, in order per key.
-    let acknowledged: Vec<usize> = acknowledged.lock().unwrap().clone();
-    let mut app = app;
-    let mut got: Vec<usize> = Vec::new();
-    for _ in 0..10 {
-        got.extend(
-            drain_through_failovers(&mut app, 1500)
-                .await
-                .iter()
-                .map(|m| body_str(m)[1..].parse::<usize>().unwrap()),
+/// Brokers die in the middle of a move: the new broker is down when the leaders
+/// start adding copies on it (they wait for it, retrying), and an old broker is
+/// killed (SIGKILL, no goodbye) while groups change members. The move completes
+/// once they are back, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_completes_through_brokers_killed_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<SocketAddr> = (0..4).map(|_| free_addr()).collect();
+    let three = formula(3);
+    let mut brokers = Vec::new();
+    for (i, addr) in addrs.iter().enumerate().take(3) {
+        let toml = settings(&addrs, 3, &three, &three);
+        let data = dir.path().join(format!("data-{i}"));
+        brokers.push(Broker::start_at(dir.path(), &toml, i as u32, data, *addr, &[]).await);
+    }
+    let routes = format!(
+        "{QUEUE}={}",
+        addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let sidecar = Sidecar::start(dir.path(), &routes).await;
+    let app = sidecar.client().await;
+    let traffic = Traffic::start(&app);
+    traffic.until(200, "before the move").await;
+
+    let four = rebalance(&three, PARTITIONS, 4, 3);
+    let toml = settings(&addrs, 4, &four, &three);
+    let data = dir.path().join("data-3");
+    let mut new = Broker::start_at(dir.path(), &toml, 3, data, addrs[3], &[]).await;
+    new.proc.kill();
+    brokers.push(new);
+    roll(&mut brokers, &[0, 1, 2], &toml).await;
+    let n = traffic.progress("the old brokers placed copies on a dead one");
+    traffic.until(n + 100, "writes go on meanwhile").await;
+    brokers[3].restart().await;
+    // An old broker crashes while the groups change members.
+    brokers[1].proc.kill();
+    brokers[1].restart().await;
+    moved(&brokers, &[0, 1, 2, 3], &four).await;
+    let toml = settings(&addrs, 4, &four, &four);
+    roll(&mut brokers, &[0, 1, 2, 3], &toml).await;
+    for p in 0..PARTITIONS {
+        assert_eq!(
+            holders(&brokers, &[0, 1, 2, 3], p),
+            four[p as usize],
+            "copies of partition {p}"
         );
-        let seen: HashSet<usize> = got.iter().copied().collect();
-        if acknowledged.iter().all(|i| seen.contains(i)) {
-            break;
-        }
     }
-    let seen: HashSet<usize> = got.iter().copied().collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|i| !seen.contains(i)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost: {lost:?}",
-        lost.len()
-    );
-    let mut last: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut first_seen = HashSet::new();
-    for i in got {
-        if !first_seen.insert(i) {
-            continue;
-        }
-        if let Some(&before) = last.get(&(i % 11)) {
-            assert!(before < i, "key k{}: m{i} after m{before}", i % 11);
-        }
-        last.insert(i % 11, i);
-    }
-    eprintln!(
-        "{} messages, all delivered in key order",
-        acknowledged.len()
-    );
+    let n = traffic.progress("moved");
+    traffic.until(n + 100, "after the move").await;
+    traffic.check(app).await;
 }

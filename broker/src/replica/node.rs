@@ -62,9 +62,10 @@ pub struct Replica {
 /// openraft reports it, are refreshed at every tick, so the age is current.
 const QUORUM_LEASE_MS: u64 = 2_000;
 
-/// How long a copy joining a group may take to catch up before the leader tries
-/// again (it stays a learner meanwhile and keeps receiving the log).
-const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the leader waits for a joining copy to catch up before it looks again
+/// (the copy stays a learner meanwhile and keeps receiving the log, so nothing is
+/// lost by asking again; a copy whose broker is down is simply waited for).
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 /// The first pause after a failed move step; doubled up to [`MOVE_RETRY_MAX`].
 const MOVE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 const MOVE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
