@@ -386,6 +386,48 @@ mod tests {
         assert_eq!(mounts[1].mount_path, TLS_DIR);
     }
 
+    /// An app pod that passes Pod Security `restricted` still does with the sidecar
+    /// (its tokens and certificate volumes included); one that does not is not made
+    /// worse by the sidecar's container.
+    #[test]
+    fn the_sidecar_keeps_a_restricted_pod_restricted() {
+        use crate::pod_security::restricted_violations;
+        let mut p = annotated("orders");
+        let spec = p.spec.as_mut().unwrap();
+        spec.security_context = Some(
+            serde_json::from_value(serde_json::json!({
+                "runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}
+            }))
+            .unwrap(),
+        );
+        for c in &mut spec.containers {
+            c.security_context = Some(
+                serde_json::from_value(serde_json::json!({
+                    "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}
+                }))
+                .unwrap(),
+            );
+        }
+        assert_eq!(
+            restricted_violations(p.spec.as_ref().unwrap()),
+            Vec::<String>::new()
+        );
+        let out = apply(&p, &inject(&p, "shop", &cfg(true), allowed).patch);
+        assert_eq!(
+            restricted_violations(out.spec.as_ref().unwrap()),
+            Vec::<String>::new()
+        );
+        // On an app pod that sets nothing, only the app's containers break the rules.
+        let bare = annotated("orders");
+        let out = apply(&bare, &inject(&bare, "shop", &cfg(true), allowed).patch);
+        let broken = restricted_violations(out.spec.as_ref().unwrap());
+        assert!(!broken.is_empty());
+        assert!(
+            broken.iter().all(|v| !v.contains(SIDECAR_NAME)),
+            "{broken:?}"
+        );
+    }
+
     #[test]
     fn injecting_an_injected_pod_is_a_no_op() {
         let p = annotated("orders");

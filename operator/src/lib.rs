@@ -7,6 +7,7 @@ pub mod inject;
 pub mod layout;
 pub mod leader;
 pub mod metrics;
+pub mod pod_security;
 pub mod reconcile;
 pub mod resources;
 pub mod settings;

@@ -8,9 +8,9 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::core::v1::{
     SecretVolumeSource, ServiceAccount, ServiceAccountTokenProjection,
@@ -443,6 +443,7 @@ pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str, layout: &Layout) -> Sta
                         run_as_user: Some(65532),
                         run_as_group: Some(65532),
                         fs_group: Some(65532),
+                        seccomp_profile: Some(runtime_default()),
                         ..Default::default()
                     }),
                     volumes: Some(vec![Volume {
@@ -488,8 +489,9 @@ fn tcp_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-/// Non-root, no privilege escalation, no capabilities, read-only root filesystem:
-/// what the broker and the sidecar both run with.
+/// Non-root, no privilege escalation, no capabilities, the runtime's default
+/// seccomp profile, read-only root filesystem: what the broker and the sidecar both
+/// run with (Pod Security `restricted`, see [`crate::pod_security`]).
 fn locked_down() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -499,6 +501,14 @@ fn locked_down() -> SecurityContext {
             drop: Some(vec!["ALL".into()]),
             ..Default::default()
         }),
+        seccomp_profile: Some(runtime_default()),
+        ..Default::default()
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
         ..Default::default()
     }
 }
@@ -768,6 +778,20 @@ mod tests {
             with_broker_subject(added, "orders", "shop").is_none(),
             "added once"
         );
+    }
+
+    /// The broker pods pass Pod Security `restricted`, with and without the TLS
+    /// and token volumes.
+    #[test]
+    fn broker_pods_are_restricted() {
+        use crate::pod_security::restricted_violations;
+        for spec in ["{}", "{access: {serviceAccounts: [{name: billing}]}}"] {
+            let q = queue(spec);
+            let mut s = stateful_set(&q, &defaults(), "h", &Layout::of(&q.spec));
+            with_tls(&mut s, "orders", "f");
+            let pod = s.spec.unwrap().template.spec.unwrap();
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new(), "{spec}");
+        }
     }
 
     #[test]

@@ -698,6 +698,37 @@ async fn deletion_policy_delete_removes_volumes_through_a_finalizer() {
         .unwrap();
 }
 
+/// The chart's pods pass Pod Security `restricted` (the operator's own pod, with
+/// and without cert-manager's certificate volume); the broker pods and the injected
+/// sidecar are checked where they are made (`resources`, `inject`).
+#[test]
+fn the_charts_pods_are_restricted() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use serde::Deserialize;
+    for extra in [
+        &[][..],
+        &["--set", "webhook.certificates.mode=certManager"][..],
+    ] {
+        let manifest = helm_template("sluice-system", "sluice", extra);
+        let mut deployments = 0;
+        for doc in serde_yaml::Deserializer::from_str(&manifest) {
+            let v = serde_yaml::Value::deserialize(doc).unwrap();
+            if v.get("kind").and_then(|k| k.as_str()) != Some("Deployment") {
+                continue;
+            }
+            let d: Deployment = serde_yaml::from_value(v).unwrap();
+            let pod = d.spec.unwrap().template.spec.unwrap();
+            assert_eq!(
+                sluice_operator::pod_security::restricted_violations(&pod),
+                Vec::<String>::new(),
+                "{extra:?}"
+            );
+            deployments += 1;
+        }
+        assert_eq!(deployments, 1, "{extra:?}");
+    }
+}
+
 fn helm_template(ns: &str, release: &str, extra: &[&str]) -> String {
     let (ok, out, err) = run(Command::new(helm())
         .args(["template", release])
