@@ -104,6 +104,21 @@ impl Collector for QueueCollector {
                 ConstGauge::new(pick(s) as i64).encode(m.encode_family(&labels)?)?;
             }
         }
+        // The backlog's age: what a consumer that falls behind shows first.
+        let now = crate::queue::now_ms();
+        {
+            let mut m = encoder.encode_descriptor(
+                "queue_oldest_ready_age_seconds",
+                "Age of the oldest message ready for delivery (0 when none)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (q, p, s) in &rows {
+                let labels = [("queue", q.as_str()), ("partition", p.as_str())];
+                let age = s.oldest_ready_ms.map_or(0, |t| now.saturating_sub(t)) as f64 / 1000.0;
+                ConstGauge::new(age).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let counters: [(&str, &str, Pick); 5] = [
             ("enqueued", "Messages stored", |s| s.counters.enqueued),
             (

@@ -157,6 +157,10 @@ pub struct Snapshot {
     pub bytes: u64,
     pub messages: u64,
     pub counters: Counters,
+    /// When the oldest message waiting for delivery was enqueued (ms since the
+    /// epoch): how long the backlog has waited (SQS's ApproximateAgeOfOldestMessage).
+    /// Messages of a key held back behind one in flight count too.
+    pub oldest_ready_ms: Option<u64>,
 }
 
 pub struct PartitionState {
@@ -245,7 +249,19 @@ impl PartitionState {
             bytes: self.bytes,
             messages: self.entries.len() as u64,
             counters: self.counters,
+            oldest_ready_ms: self.oldest_ready_ms(),
         }
+    }
+
+    fn oldest_ready_ms(&self) -> Option<u64> {
+        let keyless = self.ready.first().copied();
+        let keyed = self
+            .key_ready
+            .values()
+            .filter_map(|s| s.first().copied())
+            .min();
+        let seq = keyless.into_iter().chain(keyed).min()?;
+        self.entries.get(&seq).map(|e| e.enqueued_at_ms)
     }
 
     // ---- the ready structure -------------------------------------------------

@@ -4,7 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 use sluice_config::QueueSettings;
-use sluice_config::report::PartitionReport;
+use sluice_config::report::{Depth, PartitionReport};
 use sluice_dataplane::partitioning::{Placement, place};
 use sluice_proto::{Receipt, receipt::message_id, v1};
 use std::collections::HashMap;
@@ -1059,6 +1059,15 @@ impl Queue {
                     term: state.term,
                     in_sync: state.in_sync,
                     members,
+                    depth: p.serving().then(|| {
+                        let s = p.snapshot();
+                        Depth {
+                            ready: s.ready,
+                            in_flight: s.in_flight,
+                            delayed: s.delayed,
+                            oldest_ready_ms: s.oldest_ready_ms,
+                        }
+                    }),
                 }
             })
             .collect();

@@ -28,4 +28,20 @@ pub struct PartitionReport {
     /// move done when they are the placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<u32>>,
+    /// On the copy that serves the partition (the leader, or a single copy): the
+    /// messages it holds. None on a follower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<Depth>,
+}
+
+/// The messages of one partition, by state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Depth {
+    pub ready: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    /// When the oldest ready message was enqueued, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_ready_ms: Option<u64>,
 }

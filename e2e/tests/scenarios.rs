@@ -621,6 +621,22 @@ async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
         assert_eq!(produced["failed"], 0, "{produced}");
         expected += produced["acked"].as_u64().unwrap();
     }
+    // `kubectl get slq` shows the backlog: every message waits, the oldest since
+    // before the moves.
+    let queues = queue_api(&client, ns);
+    let depth = |q: &Value, field: &str| {
+        q.pointer(&format!("/status/messages/{field}"))
+            .and_then(Value::as_i64)
+    };
+    eventually("the Queue shows its backlog", || async {
+        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+        let oldest = q
+            .pointer("/status/messages/oldestReadyTime")?
+            .as_str()?
+            .to_string();
+        (depth(&q, "ready")? >= expected as i64 && depth(&q, "inFlight")? == 0).then_some(oldest)
+    })
+    .await;
     let (up_id, down_id) = (up.id.to_string(), down.id.to_string());
     let args = [
         "consume",
@@ -644,6 +660,15 @@ async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
         "{consumed}"
     );
     assert_eq!(consumed["out_of_order"], 0, "keys out of order: {consumed}");
+    eventually("the Queue shows it drained", || async {
+        let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
+        // Cleared: the status's merge patch removes a null.
+        let none_ready = q
+            .pointer("/status/messages/oldestReadyTime")
+            .is_none_or(Value::is_null);
+        (depth(&q, "ready")? == 0 && depth(&q, "inFlight")? == 0 && none_ready).then_some(())
+    })
+    .await;
 }
 
 #[test]

@@ -240,7 +240,55 @@ async fn metrics_and_the_partition_report_show_the_leader_and_its_copies_in_sync
             "broker {i}: {body}"
         );
         assert!(p0.term > 0, "{body}");
+        // The leader says what the partition holds ("m" and the leader's probe),
+        // and since when its oldest ready message waits; followers say nothing.
+        match p0.depth {
+            Some(d) if i == l => {
+                assert_eq!((d.ready, d.in_flight, d.delayed), (2, 0, 0), "{body}");
+                let oldest = d.oldest_ready_ms.expect("a ready message has an age");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64;
+                assert!(oldest <= now && oldest + 120_000 > now, "{oldest} {now}");
+            }
+            None if i != l => {}
+            other => panic!("broker {i} (leader {l}) reports depth {other:?}"),
+        }
     }
+    let (_, body) = http_get(brokers[l].metrics, "/metrics");
+    let age_line =
+        format!("sluice_queue_oldest_ready_age_seconds{{queue=\"{QUEUE}\",partition=\"0\"}} ");
+    let age: f64 = body
+        .lines()
+        .find_map(|line| line.strip_prefix(&age_line))
+        .unwrap_or_else(|| panic!("no oldest age in {body}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(age >= 0.0, "{age}");
+    // A delivery takes one out of ready.
+    let mut c = brokers[l].client().await;
+    let got = c
+        .dequeue(v1::DequeueRequest {
+            queue: QUEUE.into(),
+            max_messages: 1,
+            wait_ms: 1000,
+            visibility_timeout_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(got.len(), 1);
+    let (_, body) = http_get(brokers[l].metrics, PARTITIONS_PATH);
+    let reports: Vec<PartitionReport> = serde_json::from_str(&body).unwrap();
+    let d = reports
+        .iter()
+        .find(|r| r.queue == QUEUE && r.partition == 0)
+        .and_then(|r| r.depth)
+        .unwrap();
+    assert_eq!((d.ready, d.in_flight), (1, 1), "{body}");
 
     let f = all.iter().copied().find(|&i| i != l).unwrap();
     brokers[f].proc.kill();

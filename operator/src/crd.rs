@@ -43,6 +43,10 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Broker pods ready"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Reason of the Ready condition"}"#,
     printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].reason","description":"Whether every partition has a leader (a majority of its copies up)"}"#,
+    printcolumn = r#"{"name":"Msgs","type":"integer","jsonPath":".status.messages.ready","description":"Messages ready for delivery"}"#,
+    printcolumn = r#"{"name":"In flight","type":"integer","jsonPath":".status.messages.inFlight","priority":1,"description":"Messages delivered and not yet settled"}"#,
+    printcolumn = r#"{"name":"DLQ","type":"integer","jsonPath":".status.messages.deadLettered","description":"Messages in the dead-letter queue"}"#,
+    printcolumn = r#"{"name":"Oldest","type":"date","jsonPath":".status.messages.oldestReadyTime","description":"Age of the oldest ready message"}"#,
     printcolumn = r#"{"name":"Address","type":"string","jsonPath":".status.address","priority":1,"description":"Address the sidecar routes to"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -434,6 +438,28 @@ pub struct QueueStatus {
     /// which).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<PartitionStatus>,
+    /// The messages the Queue holds, as its brokers report them: refreshed at every
+    /// reconciliation, at least every 30 s (see docs/operator.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<MessagesStatus>,
+}
+
+/// The messages of a Queue, by state, summed over its partitions.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagesStatus {
+    /// Waiting for delivery.
+    pub ready: i64,
+    /// Delivered, not yet acked or nacked.
+    pub in_flight: i64,
+    /// Waiting for their delay (or redelivery backoff).
+    pub delayed: i64,
+    /// In the dead-letter queue (`<name>.dlq`), in any state.
+    pub dead_lettered: i64,
+    /// When the oldest ready message was enqueued (`kubectl get slq` shows its age,
+    /// as SQS's ApproximateAgeOfOldestMessage); null when none is ready.
+    #[serde(default)]
+    pub oldest_ready_time: Option<String>,
 }
 
 /// One partition as the status reports it.

@@ -243,7 +243,7 @@ mod tests {
 #[cfg(test)]
 mod mock_tests {
     use super::super::fixtures::{NAME, NS, Scenario, existing_sts, reconcile_with};
-    use super::super::status::{RESYNC_HEALTHY, RESYNC_REPLICATED};
+    use super::super::status::RESYNC_HEALTHY;
     use crate::crd::Queue;
     use crate::layout::Layout;
     use crate::{resources, settings};
@@ -279,6 +279,6 @@ mod mock_tests {
         );
         let (res, _) = reconcile_with(q, Scenario::Update { old, replicas: 3 }).await;
         // Healthy and replicated: the brokers are asked again within a minute.
-        assert_eq!(res.unwrap(), Action::requeue(RESYNC_REPLICATED));
+        assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));
     }
 }

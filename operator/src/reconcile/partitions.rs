@@ -4,7 +4,7 @@
 //! copies are in sync, and which partitions have no leader (fewer than a majority of
 //! their copies answer) or run on fewer copies than they have.
 
-use crate::crd::PartitionStatus;
+use crate::crd::{MessagesStatus, PartitionStatus};
 use crate::resources;
 use futures::future::join_all;
 use http_body_util::{BodyExt, Empty};
@@ -13,7 +13,8 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
+use sluice_config::report::{Depth, PARTITIONS_PATH, PartitionReport};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -180,6 +181,58 @@ pub fn summarize(
     seen
 }
 
+/// The messages of `queue` and its dead-letter queue, summed over the partitions'
+/// serving copies (of two claiming one partition around an election, the later
+/// term's). None when no broker answered.
+pub fn messages(queue: &str, answers: &[Answer]) -> Option<MessagesStatus> {
+    let dlq = format!("{queue}{}", sluice_config::DLQ_SUFFIX);
+    let mut serving: BTreeMap<(bool, u32), (u64, Depth)> = BTreeMap::new();
+    let mut answered = false;
+    for (_, answer) in answers {
+        let Ok(reports) = answer else { continue };
+        answered = true;
+        for r in reports {
+            let dead = r.queue == dlq;
+            let (Some(depth), true) = (r.depth, dead || r.queue == queue) else {
+                continue;
+            };
+            let slot = serving
+                .entry((dead, r.partition))
+                .or_insert((r.term, depth));
+            if r.term > slot.0 {
+                *slot = (r.term, depth);
+            }
+        }
+    }
+    if !answered {
+        return None;
+    }
+    let mut m = MessagesStatus::default();
+    let mut oldest: Option<u64> = None;
+    for ((dead, _), (_, d)) in serving {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if dead {
+            m.dead_lettered += n(d.ready + d.in_flight + d.delayed);
+        } else {
+            m.ready += n(d.ready);
+            m.in_flight += n(d.in_flight);
+            m.delayed += n(d.delayed);
+            if let Some(t) = d.oldest_ready_ms {
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+    }
+    m.oldest_ready_time = oldest.and_then(|ms| {
+        let t = k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok()?;
+        // RFC 3339 in seconds, as Kubernetes writes times.
+        Some(format!(
+            "{:.0}",
+            t.round(k8s_openapi::jiff::Unit::Second).ok()?
+        ))
+    });
+    Some(m)
+}
+
 /// The partitions (of the queue and, with `dead_letter`, of its dead-letter queue,
 /// which moves with it) whose group has not yet committed `target` as its members:
 /// no leader reports them (the latest term's leader counts). Sorted, no repeats.
@@ -242,7 +295,54 @@ mod tests {
             term,
             in_sync,
             members: None,
+            depth: None,
         }
+    }
+
+    #[test]
+    fn the_messages_are_summed_over_serving_copies_and_dead_letters_apart() {
+        let serving =
+            |queue: &str, p: u32, term: u64, ready: u64, oldest: Option<u64>| PartitionReport {
+                queue: queue.into(),
+                depth: Some(Depth {
+                    ready,
+                    in_flight: 1,
+                    delayed: 2,
+                    oldest_ready_ms: oldest,
+                }),
+                ..report(p, true, term, Some(3))
+            };
+        let answers: Vec<Answer> = vec![
+            (
+                "b-0".into(),
+                Ok(vec![
+                    serving("orders", 0, 1, 10, Some(1_764_540_000_400)),
+                    // A deposed leader's copy, from an older term: not counted.
+                    serving("orders", 1, 1, 99, Some(1)),
+                    serving("orders.dlq", 0, 1, 4, None),
+                    serving("other", 0, 1, 1000, Some(2)),
+                ]),
+            ),
+            (
+                "b-1".into(),
+                Ok(vec![
+                    serving("orders", 1, 2, 5, Some(1_764_540_060_000)),
+                    // A follower reports no depth.
+                    PartitionReport {
+                        depth: None,
+                        ..report(0, false, 1, None)
+                    },
+                ]),
+            ),
+            ("b-2".into(), Err("down".into())),
+        ];
+        let m = messages("orders", &answers).unwrap();
+        assert_eq!(
+            (m.ready, m.in_flight, m.delayed, m.dead_lettered),
+            (15, 2, 4, 7)
+        );
+        assert_eq!(m.oldest_ready_time.as_deref(), Some("2025-11-30T22:00:00Z"));
+        assert_eq!(messages("orders", &answers[2..]), None, "nobody answered");
     }
 
     #[test]

@@ -15,11 +15,12 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use std::time::Duration;
 
-/// Requeue period while everything is ready and rolled (repairs PDB drift).
-pub const RESYNC_HEALTHY: Duration = Duration::from_secs(300);
-/// Requeue period of a healthy replicated Queue: a copy cut off by the network
-/// leaves its pod Ready, so nothing watched changes; the brokers are asked again.
-pub const RESYNC_REPLICATED: Duration = Duration::from_secs(60);
+/// Requeue period while everything is ready and rolled: the brokers are asked
+/// again, so `status.messages` (and, replicated, a copy cut off by the network,
+/// which leaves its pod Ready) is at most this old. The status is written only when
+/// a figure changed, so a busy Queue costs one status write per period, whatever
+/// its message rate; the applies of a reconciliation change nothing then.
+pub const RESYNC_HEALTHY: Duration = Duration::from_secs(30);
 /// Requeue period otherwise: pods come and go without touching what is watched
 /// when no kubelet reports status.
 pub const RESYNC_BUSY: Duration = Duration::from_secs(15);
@@ -92,6 +93,9 @@ pub async fn report(
         && let Some(answers) = ctx.brokers.ask(pods).await
     {
         let layout = &scale.plan.layout;
+        if let Some(m) = partitions::messages(&name, &answers) {
+            status.messages = Some(m);
+        }
         let seen = partitions::summarize(&name, layout.partitions, layout.replication, &answers);
         status.partitions = seen.partitions.clone();
         rollout.partitions = Some(seen);
@@ -121,8 +125,6 @@ pub async fn report(
         Action::requeue(RESYNC_MOVING)
     } else if !(rollout.all_ready() && rollout.rolled() && partitions_healthy && grown) {
         Action::requeue(RESYNC_BUSY)
-    } else if scale.plan.layout.replication > 1 {
-        Action::requeue(RESYNC_REPLICATED)
     } else {
         Action::requeue(RESYNC_HEALTHY)
     })
