@@ -47,6 +47,12 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
     ChildGuard::spawn(&name, cmd, log).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The sidecar route (`--routes`) of `queue` to every one of `addrs`.
+pub fn route(queue: &str, addrs: impl IntoIterator<Item = SocketAddr>) -> String {
+    let addrs: Vec<String> = addrs.into_iter().map(|a| a.to_string()).collect();
+    format!("{queue}={}", addrs.join(","))
+}
+
 /// A broker process with its settings and data directory.
 pub struct Broker {
     pub proc: Proc,

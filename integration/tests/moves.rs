@@ -236,14 +236,7 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
         };
         brokers.push(b);
     }
-    let routes = format!(
-        "{QUEUE}={}",
-        addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let routes = route(QUEUE, addrs.iter().copied());
     let sidecar = Sidecar::start(dir.path(), &routes).await;
     let app = sidecar.client().await;
 
@@ -307,14 +300,7 @@ async fn a_move_completes_through_brokers_killed_midway() {
         let data = dir.path().join(format!("data-{i}"));
         brokers.push(Broker::start_at(dir.path(), &toml, i as u32, data, *addr, &[]).await);
     }
-    let routes = format!(
-        "{QUEUE}={}",
-        addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let routes = route(QUEUE, addrs.iter().copied());
     let sidecar = Sidecar::start(dir.path(), &routes).await;
     let app = sidecar.client().await;
     let traffic = Traffic::start(&app);

@@ -311,14 +311,7 @@ async fn metrics_and_the_partition_report_show_the_leader_and_its_copies_in_sync
 async fn the_sidecar_follows_partition_leaders_across_a_failover() {
     let dir = tempfile::tempdir().unwrap();
     let mut brokers = start_three(dir.path(), 3, "").await;
-    let routes = format!(
-        "{QUEUE}={}",
-        brokers
-            .iter()
-            .map(|b| b.addr.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let routes = route(QUEUE, brokers.iter().map(|b| b.addr));
     let sidecar = Sidecar::start(dir.path(), &routes).await;
     let mut app = sidecar.client().await;
     let keyed = |i: usize| v1::NewMessage {
@@ -404,14 +397,7 @@ async fn a_keyless_enqueue_waits_for_the_first_leader_through_the_sidecar() {
         }
     };
     let first = start(0).await;
-    let routes = format!(
-        "{QUEUE}={}",
-        addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let routes = route(QUEUE, addrs.iter().copied());
     let sidecar = Sidecar::start(dir.path(), &routes).await;
     let mut app = sidecar.client().await;
     // The sidecar knows the queue (broker 0 describes it) but no partition is led.
