@@ -817,8 +817,8 @@ async fn setting_partition_and_storage_changes_roll_out_while_the_queue_serves_i
             .await
             .unwrap();
     }
-    // Replicas stay: a replica change would move partitions with messages, and is
-    // refused (operator/tests/control_plane.rs shows the refusal).
+    // Replicas stay: this Queue has one copy per partition, whose replica change is
+    // refused (operator/tests/control_plane.rs); scenario 9 moves a replicated one.
     let storage = |size: &str| {
         if ours {
             json!({"size": size, "storageClassName": EXPANDABLE})

@@ -352,23 +352,40 @@ impl QueueRoute {
     /// A partition for a keyless message, round-robin over partitions with a
     /// healthy owner. A replicated queue may have none for a moment (its groups are
     /// still electing, say right after it was made, or a leader just died): then
-    /// wait up to [`LEADER_WAIT`] for one, as [`Self::enqueue_batch`] does, so the
-    /// app sees an election as latency rather than an error.
+    /// wait for one ([`Self::through_elections`]), so the app sees an election as
+    /// latency rather than an error.
     pub async fn any_partition(&self) -> Result<u32, Status> {
+        self.through_elections("a partition's leader", || async {
+            match self.led_partition() {
+                Err(e) if e.code() == Code::Unavailable => Attempt::Retry(e),
+                found => Attempt::Done(found),
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it is done; one that asks to retry is tried again with a
+    /// fresh layout for up to [`LEADER_WAIT`] when the queue's partitions are
+    /// replicated (a new leader comes within seconds), and fails at once otherwise
+    /// (an unreplicated partition's owner is its only home).
+    async fn through_elections<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            match self.led_partition() {
-                Err(e)
-                    if e.code() == Code::Unavailable
-                        && self.settings().is_ok_and(|s| s.replication > 1)
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tracing::debug!(queue = %self.queue, "waiting for a partition's leader");
-                    tokio::time::sleep(RETRY / 2).await;
-                    self.refresh().await;
-                }
-                found => return found,
+            let failed = match attempt().await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(e) => e,
+            };
+            let replicated = self.settings().is_ok_and(|s| s.replication > 1);
+            if !replicated || tokio::time::Instant::now() >= deadline {
+                return Err(failed);
             }
+            tracing::debug!(queue = %self.queue, error = %failed.message(), "waiting for {what}");
+            tokio::time::sleep(RETRY / 2).await;
+            self.refresh().await;
         }
     }
 
@@ -420,51 +437,51 @@ impl QueueRoute {
 
     /// Sends a batch to the owner of its partition. A replicated partition whose
     /// leader moved (the broker answers with `sluice-leader`) or went away gets
-    /// another leader within seconds: the layout is asked for again and the batch
-    /// sent to the new leader, for up to [`LEADER_WAIT`], so the app sees the
-    /// failover as latency. An unreplicated partition's owner is its only home:
-    /// there the app hears at once that it is away.
+    /// another leader within seconds: the batch follows it
+    /// ([`Self::through_elections`]), so the app sees the failover as latency. An
+    /// unreplicated partition's owner is its only home: there the app hears at once
+    /// that it is away.
     pub async fn enqueue_batch(
         &self,
         queue: &str,
         partition: u32,
         messages: Vec<v1::NewMessage>,
     ) -> Result<Vec<v1::EnqueueResponse>, Status> {
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let replicated = self.settings().is_ok_and(|s| s.replication > 1);
-        loop {
-            let waiting = tokio::time::Instant::now() < deadline;
-            let failed = match self.owner(partition) {
-                Ok(broker) => {
-                    let mut req = tonic::Request::new(v1::EnqueueBatchRequest {
-                        queue: queue.to_string(),
-                        messages: messages.clone(),
-                        partition: Some(partition),
-                    });
-                    req.set_timeout(CALL_TIMEOUT);
-                    match broker.client().enqueue_batch(req).await {
-                        Ok(r) => return Ok(r.into_inner().results),
-                        Err(e) => {
-                            let moved = e.metadata().contains_key(LEADER_METADATA);
-                            let e = broker.failed(e);
-                            if !(moved || replicated && is_transport_failure(&e)) {
-                                return Err(e);
-                            }
-                            e
-                        }
+        self.through_elections("the partition's leader", || async {
+            let broker = match self.owner(partition) {
+                Ok(b) => b,
+                Err(e) if e.code() == Code::Unavailable => return Attempt::Retry(e),
+                Err(e) => return Attempt::Done(Err(e)),
+            };
+            let mut req = tonic::Request::new(v1::EnqueueBatchRequest {
+                queue: queue.to_string(),
+                messages: messages.clone(),
+                partition: Some(partition),
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            match broker.client().enqueue_batch(req).await {
+                Ok(r) => Attempt::Done(Ok(r.into_inner().results)),
+                Err(e) => {
+                    let moved = e.metadata().contains_key(LEADER_METADATA);
+                    let e = broker.failed(e);
+                    if moved || is_transport_failure(&e) {
+                        Attempt::Retry(e)
+                    } else {
+                        Attempt::Done(Err(e))
                     }
                 }
-                Err(e) if replicated && e.code() == Code::Unavailable => e,
-                Err(e) => return Err(e),
-            };
-            if !waiting {
-                return Err(failed);
             }
-            tracing::debug!(queue, partition, error = %failed.message(), "waiting for the partition's leader");
-            tokio::time::sleep(RETRY / 2).await;
-            self.refresh().await;
-        }
+        })
+        .await
     }
+}
+
+/// One try of a call that may wait through a leader election.
+enum Attempt<T> {
+    /// Its outcome, to return as it is.
+    Done(Result<T, Status>),
+    /// Failed in a way a new leader would fix.
+    Retry(Status),
 }
 
 /// Most bytes one coalesced batch carries.
