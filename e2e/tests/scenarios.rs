@@ -609,6 +609,24 @@ async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
     moved_onto(&client, ns, 3).await;
     queue_ready(&client, ns, "orders", 3).await;
     partitions_led(&client, ns, 3).await;
+    // The brokers that left took nothing with them: their claims go.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    eventually("the claims of brokers 3 and 4 deleted", || async {
+        let names: Vec<String> = pvcs
+            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+            .await
+            .ok()?
+            .items
+            .iter()
+            .map(|c| c.name_any())
+            .collect();
+        (names.len() == 3
+            && names
+                .iter()
+                .all(|n| !n.ends_with("-3") && !n.ends_with("-4")))
+        .then_some(())
+    })
+    .await;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     eventually("app pod Ready again", || async {

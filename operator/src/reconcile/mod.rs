@@ -320,6 +320,7 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     let placed = scale.plan.placed.as_ref();
     let rendered = settings::render(&name, &ns, &carried.spec, placed).map_err(Error::Settings)?;
     let applied = apply::apply_all(ctx, &carried, &ns, &rendered, &scale.plan.layout).await?;
+    moves::release_claims(ctx, q, &ns, &scale.plan).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
     guard::announce(ctx, q, &status, &scale).await;
     if status::rollout(&applied, &scale, &rendered).rolled() {

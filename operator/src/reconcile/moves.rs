@@ -4,15 +4,18 @@
 //! partition's leader moves its group there (the broker's `replica` module). This
 //! step asks the brokers which groups have their new members: once all have, the
 //! plan records the new placement, the settings drop the old members (their copies
-//! are deleted) and the StatefulSet takes the count asked for.
+//! are deleted) and the StatefulSet takes the count asked for. The claims of brokers
+//! a scale-down removed hold nothing anyone needs then, and are deleted
+//! ([`release_claims`]): kept, they would hand a later broker of that ordinal a stale
+//! copy of a group it left.
 
 use super::{Context, Error, EventReason, partitions, publish};
 use crate::crd::Queue;
 use crate::layout::Plan;
 use crate::resources;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::events::EventType;
 
 /// A move under way.
@@ -88,4 +91,86 @@ pub async fn follow(
     )
     .await;
     Ok(None)
+}
+
+/// Deletes the volume claims of brokers beyond the StatefulSet's count, once a
+/// replicated Queue's copies moved off them (a placement is recorded and no move is
+/// under way). A claim whose pod still runs stays until the pod is gone (the API
+/// server's claim protection).
+pub async fn release_claims(ctx: &Context, q: &Queue, ns: &str, plan: &Plan) -> Result<(), Error> {
+    if plan.layout.placement.is_none() || plan.layout.moving_to.is_some() {
+        return Ok(());
+    }
+    let name = q.name_any();
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let claims = api
+        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
+        .await?
+        .items;
+    let live: Vec<String> = claims
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .map(|c| c.name_any())
+        .collect();
+    let left = left_behind(&live, &resources::sts_name(&name), plan.spec.replicas);
+    for claim in &left {
+        match api.delete(claim, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !left.is_empty() {
+        publish(
+            ctx,
+            q,
+            EventType::Normal,
+            EventReason::VolumesDeleted,
+            "Move",
+            &format!(
+                "deleted the claims of brokers the Queue no longer runs (their copies moved to the others): {}",
+                left.join(", ")
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// The claims (`data-<statefulset>-<ordinal>`) of ordinals at or beyond `brokers`.
+fn left_behind(claims: &[String], sts: &str, brokers: i32) -> Vec<String> {
+    let prefix = format!("data-{sts}-");
+    claims
+        .iter()
+        .filter(|c| {
+            c.strip_prefix(&prefix)
+                .and_then(|n| n.parse::<i32>().ok())
+                .is_some_and(|n| n >= brokers)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_claims_of_removed_ordinals_are_left_behind() {
+        let claims: Vec<String> = [
+            "data-sluice-orders-0",
+            "data-sluice-orders-2",
+            "data-sluice-orders-3",
+            "data-sluice-orders-10",
+            "data-sluice-orders-x",
+            "data-sluice-orders-archive-7",
+            "other",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            left_behind(&claims, "sluice-orders", 3),
+            ["data-sluice-orders-3", "data-sluice-orders-10"]
+        );
+    }
 }
