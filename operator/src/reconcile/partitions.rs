@@ -125,6 +125,28 @@ impl PartitionsSeen {
     }
 }
 
+/// The copy leading each partition of `queue` (by partition), with the pod that
+/// reports it: of two copies claiming to lead, for a moment around an election, the
+/// later term's.
+fn leaders<'a>(
+    queue: &str,
+    answers: &'a [Answer],
+) -> BTreeMap<u32, (&'a str, &'a PartitionReport)> {
+    let mut led: BTreeMap<u32, (&str, &PartitionReport)> = BTreeMap::new();
+    for (pod, answer) in answers {
+        for r in answer.iter().flatten() {
+            if r.queue != queue || !r.leader {
+                continue;
+            }
+            let slot = led.entry(r.partition).or_insert((pod.as_str(), r));
+            if r.term > slot.1.term {
+                *slot = (pod.as_str(), r);
+            }
+        }
+    }
+    led
+}
+
 /// Sums up the answers of a Queue's brokers for `partitions` partitions of
 /// `replication` copies each. A partition's leader is the copy that says it leads
 /// (of two, for a moment around an election, the later term).
@@ -138,27 +160,16 @@ pub fn summarize(
         replication,
         ..Default::default()
     };
-    let mut leaders: Vec<Option<(u64, &str, Option<u32>)>> = vec![None; partitions.max(0) as usize];
     for (pod, answer) in answers {
-        match answer {
-            Ok(reports) => {
-                for r in reports.iter().filter(|r| r.queue == queue && r.leader) {
-                    let Some(slot) = leaders.get_mut(r.partition as usize) else {
-                        continue;
-                    };
-                    if slot.is_none_or(|(term, _, _)| r.term > term) {
-                        *slot = Some((r.term, pod.as_str(), r.in_sync));
-                    }
-                }
-            }
-            Err(e) => seen.unanswered.push(format!("{pod}: {e}")),
+        if let Err(e) = answer {
+            seen.unanswered.push(format!("{pod}: {e}"));
         }
     }
-    for (p, leader) in leaders.into_iter().enumerate() {
-        let p = p as i32;
-        match leader {
-            Some((_, pod, in_sync)) => {
-                let in_sync = in_sync.map(|n| n as i32);
+    let led = leaders(queue, answers);
+    for p in 0..partitions.max(0) {
+        match led.get(&(p as u32)) {
+            Some((pod, r)) => {
+                let in_sync = r.in_sync.map(|n| n as i32);
                 if in_sync.is_some_and(|n| n < replication) {
                     seen.under_replicated.push(p);
                 }
@@ -185,41 +196,28 @@ pub fn summarize(
 /// serving copies (of two claiming one partition around an election, the later
 /// term's). None when no broker answered.
 pub fn messages(queue: &str, answers: &[Answer]) -> Option<MessagesStatus> {
-    let dlq = format!("{queue}{}", sluice_config::DLQ_SUFFIX);
-    let mut serving: BTreeMap<(bool, u32), (u64, Depth)> = BTreeMap::new();
-    let mut answered = false;
-    for (_, answer) in answers {
-        let Ok(reports) = answer else { continue };
-        answered = true;
-        for r in reports {
-            let dead = r.queue == dlq;
-            let (Some(depth), true) = (r.depth, dead || r.queue == queue) else {
-                continue;
-            };
-            let slot = serving
-                .entry((dead, r.partition))
-                .or_insert((r.term, depth));
-            if r.term > slot.0 {
-                *slot = (r.term, depth);
-            }
-        }
-    }
-    if !answered {
+    if answers.iter().all(|(_, a)| a.is_err()) {
         return None;
     }
+    let dlq = format!("{queue}{}", sluice_config::DLQ_SUFFIX);
+    let depths = |name: &str| -> Vec<Depth> {
+        leaders(name, answers)
+            .into_values()
+            .filter_map(|(_, r)| r.depth)
+            .collect()
+    };
     let mut m = MessagesStatus::default();
     let mut oldest: Option<u64> = None;
-    for ((dead, _), (_, d)) in serving {
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        if dead {
-            m.dead_lettered += n(d.ready + d.in_flight + d.delayed);
-        } else {
-            m.ready += n(d.ready);
-            m.in_flight += n(d.in_flight);
-            m.delayed += n(d.delayed);
-            if let Some(t) = d.oldest_ready_ms {
-                oldest = Some(oldest.map_or(t, |o| o.min(t)));
-            }
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for d in depths(&dlq) {
+        m.dead_lettered += n(d.ready + d.in_flight + d.delayed);
+    }
+    for d in depths(queue) {
+        m.ready += n(d.ready);
+        m.in_flight += n(d.in_flight);
+        m.delayed += n(d.delayed);
+        if let Some(t) = d.oldest_ready_ms {
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
         }
     }
     m.oldest_ready_time = oldest.and_then(|ms| {
@@ -250,23 +248,10 @@ pub fn moves_left(
         vec![queue]
     };
     for name in names {
-        // Per partition: the latest term's leader and the members it reports.
-        type Led<'a> = Option<(u64, Option<&'a Vec<u32>>)>;
-        let mut led: Vec<Led> = vec![None; target.len()];
-        for (_, answer) in answers {
-            for r in answer.iter().flatten() {
-                if r.queue != name || !r.leader {
-                    continue;
-                }
-                if let Some(slot) = led.get_mut(r.partition as usize)
-                    && slot.is_none_or(|(term, _)| r.term > term)
-                {
-                    *slot = Some((r.term, r.members.as_ref()));
-                }
-            }
-        }
+        let led = leaders(name, answers);
         for (p, want) in target.iter().enumerate() {
-            let there = led[p].and_then(|(_, m)| m).is_some_and(|m| {
+            let members = led.get(&(p as u32)).and_then(|(_, r)| r.members.as_ref());
+            let there = members.is_some_and(|m| {
                 let mut m = m.clone();
                 m.sort_unstable();
                 &m == want
