@@ -31,6 +31,9 @@ enum SystemKind {
     /// Sluice replicated: clients talk to a sidecar, which talks to the leaders of
     /// the partitions among 3 brokers holding 3 copies of each.
     SidecarR3,
+    /// Sluice as the operator runs a one-copy Queue: through the sidecar, one broker,
+    /// each partition a Raft group of one (so that it can move between brokers).
+    SidecarRaft,
     /// NATS JetStream (Debian's nats-server; see bench/peers/install.sh).
     Nats,
     /// NATS JetStream, a cluster of 3 servers, streams of 3 replicas.
@@ -190,16 +193,18 @@ fn make_system(
     bin_dir: &std::path::Path,
 ) -> Result<Box<dyn System>> {
     Ok(match kind {
-        SystemKind::Direct | SystemKind::Sidecar | SystemKind::SidecarR3 => {
-            Box::new(sluice::Sluice::new(
-                kind != SystemKind::Direct,
-                if kind == SystemKind::SidecarR3 { 3 } else { 1 },
-                bin_dir.to_path_buf(),
-                args.partitions,
-                args.credit,
-                args.dequeue_batch,
-            ))
-        }
+        SystemKind::Direct
+        | SystemKind::Sidecar
+        | SystemKind::SidecarR3
+        | SystemKind::SidecarRaft => Box::new(sluice::Sluice::new(
+            kind != SystemKind::Direct,
+            if kind == SystemKind::SidecarR3 { 3 } else { 1 },
+            kind == SystemKind::SidecarRaft,
+            bin_dir.to_path_buf(),
+            args.partitions,
+            args.credit,
+            args.dequeue_batch,
+        )),
         SystemKind::Nats => Box::new(nats::Nats::new(1, args.credit, args.dequeue_batch)?),
         SystemKind::NatsR3 => Box::new(nats::Nats::new(3, args.credit, args.dequeue_batch)?),
         SystemKind::Rabbitmq => {
@@ -234,7 +239,10 @@ async fn run(args: &Args) -> Result<()> {
     if args.systems.iter().any(|k| {
         matches!(
             k,
-            SystemKind::Direct | SystemKind::Sidecar | SystemKind::SidecarR3
+            SystemKind::Direct
+                | SystemKind::Sidecar
+                | SystemKind::SidecarR3
+                | SystemKind::SidecarRaft
         )
     }) {
         for name in [sluice::BROKER_BIN, sluice::SIDECAR_BIN] {

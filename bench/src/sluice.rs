@@ -134,6 +134,9 @@ pub struct Sluice {
     via_sidecar: bool,
     /// Brokers, and copies of each partition (1, or 3: a Raft group per partition).
     copies: u32,
+    /// One copy, but each partition a Raft group of one: a Queue as the operator
+    /// makes it (so its copies can move).
+    raft: bool,
     bin_dir: PathBuf,
     partitions: u32,
     subscribe_credit: u32,
@@ -149,24 +152,28 @@ pub struct Sluice {
 
 impl Sluice {
     /// `copies` brokers holding that many copies of each partition; replicated (3),
-    /// only through the sidecar, which finds each partition's leader.
+    /// only through the sidecar, which finds each partition's leader. `raft`: one
+    /// copy in a Raft group of one.
     pub fn new(
         via_sidecar: bool,
         copies: u32,
+        raft: bool,
         bin_dir: PathBuf,
         partitions: u32,
         subscribe_credit: u32,
         dequeue_batch: u32,
     ) -> Self {
-        let name = match (via_sidecar, copies) {
-            (false, _) => "sluice-direct".to_string(),
-            (true, 1) => "sluice-sidecar".to_string(),
-            (true, n) => format!("sluice-sidecar-r{n}"),
+        let name = match (via_sidecar, copies, raft) {
+            (false, _, _) => "sluice-direct".to_string(),
+            (true, 1, false) => "sluice-sidecar".to_string(),
+            (true, 1, true) => "sluice-sidecar-raft".to_string(),
+            (true, n, _) => format!("sluice-sidecar-r{n}"),
         };
         Sluice {
             name,
             via_sidecar: via_sidecar || copies > 1,
             copies,
+            raft: raft && copies == 1,
             bin_dir,
             partitions,
             subscribe_credit,
@@ -224,6 +231,7 @@ impl System for Sluice {
             "client → sluice-broker"
         };
         let brokers = match self.copies {
+            1 if self.raft => "one broker, each partition a Raft group of one".to_string(),
             1 => "one broker".to_string(),
             n => format!("{n} brokers, {n} copies of each partition (Raft, majority ack)"),
         };
@@ -256,6 +264,8 @@ impl System for Sluice {
             )?;
             if n > 1 {
                 writeln!(toml, "replication = {n}\npeers = [{peers}]")?;
+            } else if self.raft {
+                writeln!(toml, "raft = true\npeers = [{peers}]")?;
             }
             writeln!(toml)?;
         }
@@ -266,7 +276,7 @@ impl System for Sluice {
             wait_ready(self.broker_addrs[i].0, queues, &mut broker).await?;
             self.brokers.push(Some(broker));
         }
-        if n > 1 {
+        if n > 1 || self.raft {
             let grpc: Vec<SocketAddr> = self.broker_addrs.iter().map(|(g, _)| *g).collect();
             wait_led(&grpc, queues, self.partitions).await?;
         }

@@ -25,7 +25,7 @@ fn smoke_run_reports_every_system() {
     );
     let out = Command::new(bench)
         .arg("--smoke")
-        .args(["--systems", "direct,sidecar,sidecar-r3"])
+        .args(["--systems", "direct,sidecar,sidecar-r3,sidecar-raft"])
         .output()
         .expect("running sluice-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -35,8 +35,14 @@ fn smoke_run_reports_every_system() {
         "sluice-bench --smoke failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    // sluice-sidecar-r3: three brokers, three copies of each partition.
-    for system in ["sluice-direct", "sluice-sidecar", "sluice-sidecar-r3"] {
+    // sluice-sidecar-r3: three brokers, three copies of each partition;
+    // sluice-sidecar-raft: one copy in a Raft group of one, as the operator runs it.
+    for system in [
+        "sluice-direct",
+        "sluice-sidecar",
+        "sluice-sidecar-r3",
+        "sluice-sidecar-raft",
+    ] {
         let rows = stdout
             .lines()
             .filter(|l| l.starts_with(&format!("| {system} |")))

@@ -102,9 +102,9 @@ impl Broker {
         let mut found: Vec<QueueSettings> = Vec::new();
         for q in &options.queues {
             q.validate()?;
-            if q.replication > 1 && options.tls.is_some() && options.peer_tls.is_none() {
+            if q.raft_groups() && options.tls.is_some() && options.peer_tls.is_none() {
                 return Err(BrokerError::FailedPrecondition(format!(
-                    "queue {} is replicated and the broker serves TLS, but has no certificate to present to its peers",
+                    "queue {} has Raft groups and the broker serves TLS, but has no certificate to present to its peers",
                     q.name
                 )));
             }
@@ -342,9 +342,9 @@ impl Broker {
             ..template.clone()
         };
         settings.validate()?;
-        if settings.replication > 1 {
+        if settings.raft_groups() {
             return Err(BrokerError::FailedPrecondition(format!(
-                "queue {name:?} is not configured here, and queues created on first use are not replicated"
+                "queue {name:?} is not configured here, and queues created on first use are not Raft groups"
             )));
         }
         tracing::info!(queue = base, "creating queue on first use");

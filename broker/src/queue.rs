@@ -633,9 +633,12 @@ impl Partition {
                             self.ready.notify_waiters();
                             self.kick.notify_one();
                             // The leader moves the copies where the settings place them.
-                            tokio::spawn(
-                                replica.clone().converge(self.settings.copies_of(self.id)),
+                            let (target, mut known) = (
+                                self.settings.copies_of(self.id),
+                                self.settings.members_of(self.id),
                             );
+                            known.extend(&target);
+                            tokio::spawn(replica.clone().converge(target, known));
                             // Dead letters move within this broker: its copy of the
                             // dead-letter partition should lead too.
                             if let Some(dlq) = self
@@ -738,10 +741,10 @@ impl Queue {
         groups: &Arc<Groups>,
     ) -> Result<Arc<Queue>, BrokerError> {
         let settings = Arc::new(settings);
-        let replicated = settings.replication > 1;
+        let replicated = settings.raft_groups();
         let me = ordinal % settings.replicas;
-        // The partitions this broker holds: its own, or, replicated, those with a copy
-        // here (placed here, or still a member of the group moving off this broker).
+        // The partitions this broker holds: its own, or, as Raft groups, those with a
+        // copy here (placed here, or still a member of the group moving off this broker).
         let owned: Vec<u32> = match replicated {
             false => (0..settings.partitions)
                 .filter(|&p| p % settings.replicas == me)

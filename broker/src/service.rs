@@ -259,6 +259,7 @@ impl Queues for QueueService {
             partitions: s.partitions,
             owned_partitions: q.serving_partitions(),
             replication: s.replication,
+            raft_groups: s.raft_groups(),
             ordinal: q.ordinal,
             fsync: s.fsync.as_str().to_string(),
             visibility_timeout_ms: s.visibility_timeout.as_millis() as u64,

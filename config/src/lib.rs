@@ -129,6 +129,11 @@ pub struct QueueSettings {
     /// a write is answered once a majority holds it. Written only when above 1.
     #[serde(skip_serializing_if = "is_one")]
     pub replication: u32,
+    /// Each partition is a Raft group even with one copy, so that its copy can move
+    /// to another broker (the operator's Queues; [`Self::raft_groups`]). Written only
+    /// when set.
+    #[serde(skip_serializing_if = "is_false")]
+    pub raft: bool,
     /// gRPC address of every broker of the queue, by ordinal: how replicas of a
     /// partition reach each other. Needed when `replication` is above 1.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -188,6 +193,7 @@ impl Default for QueueSettings {
             partitions: 4,
             replicas: 1,
             replication: 1,
+            raft: false,
             peers: Vec::new(),
             placement: Vec::new(),
             members: Vec::new(),
@@ -213,6 +219,10 @@ impl Default for QueueSettings {
 
 fn is_one(n: &u32) -> bool {
     *n == 1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Copy counts a partition may have: odd, so that a majority is well defined and
@@ -268,6 +278,11 @@ impl QueueSettings {
             retention_max_bytes: 0,
             ..self.clone()
         }
+    }
+
+    /// Whether each partition is a Raft group: replicated, or one copy that can move.
+    pub fn raft_groups(&self) -> bool {
+        self.raft || self.replication > 1
     }
 
     /// The brokers that should hold copies of `partition`, sorted.
@@ -374,11 +389,11 @@ impl QueueSettings {
                 },
             );
         }
-        if self.replication > 1 && self.peers.len() != self.replicas as usize {
+        if self.raft_groups() && self.peers.len() != self.replicas as usize {
             return bad(
                 "peers",
                 format!(
-                    "replicated partitions need the address of each of the {} brokers, got {}",
+                    "Raft groups need the address of each of the {} brokers, got {}",
                     self.replicas,
                     self.peers.len()
                 ),
@@ -388,10 +403,13 @@ impl QueueSettings {
             if lists.is_empty() {
                 continue;
             }
-            if self.replication == 1 {
+            if !self.raft_groups() {
                 return bad(
                     field,
-                    "is for replicated partitions only (replication above 1)".into(),
+                    format!(
+                        "is for Raft groups only (replication above 1, or {})",
+                        name_of("raft")
+                    ),
                 );
             }
             if lists.len() != self.partitions as usize {
@@ -719,8 +737,27 @@ mod tests {
                 .validate()
                 .unwrap_err()
                 .to_string()
-                .contains("replicated partitions only")
+                .contains("Raft groups only")
         );
+        // One copy as a Raft group: placed and read back like replicated copies.
+        let raft = QueueSettings {
+            raft: true,
+            peers: vec!["a:1".into(), "b:1".into()],
+            partitions: 2,
+            placement: vec![vec![1], vec![1]],
+            ..single
+        };
+        raft.validate().unwrap();
+        assert_eq!((raft.hosted_by(0), raft.hosted_by(1)), (vec![], vec![0, 1]));
+        let back = BrokerFile::from_toml(
+            &BrokerFile {
+                queues: vec![raft.clone()],
+            }
+            .to_toml(),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(back.queues[0], raft);
     }
 
     #[test]

@@ -98,12 +98,17 @@ async fn three_broker_orders_with(w: &World, ns: &str, replication: u32) -> Vec<
 /// Waits for the operator to report, from the brokers' own reports, every one of
 /// the 6 partitions of `orders` led with all `replication` copies in sync.
 async fn partitions_led(client: &Client, ns: &str, replication: u32) {
+    partitions_of_led(client, ns, 6, replication).await
+}
+
+/// [`partitions_led`] for a Queue of `partitions` partitions.
+async fn partitions_of_led(client: &Client, ns: &str, partitions: usize, replication: u32) {
     let queues = queue_api(client, ns);
     eventually("every partition led, all copies in sync", || async {
         let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
         let (status, reason, _) = condition(&q, "Available")?;
         let parts = q.pointer("/status/partitions")?.as_array()?;
-        let all_in_sync = parts.len() == 6
+        let all_in_sync = parts.len() == partitions
             && parts.iter().all(|p| {
                 p["leader"]
                     .as_str()
@@ -522,10 +527,21 @@ fn replicated_queue_scales_up_and_down_under_traffic_by_moving_its_partitions() 
     );
 }
 
-/// Waits until `orders` has moved its copies onto `brokers` brokers: the layout
-/// records them with no move under way, and the Queue said PartitionsMoving on
-/// the way (sampled).
+/// Waits until `orders` (6 partitions of 3 copies) has moved its copies onto
+/// `brokers` brokers: the layout records them with no move under way, and the
+/// Queue said PartitionsMoving on the way (sampled).
 async fn moved_onto(client: &Client, ns: &str, brokers: u64) -> Value {
+    copies_moved_onto(client, ns, brokers, 6, 3).await
+}
+
+/// [`moved_onto`] for `partitions` partitions of `copies` copies.
+async fn copies_moved_onto(
+    client: &Client,
+    ns: &str,
+    brokers: u64,
+    partitions: usize,
+    copies: usize,
+) -> Value {
     let queues = queue_api(client, ns);
     let saw_moving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let q = eventually_within(
@@ -555,13 +571,137 @@ async fn moved_onto(client: &Client, ns: &str, brokers: u64) -> Value {
         .pointer("/status/layout/placement")
         .and_then(Value::as_array)
         .unwrap();
-    assert_eq!(placement.len(), 6, "{q}");
-    for copies in placement {
-        let copies = copies.as_array().unwrap();
-        assert_eq!(copies.len(), 3, "{q}");
-        assert!(copies.iter().all(|b| b.as_u64().unwrap() < brokers), "{q}");
+    assert_eq!(placement.len(), partitions, "{q}");
+    for placed in placement {
+        let placed = placed.as_array().unwrap();
+        assert_eq!(placed.len(), copies, "{q}");
+        assert!(placed.iter().all(|b| b.as_u64().unwrap() < brokers), "{q}");
     }
     q
+}
+
+/// Starts a producer job in `app` writing 2,500 keyed messages (16 keys of its
+/// own, `<prefix>-kN`) and waits until it is under way.
+async fn keyed_traffic(w: &World, ns: &str, prefix: &str) -> AppJob {
+    let args = [
+        "produce",
+        "--queue",
+        "orders",
+        "--count",
+        "2500",
+        "--prefix",
+        prefix,
+        "--concurrency",
+        "16",
+        "--keyed",
+    ];
+    let job = w.app_job(ns, "app", &args).await;
+    eventually("traffic flowing", || async {
+        (job.acked().await >= 300).then_some(())
+    })
+    .await;
+    job
+}
+
+/// The claims of `orders`' brokers, by name.
+async fn claims_of_orders(client: &Client, ns: &str) -> Option<Vec<String>> {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let mut names: Vec<String> = pvcs
+        .list(&ListParams::default().labels("sluice.dev/queue=orders"))
+        .await
+        .ok()?
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+/// The path for a default small Queue: one copy of each partition, brokers
+/// 1 -> 3 -> 5 -> 2 -> 1 and partitions 4 -> 8, with 10,000 keyed messages written
+/// during the moves. Every partition is a Raft group of one, so its copy moves as a
+/// replicated one does. Partitions grow between two producers: a key's partition
+/// is its hash modulo the partitions, so a key written across the change would be
+/// split over two partitions (as in Kafka) and lose its order.
+#[test]
+fn single_copy_queue_scales_one_three_five_two_one_and_grows_partitions_under_traffic() {
+    isolated(
+        "single_copy_queue_scales_one_three_five_two_one_and_grows_partitions_under_traffic",
+        WorldOptions::default(),
+        single_copy_queue_scales_in,
+    );
+}
+
+async fn single_copy_queue_scales_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    let spec = |replicas: u32, partitions: u32| json!({"replicas": replicas, "partitions": partitions, "storage": {"size": "1Gi"}});
+    apply_queue(&client, ns, "orders", spec(1, 4)).await;
+    queue_ready(&client, ns, "orders", 1).await;
+    partitions_of_led(&client, ns, 4, 1).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+
+    let a = keyed_traffic(&w, ns, "a").await;
+    apply_queue(&client, ns, "orders", spec(3, 4)).await;
+    copies_moved_onto(&client, ns, 3, 4, 1).await;
+    queue_ready(&client, ns, "orders", 3).await;
+    let produced_a = a.result().await;
+
+    apply_queue(&client, ns, "orders", spec(3, 8)).await;
+    partitions_of_led(&client, ns, 8, 1).await;
+    let b = keyed_traffic(&w, ns, "b").await;
+    apply_queue(&client, ns, "orders", spec(5, 8)).await;
+    copies_moved_onto(&client, ns, 5, 8, 1).await;
+    queue_ready(&client, ns, "orders", 5).await;
+
+    let c = keyed_traffic(&w, ns, "c").await;
+    apply_queue(&client, ns, "orders", spec(2, 8)).await;
+    copies_moved_onto(&client, ns, 2, 8, 1).await;
+    queue_ready(&client, ns, "orders", 2).await;
+
+    let d = keyed_traffic(&w, ns, "d").await;
+    apply_queue(&client, ns, "orders", spec(1, 8)).await;
+    copies_moved_onto(&client, ns, 1, 8, 1).await;
+    queue_ready(&client, ns, "orders", 1).await;
+    partitions_of_led(&client, ns, 8, 1).await;
+    // The brokers that left took nothing with them: their claims go.
+    eventually("only broker 0's claim left", || async {
+        let names = claims_of_orders(&client, ns).await?;
+        (names == ["data-sluice-orders-0"]).then_some(())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("app pod Ready again", || async {
+        pods.get("app").await.ok().filter(pod_ready).map(|_| ())
+    })
+    .await;
+    let mut expected = produced_a["acked"].as_u64().unwrap();
+    assert_eq!(produced_a["failed"], 0, "{produced_a}");
+    for job in [&b, &c, &d] {
+        let produced = job.result().await;
+        assert_eq!(produced["failed"], 0, "{produced}");
+        expected += produced["acked"].as_u64().unwrap();
+    }
+    assert_eq!(expected, 10_000);
+    let ids: Vec<String> = [&a, &b, &c, &d].iter().map(|j| j.id.to_string()).collect();
+    let mut args = vec!["consume", "--queue", "orders", "--lanes", "16"];
+    for id in &ids {
+        args.extend(["--expect-job", id.as_str()]);
+    }
+    let consumed = w.app(ns, "app", &args).await;
+    assert_eq!(
+        consumed["missing"], 0,
+        "acknowledged messages lost: {consumed}"
+    );
+    assert_eq!(
+        consumed["expected"].as_u64().unwrap(),
+        expected,
+        "{consumed}"
+    );
+    assert_eq!(consumed["out_of_order"], 0, "keys out of order: {consumed}");
 }
 
 async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
@@ -610,16 +750,8 @@ async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
     queue_ready(&client, ns, "orders", 3).await;
     partitions_led(&client, ns, 3).await;
     // The brokers that left took nothing with them: their claims go.
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     eventually("the claims of brokers 3 and 4 deleted", || async {
-        let names: Vec<String> = pvcs
-            .list(&ListParams::default().labels("sluice.dev/queue=orders"))
-            .await
-            .ok()?
-            .items
-            .iter()
-            .map(|c| c.name_any())
-            .collect();
+        let names = claims_of_orders(&client, ns).await?;
         (names.len() == 3
             && names
                 .iter()

@@ -6,7 +6,9 @@
 //! and a broker deletes a copy once the settings no longer list it. Shown with real
 //! broker processes restarted as a StatefulSet rollout would: every acknowledged
 //! message is delivered, per key in order, and moved-off copies leave the volumes;
-//! the same when brokers are killed in the middle of a move.
+//! the same when brokers are killed in the middle of a move, and for partitions of
+//! one copy, which move the same way (a Raft group of one adds a learner, swaps it
+//! in, and steps down).
 
 use sluice_config::placement::rebalance;
 use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
@@ -22,8 +24,29 @@ use std::time::Duration;
 const PARTITIONS: u32 = 6;
 const KEYS: usize = 11;
 
-/// Settings over the first `brokers` of `addrs`, with a placement and members.
+/// Settings over the first `brokers` of `addrs`, with a placement and members
+/// (three copies of each partition; [`single`] for one).
 fn settings(
+    addrs: &[SocketAddr],
+    brokers: usize,
+    placement: &[Vec<u32>],
+    members: &[Vec<u32>],
+) -> String {
+    with_copies(3, addrs, brokers, placement, members)
+}
+
+/// The same for one copy of each partition: a Raft group of one, so it can move.
+fn single(
+    addrs: &[SocketAddr],
+    brokers: usize,
+    placement: &[Vec<u32>],
+    members: &[Vec<u32>],
+) -> String {
+    with_copies(1, addrs, brokers, placement, members)
+}
+
+fn with_copies(
+    copies: u32,
     addrs: &[SocketAddr],
     brokers: usize,
     placement: &[Vec<u32>],
@@ -39,21 +62,27 @@ fn settings(
 name = "{QUEUE}"
 partitions = {PARTITIONS}
 replicas = {brokers}
-replication = 3
+replication = {copies}
+raft = {raft}
 peers = [{peers}]
 placement = {placement:?}
 members = {members:?}
 fsync = "always"
 max_deliveries = 1000
 "#,
+        raft = copies == 1,
         peers = peers.join(", ")
     )
 }
 
 fn formula(brokers: u32) -> Vec<Vec<u32>> {
+    with_copies_formula(brokers, 3)
+}
+
+fn with_copies_formula(brokers: u32, copies: u32) -> Vec<Vec<u32>> {
     (0..PARTITIONS)
         .map(|p| {
-            let mut s = sluice_config::replica_set(p, brokers, 3);
+            let mut s = sluice_config::replica_set(p, brokers, copies);
             s.sort_unstable();
             s
         })
@@ -291,12 +320,24 @@ async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() 
 /// once they are back, and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_completes_through_brokers_killed_midway() {
+    killed_midway(3, 3).await;
+}
+
+/// The same with one copy of each partition, two brokers growing to three: the
+/// killed old broker held the only copy of its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_copy_move_completes_through_brokers_killed_midway() {
+    killed_midway(1, 2).await;
+}
+
+/// `from` brokers holding `copies` copies of each partition grow by one.
+async fn killed_midway(copies: u32, from: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let addrs: Vec<SocketAddr> = (0..4).map(|_| free_addr()).collect();
-    let three = formula(3);
+    let addrs: Vec<SocketAddr> = (0..=from).map(|_| free_addr()).collect();
+    let old = with_copies_formula(from as u32, copies);
     let mut brokers = Vec::new();
-    for (i, addr) in addrs.iter().enumerate().take(3) {
-        let toml = settings(&addrs, 3, &three, &three);
+    for (i, addr) in addrs.iter().enumerate().take(from) {
+        let toml = with_copies(copies, &addrs, from, &old, &old);
         let data = dir.path().join(format!("data-{i}"));
         brokers.push(Broker::start_at(dir.path(), &toml, i as u32, data, *addr, &[]).await);
     }
@@ -306,30 +347,90 @@ async fn a_move_completes_through_brokers_killed_midway() {
     let traffic = Traffic::start(&app);
     traffic.until(200, "before the move").await;
 
-    let four = rebalance(&three, PARTITIONS, 4, 3);
-    let toml = settings(&addrs, 4, &four, &three);
-    let data = dir.path().join("data-3");
-    let mut new = Broker::start_at(dir.path(), &toml, 3, data, addrs[3], &[]).await;
+    let all: Vec<usize> = (0..=from).collect();
+    let new_placement = rebalance(&old, PARTITIONS, from as u32 + 1, copies);
+    let toml = with_copies(copies, &addrs, from + 1, &new_placement, &old);
+    let data = dir.path().join(format!("data-{from}"));
+    let mut new = Broker::start_at(dir.path(), &toml, from as u32, data, addrs[from], &[]).await;
     new.proc.kill();
     brokers.push(new);
-    roll(&mut brokers, &[0, 1, 2], &toml).await;
+    roll(&mut brokers, &all[..from], &toml).await;
     let n = traffic.progress("the old brokers placed copies on a dead one");
     traffic.until(n + 100, "writes go on meanwhile").await;
-    brokers[3].restart().await;
+    brokers[from].restart().await;
     // An old broker crashes while the groups change members.
     brokers[1].proc.kill();
     brokers[1].restart().await;
-    moved(&brokers, &[0, 1, 2, 3], &four).await;
-    let toml = settings(&addrs, 4, &four, &four);
-    roll(&mut brokers, &[0, 1, 2, 3], &toml).await;
+    moved(&brokers, &all, &new_placement).await;
+    let toml = with_copies(copies, &addrs, from + 1, &new_placement, &new_placement);
+    roll(&mut brokers, &all, &toml).await;
     for p in 0..PARTITIONS {
         assert_eq!(
-            holders(&brokers, &[0, 1, 2, 3], p),
-            four[p as usize],
+            holders(&brokers, &all, p),
+            new_placement[p as usize],
             "copies of partition {p}"
         );
     }
     let n = traffic.progress("moved");
     traffic.until(n + 100, "after the move").await;
+    traffic.check(app).await;
+}
+
+/// One copy of each partition moves as three do: from one broker onto three and
+/// back, each partition a Raft group of one that takes the new broker in as a
+/// learner and hands over to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_copies_move_from_one_broker_to_three_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let one = with_copies_formula(1, 1);
+    let toml = single(&addrs, 1, &one, &one);
+    let data = dir.path().join("data-0");
+    let mut brokers = vec![Broker::start_at(dir.path(), &toml, 0, data, addrs[0], &[]).await];
+    let routes = route(QUEUE, addrs.iter().copied());
+    let sidecar = Sidecar::start(dir.path(), &routes).await;
+    let app = sidecar.client().await;
+    let traffic = Traffic::start(&app);
+    traffic.until(200, "before the move").await;
+
+    // One broker to three: each new broker takes a fair share of the partitions.
+    let three = rebalance(&one, PARTITIONS, 3, 1);
+    for b in 0..3 {
+        assert_eq!(three.iter().filter(|c| c[0] == b).count(), 2, "{three:?}");
+    }
+    let toml = single(&addrs, 3, &three, &one);
+    for (i, &addr) in addrs.iter().enumerate().skip(1) {
+        let data = dir.path().join(format!("data-{i}"));
+        brokers.push(Broker::start_at(dir.path(), &toml, i as u32, data, addr, &[]).await);
+    }
+    roll(&mut brokers, &[0], &toml).await;
+    moved(&brokers, &[0, 1, 2], &three).await;
+    traffic.progress("moved onto three brokers");
+    let toml = single(&addrs, 3, &three, &three);
+    roll(&mut brokers, &[0, 1, 2], &toml).await;
+    for p in 0..PARTITIONS {
+        assert_eq!(
+            holders(&brokers, &[0, 1, 2], p),
+            three[p as usize],
+            "the one copy of partition {p}"
+        );
+    }
+    let n = traffic.progress("three brokers settled");
+    traffic.until(n + 100, "on three brokers").await;
+
+    // Back to one: every copy goes home before brokers 1 and 2 stop.
+    let toml = single(&addrs, 3, &one, &three);
+    roll(&mut brokers, &[0, 1, 2], &toml).await;
+    moved(&brokers, &[0, 1, 2], &one).await;
+    for b in &mut brokers[1..3] {
+        b.proc.stop(Duration::from_secs(10));
+    }
+    let toml = single(&addrs, 1, &one, &one);
+    roll(&mut brokers, &[0], &toml).await;
+    for p in 0..PARTITIONS {
+        assert_eq!(holders(&brokers, &[0], p), vec![0]);
+    }
+    let n = traffic.progress("one broker settled");
+    traffic.until(n + 100, "after the moves").await;
     traffic.check(app).await;
 }

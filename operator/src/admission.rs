@@ -440,9 +440,11 @@ mod queue_update_tests {
 
     #[tokio::test]
     async fn a_scale_that_moves_partitions_is_denied_with_the_reason() {
+        // A Queue made before Raft groups: its single copies cannot move.
+        let plain = json!({"layout": {"partitions": 6, "brokers": 2, "storage": {"size": "1Gi"}}});
         let r = answer(&update(
             json!({"replicas": 2, "partitions": 6}),
-            json!({}),
+            plain.clone(),
             json!({"replicas": 3, "partitions": 6}),
         ))
         .await;
@@ -455,6 +457,18 @@ mod queue_update_tests {
             "{msg}"
         );
         assert!(msg.contains("create a new Queue"), "{msg}");
+        // Raft groups (every Queue made since, and one without a status yet): moved.
+        let mut raft = plain;
+        raft["layout"]["raft"] = json!(true);
+        for status in [raft, json!({})] {
+            let r = answer(&update(
+                json!({"replicas": 2, "partitions": 6}),
+                status,
+                json!({"replicas": 3, "partitions": 6}),
+            ))
+            .await;
+            assert_eq!(r["allowed"], true, "{r}");
+        }
     }
 
     #[tokio::test]

@@ -1,17 +1,20 @@
-//! Which changes of a Queue keep every message reachable.
+//! Which changes of a Queue keep every message reachable, and how.
 //!
-//! A broker opens the partitions whose copies it holds, from its own volume: partition
-//! `p` lives on broker `p % brokers` and, replicated, the next `replication - 1`
-//! brokers after it ([`sluice_config::replica_set`]). Partition data cannot move
-//! between brokers yet, so a change that gives a partition another set of brokers,
-//! drops a partition, shrinks the volumes or changes their class would leave
-//! acknowledged messages on a volume nobody reads (or wedge the StatefulSet, whose
-//! claim templates are immutable). Volumes may grow: the reconciler expands the
-//! claims and makes the StatefulSet again around the running pods
-//! ([`crate::reconcile::volumes`]), where their StorageClass allows it. The admission webhook refuses
-//! such changes with these messages ([`check_update`]); the reconciler holds the same
-//! line from the layout recorded in `status.layout` ([`plan`]), so the guard stands
-//! without the webhook and without the StatefulSet.
+//! A broker opens the partitions whose copies it holds, from its own volume. Every
+//! partition of a Queue is a Raft group (with one copy or more), so a change of
+//! `replicas` moves copies between brokers through their groups: the plan records
+//! the move, and [`crate::reconcile::moves`] follows it to the end. What cannot be
+//! carried out is refused: dropping a partition, shrinking the volumes or changing
+//! their class (acknowledged messages would sit on a volume nobody reads, or the
+//! StatefulSet, whose claim templates are immutable, would wedge), changing the copy
+//! count, and moving the plain single-copy logs of a Queue made before partitions
+//! were Raft groups (`status.layout.raft` false: partition `p` on broker
+//! `p % brokers`). Volumes may grow: the reconciler expands the claims and makes the
+//! StatefulSet again around the running pods ([`crate::reconcile::volumes`]), where
+//! their StorageClass allows it. The admission webhook refuses with these messages
+//! ([`check_update`]); the reconciler holds the same line from the layout recorded in
+//! `status.layout` ([`plan`]), so the guard stands without the webhook and without
+//! the StatefulSet.
 
 use crate::crd::{QueueSpec, StorageSpec, default_replication, quantity_bytes};
 use crate::reconcile::conditions::Reason;
@@ -32,6 +35,11 @@ pub struct Layout {
     /// Copies of each partition (recorded before the field existed: 1).
     #[serde(default = "one")]
     pub replication: i32,
+    /// Every partition is a Raft group, also with one copy, so its copies can move
+    /// between brokers. Queues made before the field existed keep single copies in
+    /// plain logs (false) and cannot move them.
+    #[serde(default)]
+    pub raft: bool,
     /// The brokers' volume claim template.
     pub storage: StorageSpec,
     /// Replicated, once copies moved: the brokers holding each partition's copies,
@@ -54,10 +62,16 @@ impl Layout {
             replication: spec
                 .replication
                 .unwrap_or_else(|| default_replication(spec.replicas)),
+            raft: true,
             storage: spec.storage.clone(),
             placement: None,
             moving_to: None,
         }
+    }
+
+    /// Whether copies can move between brokers: the partitions are Raft groups.
+    pub fn movable(&self) -> bool {
+        self.raft || self.replication > 1
     }
 
     /// The brokers holding each partition's copies (sorted), for the partitions
@@ -99,7 +113,7 @@ pub enum Refusal {
     )]
     PartitionsDecrease { from: i32, to: i32 },
     #[error(
-        "spec.replicas cannot change from {from} to {to} yet: partition p lives on broker p % replicas (and the next ones, replicated), so partitions {moved} would move to brokers whose volumes do not hold their messages (partition data cannot move between brokers yet); keep replicas at {from}, or create a new Queue with the replicas you want and move the traffic to it",
+        "spec.replicas cannot change from {from} to {to}: this Queue was made before partitions could move (its partitions are plain logs, status.layout.raft is false; partition p lives on broker p % replicas), so partitions {moved} would go to brokers whose volumes do not hold their messages; keep replicas at {from}, or create a new Queue with the replicas you want and move the traffic to it",
         moved = list(.moved)
     )]
     MovesPartitions { from: i32, to: i32, moved: Vec<i32> },
@@ -279,7 +293,7 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
             });
             spec.partitions = held.partitions;
         }
-        let replicated = held.replication > 1;
+        let movable = held.movable();
         if let Some(to) = held.moving_to
             && wanted.replicas != to
         {
@@ -290,14 +304,14 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
                 to: wanted.replicas,
             });
             spec.replicas = to;
-        } else if replicated && wanted.replicas < held.replication {
+        } else if movable && wanted.replicas < held.replication {
             refusals.push(Refusal::FewerBrokersThanCopies {
                 to: wanted.replicas,
                 replication: held.replication,
             });
             spec.replicas = held.brokers;
         }
-        if wanted.replicas != held.brokers && !replicated {
+        if wanted.replicas != held.brokers && !movable {
             let moved = held.moved_by(wanted.replicas);
             if !moved.is_empty() {
                 refusals.push(Refusal::MovesPartitions {
@@ -339,8 +353,10 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
         }
     }
     let mut layout = Layout::of(&spec);
+    // Plain logs stay plain: their copies would have to be rewritten as Raft entries.
+    layout.raft = held.is_none_or(|h| h.raft);
     let (mut placed, mut moving) = (None, None);
-    if let Some(held) = held.filter(|h| h.replication > 1) {
+    if let Some(held) = held.filter(|h| h.movable()) {
         let members = held.members();
         let to = held.moving_to.unwrap_or(spec.replicas);
         let partitions = spec.partitions as u32;
@@ -407,11 +423,13 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    /// What a Queue made before Raft groups holds: one copy, in plain logs.
     fn held(partitions: i32, brokers: i32) -> Layout {
         Layout {
             partitions,
             brokers,
             replication: 1,
+            raft: false,
             storage: StorageSpec::default(),
             placement: None,
             moving_to: None,
@@ -427,7 +445,49 @@ mod tests {
             ..s.clone()
         };
         assert_eq!((p.spec.clone(), p.refusals.clone()), (carried, vec![]));
-        assert_eq!(p.layout, held(6, 2));
+        assert_eq!(
+            p.layout,
+            Layout {
+                raft: true,
+                ..held(6, 2)
+            }
+        );
+        // Its partitions are Raft groups from then on, whatever a later plan says.
+        assert!(plan(&s, Some(&p.layout)).layout.raft);
+        assert!(!plan(&s, Some(&held(6, 2))).layout.raft);
+    }
+
+    #[test]
+    fn single_copies_move_like_replicated_ones() {
+        // The path: 1 -> 3 -> 5 -> 2 -> 1 brokers, one copy of each partition.
+        let mut layout = Layout {
+            raft: true,
+            ..held(8, 1)
+        };
+        for to in [3, 5, 2, 1] {
+            let s = spec(json!({"replicas": to, "partitions": 8}));
+            let old = spec(json!({"replicas": layout.brokers, "partitions": 8}));
+            assert!(check_update(&old, Some(&layout), &s).is_empty());
+            let mut p = plan(&s, Some(&layout));
+            assert!(p.refusals.is_empty(), "{to}: {:?}", p.refusals);
+            assert_eq!(p.spec.replicas, layout.brokers.max(to));
+            let target = p.moving.clone().expect("a move").target;
+            assert!(target.iter().all(|c| c.len() == 1), "{target:?}");
+            // Every broker gets a fair share: loads differ by at most one.
+            let load = |b: u32| target.iter().filter(|c| c[0] == b).count();
+            let loads: Vec<usize> = (0..to as u32).map(load).collect();
+            let (min, max) = (loads.iter().min(), loads.iter().max());
+            assert!(max.unwrap() - min.unwrap() <= 1, "{to}: {target:?}");
+            p.finish_move();
+            assert_eq!((p.spec.replicas, p.layout.brokers), (to, to));
+            layout = p.layout;
+        }
+        // Partitions grow on one broker as anywhere.
+        let p = plan(
+            &spec(json!({"replicas": 1, "partitions": 12})),
+            Some(&layout),
+        );
+        assert_eq!(p.placed.unwrap().placement, vec![vec![0]; 12]);
     }
 
     #[test]
@@ -608,7 +668,7 @@ mod tests {
         assert!(
             p.refusals[0]
                 .to_string()
-                .contains("partitions 2, 3, 4, 5 would move"),
+                .contains("partitions 2, 3, 4, 5 would go"),
             "{}",
             p.refusals[0]
         );

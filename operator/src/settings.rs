@@ -81,11 +81,13 @@ impl From<ConfigError> for SpecError {
 
 /// The spec as the settings of queue `name`, checked by sluice-config's validator.
 /// The reconciler passes the spec it carries out (with refused changes held back,
-/// see [`crate::layout::plan`]), so the brokers read the layout they run.
+/// see [`crate::layout::plan`]), so the brokers read the layout they run. `raft`:
+/// every partition is a Raft group, also with one copy (`status.layout.raft`).
 pub fn queue_settings(
     name: &str,
     namespace: &str,
     spec: &QueueSpec,
+    raft: bool,
 ) -> Result<QueueSettings, SpecError> {
     fn int<T: TryFrom<i64>>(field: &'static str, v: i64, min: i64) -> Result<T, SpecError> {
         T::try_from(v)
@@ -132,11 +134,17 @@ pub fn queue_settings(
     let replication = spec
         .replication
         .unwrap_or_else(|| crate::crd::default_replication(spec.replicas));
+    let replication = int("replication", replication.into(), 1)?;
     let settings = QueueSettings {
-        replication: int("replication", replication.into(), 1)?,
-        peers: match replication {
-            1 => Vec::new(),
-            _ => (0..settings.replicas)
+        replication,
+        raft: raft && replication == 1,
+        ..settings
+    };
+    // Raft groups reach each other at the brokers' addresses.
+    let settings = QueueSettings {
+        peers: match settings.raft_groups() {
+            false => Vec::new(),
+            true => (0..settings.replicas)
                 .map(|i| crate::resources::peer_address(name, namespace, i))
                 .collect(),
         },
@@ -148,16 +156,18 @@ pub fn queue_settings(
 
 /// Checks what the schema cannot (Kubernetes 1.20 has no CEL rules, and older
 /// objects may predate the schema) and renders `broker.toml`.
-/// `placed`: a replicated Queue's placement, once copies move (else the brokers
+/// `raft`: each partition is a Raft group (`status.layout.raft`; replicated ones
+/// always are). `placed`: where the copies are, once they move (else the brokers
 /// place them by the formula, and the settings do not name it).
 pub fn render(
     name: &str,
     namespace: &str,
     spec: &QueueSpec,
+    raft: bool,
     placed: Option<&Placed>,
 ) -> Result<BrokerSettings, SpecError> {
     validate_template(spec)?;
-    let mut settings = queue_settings(name, namespace, spec)?;
+    let mut settings = queue_settings(name, namespace, spec, raft)?;
     if let Some(placed) = placed {
         settings.placement = placed.placement.clone();
         settings.members = placed.members.clone();
@@ -193,7 +203,7 @@ pub fn access_list(namespace: &str, spec: &QueueSpec) -> Vec<String> {
 /// refuse, and the pod template.
 pub fn validate(name: &str, namespace: &str, spec: &QueueSpec) -> Result<(), SpecError> {
     validate_template(spec)?;
-    queue_settings(name, namespace, spec).map(drop)
+    queue_settings(name, namespace, spec, true).map(drop)
 }
 
 /// The operator's own checks: the broker pod template.
@@ -234,7 +244,7 @@ mod tests {
     #[test]
     fn defaults_render_the_documented_broker_toml() {
         let s = spec("{}");
-        let r = render("orders", "ns", &s, None).unwrap();
+        let r = render("orders", "ns", &s, false, None).unwrap();
         let expected = "# Written by sluice-operator from Queue orders. Do not edit.
 [[queue]]
 name = \"orders\"
@@ -264,8 +274,15 @@ overflow = \"reject_new\"
 
     #[test]
     fn settings_change_changes_hash() {
-        let a = render("q", "ns", &spec("{}"), None).unwrap();
-        let b = render("q", "ns", &spec("delivery: {visibilityTimeout: 1m}"), None).unwrap();
+        let a = render("q", "ns", &spec("{}"), false, None).unwrap();
+        let b = render(
+            "q",
+            "ns",
+            &spec("delivery: {visibilityTimeout: 1m}"),
+            false,
+            None,
+        )
+        .unwrap();
         assert_ne!(a.hash, b.hash);
         assert!(b.toml.contains("visibility_timeout = \"1m\""));
     }
@@ -273,15 +290,17 @@ overflow = \"reject_new\"
     #[test]
     fn access_list_is_rendered_for_the_broker_to_read() {
         let s = spec("access: {serviceAccounts: [{name: billing}, {name: audit, namespace: ops}]}");
-        let r = render("orders", "shop", &s, None).unwrap();
+        let r = render("orders", "shop", &s, false, None).unwrap();
         let file = sluice_config::BrokerFile::from_toml(&r.toml, "rendered").unwrap();
         assert_eq!(file.queues[0].access, ["shop/billing", "ops/audit"]);
         assert_ne!(
             r.hash,
-            render("orders", "shop", &spec("{}"), None).unwrap().hash
+            render("orders", "shop", &spec("{}"), false, None)
+                .unwrap()
+                .hash
         );
         assert!(
-            !render("orders", "shop", &spec("{}"), None)
+            !render("orders", "shop", &spec("{}"), false, None)
                 .unwrap()
                 .toml
                 .contains("access")
@@ -453,7 +472,7 @@ overflow = \"reject_new\"
         let spec: QueueSpec = serde_json::from_value(spec_json.clone()).unwrap_or_else(|e| {
             panic!("the schema accepts {spec_json} but the operator cannot read it: {e}")
         });
-        match render(name, "shop", &spec, None) {
+        match render(name, "shop", &spec, false, None) {
             Ok(rendered) => {
                 assert_eq!(validate(name, "shop", &spec), Ok(()));
                 let dir = tempfile::tempdir().unwrap();
@@ -466,7 +485,7 @@ overflow = \"reject_new\"
                         rendered.toml
                     )
                 });
-                let meant = queue_settings(name, "shop", &spec).unwrap();
+                let meant = queue_settings(name, "shop", &spec, false).unwrap();
                 assert_eq!(file.queues, std::slice::from_ref(&meant), "{spec_json}");
                 meant.dead_letter_queue().validate().unwrap();
                 Runs
@@ -483,7 +502,7 @@ overflow = \"reject_new\"
     #[test]
     fn replicated_queues_name_every_broker_as_a_peer() {
         let s = spec("replicas: 3\npartitions: 6\nreplication: 3");
-        let q = queue_settings("orders", "shop", &s).unwrap();
+        let q = queue_settings("orders", "shop", &s, false).unwrap();
         assert_eq!(q.replication, 3);
         assert_eq!(
             q.peers,
@@ -491,15 +510,24 @@ overflow = \"reject_new\"
                 .map(|i| format!("sluice-orders-{i}.sluice-orders.shop.svc:7171"))
                 .collect::<Vec<_>>()
         );
-        let one = queue_settings("orders", "shop", &spec("replicas: 2\npartitions: 6")).unwrap();
+        let one =
+            queue_settings("orders", "shop", &spec("replicas: 2\npartitions: 6"), false).unwrap();
         assert_eq!((one.replication, one.peers.len()), (1, 0));
-        // An unreplicated Queue's settings (and so its pods) stay as they were.
+        // A Queue from before one-copy Raft groups: its settings (and so its pods)
+        // stay as they were.
         assert!(
-            !render("orders", "shop", &spec("replicas: 2"), None)
+            !render("orders", "shop", &spec("replicas: 2"), false, None)
                 .unwrap()
                 .toml
                 .contains("peers")
         );
+        // One copy as a Raft group (so it can move): the peers, and the flag.
+        let raft =
+            queue_settings("orders", "shop", &spec("replicas: 2\npartitions: 6"), true).unwrap();
+        assert!(raft.raft && raft.raft_groups());
+        assert_eq!(raft.peers.len(), 2);
+        // Replicated queues are Raft groups anyway; the flag stays out of their file.
+        assert!(!queue_settings("orders", "shop", &s, true).unwrap().raft);
     }
 
     #[test]

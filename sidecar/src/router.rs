@@ -379,8 +379,10 @@ impl QueueRoute {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(e) => e,
             };
-            let replicated = self.settings().is_ok_and(|s| s.replication > 1);
-            if !replicated || tokio::time::Instant::now() >= deadline {
+            let elected = self
+                .settings()
+                .is_ok_and(|s| s.raft_groups || s.replication > 1);
+            if !elected || tokio::time::Instant::now() >= deadline {
                 return Err(failed);
             }
             tracing::debug!(queue = %self.queue, error = %failed.message(), "waiting for {what}");

@@ -257,8 +257,14 @@ impl Replica {
     /// being members. Runs on the leader, and ends when the group is there or this
     /// copy stops leading: the next leader starts it again. A leader moved off steps
     /// down once the change is committed.
-    pub async fn converge(self: Arc<Self>, target: Vec<u32>) {
+    ///
+    /// `known`: every broker the settings name for the partition (placed or a
+    /// member). A group with a voter outside it has moved on settings newer than
+    /// this broker's (it still runs an older pod during a rollout): it is left as it
+    /// is, or two leaders on two versions would move the copies back and forth.
+    pub async fn converge(self: Arc<Self>, target: Vec<u32>, known: Vec<u32>) {
         let target: BTreeSet<NodeId> = target.into_iter().map(u64::from).collect();
+        let known: BTreeSet<NodeId> = known.into_iter().map(u64::from).collect();
         let mut backoff = MOVE_RETRY;
         loop {
             if self.check_leader().is_err() {
@@ -276,6 +282,16 @@ impl Replica {
             let (queue, partition) = (&self.queue, self.partition);
             let stale: BTreeSet<NodeId> = learners.difference(&target).copied().collect();
             if voters == target && !joint && stale.is_empty() {
+                return;
+            }
+            if !voters.is_subset(&known) {
+                tracing::info!(
+                    queue,
+                    partition,
+                    ?voters,
+                    ?known,
+                    "the group has members these settings do not name (newer settings are rolling out): leaving its copies where they are"
+                );
                 return;
             }
             tracing::info!(

@@ -86,10 +86,6 @@ pub fn existing_sts(replicas: i32, hash: &str) -> StatefulSet {
     .unwrap()
 }
 
-fn st_hash(spec: &QueueSpec) -> String {
-    crate::settings::render(NAME, NS, spec, None).unwrap().hash
-}
-
 /// What the mock API server expects, and answers, in one test.
 pub enum Scenario {
     /// A new Queue: the StatefulSet does not exist; ConfigMap, Service, StatefulSet,
@@ -134,6 +130,9 @@ pub struct ApiServerVerifier {
     queue: Queue,
     /// Requests seen, for failure messages.
     seen: Vec<String>,
+    /// Whether the Queue's partitions are Raft groups, as the reconciler decides
+    /// from the StatefulSet it reads ([`Self::get_sts`]): in the settings' hash.
+    raft: bool,
 }
 
 /// One request the reconciler made.
@@ -254,6 +253,8 @@ impl ApiServerVerifier {
 
     /// Expects the StatefulSet read; answers it (or 404).
     async fn get_sts(&mut self, existing: Option<&StatefulSet>) {
+        let held = super::guard::held(self.queue.status.as_ref(), existing, &self.queue.spec);
+        self.raft = held.is_none_or(|h| h.raft);
         let call = self.next(Method::GET, STS_PATH).await;
         match existing {
             Some(s) => call.ok(s),
@@ -261,11 +262,18 @@ impl ApiServerVerifier {
         }
     }
 
+    /// The hash of the settings the brokers run with `spec`.
+    fn hash(&self, spec: &QueueSpec) -> String {
+        crate::settings::render(NAME, NS, spec, self.raft, None)
+            .unwrap()
+            .hash
+    }
+
     /// Expects the ConfigMap (of the settings of `spec`, by their hash), Service,
     /// StatefulSet and PDB applies, in that order; the StatefulSet answers with
     /// `status`. Returns the applied StatefulSet.
     async fn applies(&mut self, spec: &QueueSpec, status: Value) -> Value {
-        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
+        let hash = self.hash(spec);
         let cm = self
             .next(
                 Method::PATCH,
@@ -314,7 +322,7 @@ impl ApiServerVerifier {
     /// answers with the current one, an older version, and one of another owner:
     /// only the older version of this Queue is deleted.
     async fn prune(&mut self, spec: &QueueSpec) {
-        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
+        let hash = self.hash(spec);
         let list = self.next(Method::GET, CMS_PATH).await;
         assert!(
             list.query
@@ -351,7 +359,7 @@ impl ApiServerVerifier {
     /// Expects the pods to be listed; answers with `n` ready pods running `spec`'s
     /// settings.
     async fn ready_pods(&mut self, spec: &QueueSpec, n: i32) {
-        let hash = crate::settings::render(NAME, NS, spec, None).unwrap().hash;
+        let hash = self.hash(spec);
         let call = self.next(Method::GET, PODS_PATH).await;
         let items: Vec<Value> = (0..n)
             .map(|i| {
@@ -424,7 +432,7 @@ impl ApiServerVerifier {
                     note,
                     format!(
                         "created StatefulSet, Service sluice-orders, ConfigMap sluice-orders-config-{} and PodDisruptionBudget",
-                        st_hash(&spec)
+                        self.hash(&spec)
                     )
                 );
                 self.pods().await;
@@ -741,7 +749,7 @@ impl ApiServerVerifier {
                 self.get_sts(None).await;
                 let path = format!(
                     "{CMS_PATH}/sluice-orders-config-{}",
-                    st_hash(&self.queue.spec)
+                    self.hash(&self.queue.spec)
                 );
                 self.next(Method::PATCH, &path)
                     .await
@@ -809,6 +817,7 @@ impl Context {
             handle,
             queue: queue.clone(),
             seen: Vec::new(),
+            raft: true,
         };
         (Arc::new(ctx), verifier)
     }

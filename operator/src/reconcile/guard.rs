@@ -54,8 +54,10 @@ pub fn held(
     Some(Layout {
         partitions: spec.partitions,
         brokers: sts.replicas.unwrap_or(spec.replicas),
-        // A StatefulSet without a recorded layout predates replication.
+        // A StatefulSet without a recorded layout predates replication and Raft
+        // groups.
         replication: 1,
+        raft: false,
         storage,
         placement: None,
         moving_to: None,
@@ -104,6 +106,23 @@ pub fn check(q: &Queue, existing: Option<&StatefulSet>) -> Scale {
         current,
         plan: layout::plan(&q.spec, held.as_ref()),
     }
+}
+
+/// When the plan of `q` starts a move of its copies: the plan that waits instead,
+/// keeping the brokers it has (see [`super::moves::wait_for_rollout`]).
+pub fn before_move(q: &Queue, existing: Option<&StatefulSet>, scale: &Scale) -> Option<Scale> {
+    let held = held(q.status.as_ref(), existing, &q.spec)?;
+    if held.moving_to.is_some() || scale.plan.moving.is_none() {
+        return None;
+    }
+    let wait = QueueSpec {
+        replicas: held.brokers,
+        ..q.spec.clone()
+    };
+    Some(Scale {
+        current: scale.current,
+        plan: layout::plan(&wait, Some(&held)),
+    })
 }
 
 /// A Warning Event for a refused change, unless the status already says so.
@@ -155,6 +174,7 @@ mod tests {
             partitions: 8,
             brokers: 2,
             replication: 1,
+            raft: false,
             storage: StorageSpec::default(),
             placement: None,
             moving_to: None,
@@ -256,7 +276,9 @@ mod mock_tests {
         // Same settings as running: the only change asked for is the scale-down.
         let mut running = q.spec.clone();
         running.replicas = 5;
-        let hash = settings::render(NAME, NS, &running, None).unwrap().hash;
+        let hash = settings::render(NAME, NS, &running, false, None)
+            .unwrap()
+            .hash;
         let old = existing_sts(5, &hash);
         let (res, _) = reconcile_with(q, Scenario::ScaleDownBlocked { old }).await;
         assert_eq!(res.unwrap(), Action::requeue(RESYNC_HEALTHY));

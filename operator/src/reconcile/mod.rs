@@ -306,6 +306,7 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     }
     let existing = guard::existing(ctx, &ns, &name).await?;
     let mut scale = guard::check(q, existing.as_ref());
+    moves::wait_for_rollout(ctx, q, &ns, existing.as_ref(), &mut scale).await?;
     if volumes::grow(ctx, q, &ns, existing.as_ref(), &mut scale.plan).await?
         == volumes::Next::AwaitStatefulSet
     {
@@ -317,8 +318,9 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         spec: scale.plan.spec.clone(),
         ..q.clone()
     };
-    let placed = scale.plan.placed.as_ref();
-    let rendered = settings::render(&name, &ns, &carried.spec, placed).map_err(Error::Settings)?;
+    let (raft, placed) = (scale.plan.layout.raft, scale.plan.placed.as_ref());
+    let rendered =
+        settings::render(&name, &ns, &carried.spec, raft, placed).map_err(Error::Settings)?;
     let applied = apply::apply_all(ctx, &carried, &ns, &rendered, &scale.plan.layout).await?;
     moves::release_claims(ctx, q, &ns, &scale.plan).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;

@@ -9,14 +9,55 @@
 //! ([`release_claims`]): kept, they would hand a later broker of that ordinal a stale
 //! copy of a group it left.
 
+use super::guard::{self, Scale};
 use super::{Context, Error, EventReason, partitions, publish};
 use crate::crd::Queue;
 use crate::layout::Plan;
-use crate::resources;
+use crate::{resources, settings};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::events::EventType;
+
+/// Holds a new move back until every running broker runs the settings of the
+/// layout as it is. A broker still on the settings of the last move (its rollout
+/// of the settled members not done) would, leading a partition, move the copies
+/// back where that move placed them. Pods that run nothing yet (Pending) cannot.
+pub async fn wait_for_rollout(
+    ctx: &Context,
+    q: &Queue,
+    ns: &str,
+    existing: Option<&StatefulSet>,
+    scale: &mut Scale,
+) -> Result<(), Error> {
+    let Some(wait) = guard::before_move(q, existing, scale) else {
+        return Ok(());
+    };
+    let name = q.name_any();
+    let settled = settings::render(
+        &name,
+        ns,
+        &wait.plan.spec,
+        wait.plan.layout.raft,
+        wait.plan.placed.as_ref(),
+    )
+    .map_err(Error::Settings)?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
+        .await?
+        .items;
+    let stale = pods.iter().any(|p| {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        running && p.annotations().get(resources::HASH_ANNOTATION) != Some(&settled.hash)
+    });
+    if stale {
+        tracing::info!(queue = %name, "a move waits until every broker runs the current settings");
+        *scale = wait;
+    }
+    Ok(())
+}
 
 /// A move under way.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -224,7 +224,7 @@ mod mock_tests {
         }));
         let mut held = q.spec.clone();
         held.storage.size = "1Gi".into();
-        let hash = settings::render(NAME, NS, &held, None).unwrap().hash;
+        let hash = settings::render(NAME, NS, &held, true, None).unwrap().hash;
         let mut old = existing_sts(3, &hash);
         old.metadata.annotations = Some(
             [(

@@ -318,6 +318,11 @@ pub struct DescribeResponse {
     /// leads now, and a partition whose leader is away gets another one within seconds.
     #[prost(uint32, tag = "12")]
     pub replication: u32,
+    /// Each partition is a Raft group (replication above 1, or one copy that can move
+    /// between brokers): `owned_partitions` are those this broker leads now, and a
+    /// partition between leaders (a failover, a move) gets one within seconds.
+    #[prost(bool, tag = "13")]
+    pub raft_groups: bool,
 }
 /// Generated client implementations.
 pub mod queues_client {
