@@ -303,15 +303,36 @@ impl Replica {
             );
             let moved = async {
                 if voters != target || joint {
-                    for &n in target.difference(&voters) {
-                        tokio::time::timeout(
-                            CATCH_UP,
-                            self.raft.add_learner(n, openraft::EmptyNode {}, true),
+                    let joining: Vec<NodeId> = target.difference(&voters).copied().collect();
+                    for &n in &joining {
+                        self.raft
+                            .add_learner(n, openraft::EmptyNode {}, false)
+                            .await
+                            .map_err(|e| format!("adding broker {n}: {e}"))?;
+                    }
+                    // Swapped in before it holds the log, a copy the joint majority
+                    // needs (with one copy, the new one always) would hold up every
+                    // write until it caught up, or forever if its broker is down.
+                    // openraft's blocking add_learner returned at once for a learner
+                    // that was not answering, so the leader looks itself.
+                    let added = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+                    self.raft
+                        .wait(Some(CATCH_UP))
+                        .metrics(
+                            |m| {
+                                joining.iter().all(|n| {
+                                    m.replication
+                                        .as_ref()
+                                        .and_then(|r| r.get(n).copied().flatten())
+                                        .is_some_and(|held| held.index >= added)
+                                })
+                            },
+                            "the joining copies catch up",
                         )
                         .await
-                        .map_err(|_| format!("broker {n} did not catch up within {CATCH_UP:?}"))?
-                        .map_err(|e| format!("adding broker {n}: {e}"))?;
-                    }
+                        .map_err(|_| {
+                            format!("brokers {joining:?} did not catch up within {CATCH_UP:?}")
+                        })?;
                     self.raft
                         .change_membership(target.clone(), false)
                         .await
