@@ -354,6 +354,15 @@ impl Broker {
         })
     }
 
+    /// The data volume's free bytes, and the reserve below which enqueues are
+    /// refused ([`StorageOptions::disk_reserve_bytes`]). None if the volume cannot
+    /// be read.
+    pub fn disk(&self) -> Option<(u64, u64)> {
+        let st = rustix::fs::statvfs(&self.options.data_dir).ok()?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        Some((free, self.options.storage.disk_reserve_bytes))
+    }
+
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         let mut v: Vec<_> = self.queues.read().unwrap().values().cloned().collect();
         v.sort_by(|a, b| a.name().cmp(b.name()));

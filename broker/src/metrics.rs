@@ -68,6 +68,24 @@ impl Collector for QueueCollector {
         let Some(broker) = self.0.broker.get().and_then(Weak::upgrade) else {
             return Ok(());
         };
+        if let Some((free, reserve)) = broker.disk() {
+            for (name, help, bytes) in [
+                ("disk_free_bytes", "Free bytes of the data volume", free),
+                (
+                    "disk_reserve_bytes",
+                    "Free bytes kept for settling records: below them, enqueues are refused",
+                    reserve,
+                ),
+            ] {
+                let m = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(m)?;
+            }
+        }
         let queues = broker.queues();
         let rows: Vec<_> = queues
             .iter()

@@ -1385,6 +1385,44 @@ async fn helm_lint_and_install_succeed() {
         &["--set", "webhook.certificates.mode=certManager"],
     );
     assert!(cm.contains("kind: Certificate") && cm.contains("cert-manager.io/inject-ca-from"));
+    use serde::Deserialize;
+    // Monitoring: the dashboard's ConfigMap by default (Grafana's sidecar label);
+    // the PodMonitor and PrometheusRule when asked for, carrying the chart's files.
+    let plain = helm_template("x", "mon", &[]);
+    assert!(
+        plain.contains("grafana_dashboard: \"1\"") && plain.contains("\"uid\": \"sluice-queues\""),
+        "{plain}"
+    );
+    assert!(!plain.contains("kind: PrometheusRule") && !plain.contains("kind: PodMonitor"));
+    let monitored = helm_template(
+        "x",
+        "mon",
+        &[
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+            "--set",
+            "monitoring.prometheusRule.enabled=true",
+        ],
+    );
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&monitored)
+        .filter_map(|d| serde_json::Value::deserialize(d).ok())
+        .filter(|d| !d.is_null())
+        .collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).cloned();
+    let rule = kind("PrometheusRule").expect("a PrometheusRule");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(
+        alerts.contains(&"SluicePartitionWithoutLeader"),
+        "{alerts:?}"
+    );
+    let monitor = kind("PodMonitor").expect("a PodMonitor");
+    assert_eq!(monitor["spec"]["podTargetLabels"][0], "sluice.dev/queue");
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
     let (ok, out, err) = run(Command::new(helm())
         .env("KUBECONFIG", &cluster().kubeconfig)
         .args(["install", rel.as_str()])

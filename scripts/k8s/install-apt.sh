@@ -4,7 +4,8 @@
 # client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (network
 # namespaces, unshare, mount: the e2e suite and the network-partition test), mold
 # (scripts/test links with it: a fraction of GNU ld's time for the dozen large test
-# binaries), and a deb-src entry
+# binaries), prometheus (promtool checks and unit-tests the chart's alerting rules),
+# and a deb-src entry
 # for `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""
@@ -35,4 +36,9 @@ if [[ ${#MISSING[@]} -gt 0 || -n "${NEED_UPDATE:-}" ]]; then
 fi
 if [[ ${#MISSING[@]} -gt 0 ]]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}"
+fi
+# promtool only: without the recommended exporters, and nothing of it is started.
+if ! command -v promtool >/dev/null; then
+  [[ ${#MISSING[@]} -gt 0 || -n "${NEED_UPDATE:-}" ]] || $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
 fi
