@@ -4,8 +4,7 @@
 # client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (network
 # namespaces, unshare, mount: the e2e suite and the network-partition test), mold
 # (scripts/test links with it: a fraction of GNU ld's time for the dozen large test
-# binaries), prometheus (promtool checks and unit-tests the chart's alerting rules),
-# and a deb-src entry
+# binaries), promtool, containerd, runc and buildah (below), and a deb-src entry
 # for `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""
@@ -37,8 +36,15 @@ fi
 if [[ ${#MISSING[@]} -gt 0 ]]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}"
 fi
-# promtool only: without the recommended exporters, and nothing of it is started.
-if ! command -v promtool >/dev/null; then
+# Without their recommended extras (and nothing of them is started as a service):
+# promtool (prometheus: checks and unit-tests the chart's alerting rules), and
+# containerd, runc and buildah (the images built and run: integration/tests/images.rs).
+LEAN=()
+command -v promtool >/dev/null || LEAN+=(prometheus)
+for p in containerd runc buildah; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || LEAN+=("$p")
+done
+if [[ ${#LEAN[@]} -gt 0 ]]; then
   [[ ${#MISSING[@]} -gt 0 || -n "${NEED_UPDATE:-}" ]] || $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${LEAN[@]}"
 fi
