@@ -416,6 +416,11 @@ impl Partition {
             }
             let mut st = self.state.lock().unwrap();
             self.maybe_delete_segments(&mut st);
+            drop(st);
+            // A settled message of a key lets that key's next message out: waiting
+            // consumers (long polls, subscriptions) must look again, or they sleep
+            // until something else wakes them (found by the Python client example).
+            self.ready.notify_waiters();
         }
         results
     }

@@ -501,6 +501,61 @@ async fn subscribe_never_sends_beyond_the_credit() {
     .await;
 }
 
+/// A key's next message waits while one of that key is in flight; the ack that
+/// settles it lets the next one out to a subscription waiting with credit at once
+/// (it once waited for whatever woke the queue next: another enqueue, or nothing).
+#[tokio::test]
+async fn an_ack_lets_the_keys_next_message_out_to_a_waiting_subscription() {
+    use v1::subscribe_request::Request as In;
+    use v1::subscribe_response::Response as Out;
+    let (_d, b) = broker().await;
+    let mut c = b.client().await;
+    for i in 0..3 {
+        let m = v1::NewMessage {
+            key: "customer-7".into(),
+            ..msg(&format!("m{i}"))
+        };
+        enqueue(&mut c, "keyed", m).await.unwrap();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(v1::SubscribeRequest {
+        request: Some(In::Start(v1::SubscribeStart {
+            queue: "keyed".into(),
+            visibility_timeout_ms: 0,
+            initial_credit: 10,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3 {
+        let m = loop {
+            // Generous: a stall (nothing wakes the subscription) fails, not a slow box.
+            let next = tokio::time::timeout(Duration::from_secs(20), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("m{i} was never delivered after the ack"));
+            match next.unwrap().unwrap().response {
+                Some(Out::Message(m)) => break m,
+                Some(_) => continue, // the previous ack's result
+                None => panic!("empty response"),
+            }
+        };
+        assert_eq!(body_str(&m), format!("m{i}"));
+        tx.send(v1::SubscribeRequest {
+            request: Some(In::Ack(v1::AckRequest {
+                queue: "keyed".into(),
+                receipts: vec![m.receipt],
+            })),
+        })
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn health_reflection_and_metrics() {
     let (_d, b) = broker().await;
