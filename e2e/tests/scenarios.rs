@@ -686,7 +686,13 @@ async fn single_copy_queue_scales_in(w: Arc<World>) {
         expected += produced["acked"].as_u64().unwrap();
     }
     assert_eq!(expected, 10_000);
-    let ids: Vec<String> = [&a, &b, &c, &d].iter().map(|j| j.id.to_string()).collect();
+    consume_keyed_exactly(&w, ns, &[&a, &b, &c, &d], expected).await;
+}
+
+/// Consumes `orders` in `app` expecting exactly what the keyed producer `jobs` had
+/// acknowledged (`expected` in all): nothing missing, no key out of order.
+async fn consume_keyed_exactly(w: &World, ns: &str, jobs: &[&AppJob], expected: u64) {
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
     let mut args = vec!["consume", "--queue", "orders", "--lanes", "16"];
     for id in &ids {
         args.extend(["--expect-job", id.as_str()]);
@@ -787,29 +793,7 @@ async fn replicated_queue_scales_by_moving_partitions_in(w: Arc<World>) {
         (depth(&q, "ready")? >= expected as i64 && depth(&q, "inFlight")? == 0).then_some(oldest)
     })
     .await;
-    let (up_id, down_id) = (up.id.to_string(), down.id.to_string());
-    let args = [
-        "consume",
-        "--queue",
-        "orders",
-        "--expect-job",
-        &up_id,
-        "--expect-job",
-        &down_id,
-        "--lanes",
-        "16",
-    ];
-    let consumed = w.app(ns, "app", &args).await;
-    assert_eq!(
-        consumed["missing"], 0,
-        "acknowledged messages lost: {consumed}"
-    );
-    assert_eq!(
-        consumed["expected"].as_u64().unwrap(),
-        expected,
-        "{consumed}"
-    );
-    assert_eq!(consumed["out_of_order"], 0, "keys out of order: {consumed}");
+    consume_keyed_exactly(&w, ns, &[&up, &down], expected).await;
     eventually("the Queue shows it drained", || async {
         let q = serde_json::to_value(queues.get("orders").await.ok()?).ok()?;
         // Cleared: the status's merge patch removes a null.

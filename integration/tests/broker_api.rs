@@ -420,6 +420,34 @@ async fn bad_input_gets_the_right_status_and_writes_nothing() {
     enqueue(&mut c, "work", msg("still alive")).await.unwrap();
 }
 
+/// Opens a Subscribe stream on `queue` with `credit`: the sender for the client's
+/// side, and the server's stream.
+async fn subscribe(
+    c: &mut sluice_proto::v1::queues_client::QueuesClient<tonic::transport::Channel>,
+    queue: &str,
+    credit: u32,
+) -> (
+    tokio::sync::mpsc::Sender<v1::SubscribeRequest>,
+    tonic::Streaming<v1::SubscribeResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(v1::SubscribeRequest {
+        request: Some(v1::subscribe_request::Request::Start(v1::SubscribeStart {
+            queue: queue.into(),
+            visibility_timeout_ms: 0,
+            initial_credit: credit,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = c
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 #[tokio::test]
 async fn subscribe_never_sends_beyond_the_credit() {
     use v1::subscribe_request::Request as In;
@@ -431,21 +459,7 @@ async fn subscribe_never_sends_beyond_the_credit() {
             .await
             .unwrap();
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(v1::SubscribeRequest {
-        request: Some(In::Start(v1::SubscribeStart {
-            queue: "keyed".into(),
-            visibility_timeout_ms: 0,
-            initial_credit: 3,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = subscribe(&mut c, "keyed", 3).await;
     let mut got = Vec::new();
     for _ in 0..3 {
         match stream.message().await.unwrap().unwrap().response {
@@ -517,21 +531,7 @@ async fn an_ack_lets_the_keys_next_message_out_to_a_waiting_subscription() {
         };
         enqueue(&mut c, "keyed", m).await.unwrap();
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(v1::SubscribeRequest {
-        request: Some(In::Start(v1::SubscribeStart {
-            queue: "keyed".into(),
-            visibility_timeout_ms: 0,
-            initial_credit: 10,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = subscribe(&mut c, "keyed", 10).await;
     for i in 0..3 {
         let m = loop {
             // Generous: a stall (nothing wakes the subscription) fails, not a slow box.
