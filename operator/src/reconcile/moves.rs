@@ -81,11 +81,7 @@ pub async fn follow(
         return Ok(None);
     };
     let name = q.name_any();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
-        .await?
-        .items;
+    let pods: Vec<Pod> = of_queue(ctx, ns, &name).await?;
     let answers = ctx.brokers.ask(&pods).await.unwrap_or_default();
     let dead_letter = plan.spec.delivery.dead_letter;
     let left = partitions::moves_left(&name, dead_letter, &m.target, &answers);
@@ -143,11 +139,8 @@ pub async fn release_claims(ctx: &Context, q: &Queue, ns: &str, plan: &Plan) -> 
         return Ok(());
     }
     let name = q.name_any();
+    let claims: Vec<PersistentVolumeClaim> = of_queue(ctx, ns, &name).await?;
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    let claims = api
-        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
-        .await?
-        .items;
     let live: Vec<String> = claims
         .iter()
         .filter(|c| c.metadata.deletion_timestamp.is_none())
@@ -190,6 +183,23 @@ fn left_behind(claims: &[String], sts: &str, brokers: i32) -> Vec<String> {
         })
         .cloned()
         .collect()
+}
+
+/// The objects of kind `K` in `ns` labelled as queue `name`'s.
+async fn of_queue<K>(ctx: &Context, ns: &str, name: &str) -> Result<Vec<K>, Error>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = resources::queue_selector(name);
+    Ok(api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
 }
 
 #[cfg(test)]
