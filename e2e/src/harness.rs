@@ -677,20 +677,24 @@ pub fn tool(name: &str) -> PathBuf {
 pub struct Operator {
     pub process: ChildGuard,
     pub metrics_port: u16,
+    /// KEDA's external scaler API (gRPC) on 127.0.0.1.
+    pub scaler_port: u16,
 }
 
 impl Operator {
-    /// Starts `sluice-operator run` with `args` (plus a metrics port on 127.0.0.1)
+    /// Starts `sluice-operator run` with `args` (plus metrics and scaler ports on 127.0.0.1)
     /// against `kubeconfig`, logging to `log` (a fresh one: test log directories
     /// outlive a run).
     pub fn start(name: &str, kubeconfig: &Path, log: &Path, args: &[&str]) -> Operator {
         let metrics_port = free_port();
+        let scaler_port = free_port();
         std::fs::write(log, "").expect("operator log");
         let process = ChildGuard::spawn(
             name,
             Command::new(bin_dir().join("sluice-operator"))
                 .arg("run")
                 .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+                .arg(format!("--scaler-listen=127.0.0.1:{scaler_port}"))
                 .args(args)
                 .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info,sluice_operator=debug")
@@ -703,6 +707,7 @@ impl Operator {
         Operator {
             process,
             metrics_port,
+            scaler_port,
         }
     }
 

@@ -315,6 +315,136 @@ async fn injected_sidecar_carries_ten_thousand_messages_in(w: Arc<World>) {
     assert_eq!(after["acked_total"], 10000, "{after}");
 }
 
+#[test]
+fn keda_scaler_wakes_consumers_on_the_first_message_and_lets_them_go_to_zero() {
+    isolated(
+        "keda_scaler_wakes_consumers_on_the_first_message_and_lets_them_go_to_zero",
+        WorldOptions::default(),
+        keda_scaler_in,
+    );
+}
+
+/// KEDA's side of the external scaler API, with the client generated from KEDA's
+/// proto, against the operator and real brokers: what a ScaledObject of type
+/// `external-push` with `queue: orders` sees while the queue fills and drains.
+async fn keda_scaler_in(w: Arc<World>) {
+    use sluice_proto::externalscaler::external_scaler_client::ExternalScalerClient;
+    use sluice_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+    let Some(op) = &w.operator else {
+        eprintln!("skipped: the operator runs in the cluster, its scaler port is not ours");
+        return;
+    };
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    apply_queue(
+        &client,
+        ns,
+        "orders",
+        json!({"replicas": 2, "partitions": 4, "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    queue_ready(&client, ns, "orders", 2).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+
+    let mut keda = ExternalScalerClient::connect(format!("http://127.0.0.1:{}", op.scaler_port))
+        .await
+        .expect("connect to the operator's scaler");
+    let trigger = |meta: &[(&str, &str)]| ScaledObjectRef {
+        name: "consumers".into(),
+        namespace: ns.to_string(),
+        scaler_metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let orders = trigger(&[("queue", "orders"), ("target", "4")]);
+    let metrics = |r: &ScaledObjectRef| GetMetricsRequest {
+        scaled_object_ref: Some(r.clone()),
+        metric_name: format!("sluice-{ns}-orders-backlog"),
+    };
+    let backlog = |res: tonic::Response<sluice_proto::externalscaler::GetMetricsResponse>| {
+        res.into_inner().metric_values[0].metric_value_float
+    };
+
+    let spec = keda
+        .get_metric_spec(orders.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs.len(), 1);
+    assert_eq!(
+        spec.metric_specs[0].metric_name,
+        format!("sluice-{ns}-orders-backlog")
+    );
+    assert_eq!(spec.metric_specs[0].target_size_float, 4.0);
+    let mut activity = keda
+        .stream_is_active(orders.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let mut next_activity = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(60), activity.message())
+            .await
+            .expect("an activity change pushed")
+            .expect("the stream stays open")
+            .expect("an answer")
+            .result
+    };
+    assert!(
+        !next_activity().await,
+        "an empty queue: consumers may go to zero"
+    );
+    assert!(
+        !keda
+            .is_active(orders.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+    assert_eq!(
+        backlog(keda.get_metrics(metrics(&orders)).await.unwrap()),
+        0.0
+    );
+
+    produce_all(&w, ns, "app", "wake", 10).await;
+    assert!(
+        next_activity().await,
+        "the first messages wake the consumers"
+    );
+    assert!(
+        keda.is_active(orders.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+    assert_eq!(
+        backlog(keda.get_metrics(metrics(&orders)).await.unwrap()),
+        10.0
+    );
+    let age = trigger(&[("queue", "orders"), ("metric", "oldestAgeSeconds")]);
+    let res = keda.get_metrics(metrics(&age)).await.unwrap().into_inner();
+    assert!(res.metric_values[0].metric_value_float > 0.0, "{res:?}");
+
+    consume_all(&w, ns, "app", "wake", 10).await;
+    assert!(!next_activity().await, "drained: back to zero");
+    assert_eq!(
+        backlog(keda.get_metrics(metrics(&orders)).await.unwrap()),
+        0.0
+    );
+
+    let missing = keda
+        .is_active(trigger(&[("queue", "payments")]))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    assert!(missing.message().contains("payments"), "{missing:?}");
+    let unnamed = keda.get_metric_spec(trigger(&[])).await.unwrap_err();
+    assert_eq!(unnamed.code(), tonic::Code::InvalidArgument, "{unnamed:?}");
+}
+
 /// The name of the volume bound to a claim.
 async fn volume_of(client: &Client, ns: &str, claim: &str) -> String {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);

@@ -1,5 +1,5 @@
 //! Sluice control plane: the `Queue` CRD, its reconciler, leader election, metrics
-//! and the sidecar-injection webhook. The binary is `sluice-operator`.
+//! the sidecar-injection webhook and KEDA's external scaler. The binary is `sluice-operator`.
 
 pub mod admission;
 pub mod crd;
@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod pod_security;
 pub mod reconcile;
 pub mod resources;
+pub mod scaler;
 pub mod settings;
 pub mod tls;

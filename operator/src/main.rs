@@ -30,7 +30,7 @@ struct Cli {
 enum Cmd {
     /// Print the Queue CustomResourceDefinition as YAML (what crds/ holds).
     Crd,
-    /// Run the operator: reconciler (when leader), webhook, metrics.
+    /// Run the operator: reconciler (when leader), webhook, KEDA scaler, metrics.
     Run(Box<RunArgs>),
 }
 
@@ -96,6 +96,13 @@ struct RunArgs {
     /// Do not serve the sidecar-injection webhook.
     #[arg(long)]
     disable_webhook: bool,
+    /// Address of KEDA's external scaler API (gRPC, plaintext: it serves only
+    /// message counts).
+    #[arg(long, default_value = "0.0.0.0:6000")]
+    scaler_listen: SocketAddr,
+    /// Do not serve KEDA's external scaler API.
+    #[arg(long)]
+    disable_scaler: bool,
     /// Address of the webhook (TLS).
     #[arg(long, default_value = "0.0.0.0:9443")]
     webhook_listen: SocketAddr,
@@ -247,6 +254,23 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if let Err(e) = admission::serve_tls(addr, resolver, admission::router(webhook)).await {
                 error!(error = %e, "webhook server stopped");
+                std::process::exit(1);
+            }
+        });
+    }
+
+    // KEDA's external scaler on every replica: it only reads.
+    if !a.disable_scaler {
+        let addr = a.scaler_listen;
+        let scaler = sluice_operator::scaler::Scaler::new(client.clone()).into_service();
+        info!(addr = %addr, "KEDA external scaler listening");
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(scaler)
+                .serve(addr)
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "KEDA external scaler stopped");
                 std::process::exit(1);
             }
         });

@@ -21,6 +21,8 @@ use kube::api::{
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice_operator::crd::Queue;
+use sluice_proto::externalscaler::ScaledObjectRef;
+use sluice_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use std::process::Command;
 
 async fn apply_queue(client: &Client, ns: &str, mut q: Value) -> Queue {
@@ -914,6 +916,24 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
         &format!("{full}-sidecar-injector"),
     )
     .await;
+    // The KEDA scaler reads the Queue and lists its brokers with these rights: it
+    // gets as far as asking brokers (none run here).
+    let mut keda = ExternalScalerClient::connect(format!("http://127.0.0.1:{}", op.scaler_port))
+        .await
+        .expect("connect to the scaler");
+    let asked = keda
+        .is_active(ScaledObjectRef {
+            name: "consumers".into(),
+            namespace: ns.to_string(),
+            scaler_metadata: [("queue".to_string(), "orders".to_string())].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(asked.code(), tonic::Code::Unavailable, "{asked:?}");
+    assert!(
+        asked.message().contains("no broker of Queue"),
+        "not a refusal of the chart's RBAC: {asked:?}"
+    );
     // Deletion with the finalizer (PVC delete) also works with these rights.
     let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
     queues

@@ -12,6 +12,13 @@ pub mod replication {
     include!("gen/sluice.replication.v1.rs");
 }
 
+/// KEDA's external scaler API (`externalscaler.ExternalScaler`), served by the
+/// operator so KEDA scales consumers on a Queue's backlog.
+#[allow(clippy::all, missing_docs)]
+pub mod externalscaler {
+    include!("gen/externalscaler.rs");
+}
+
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/sluice.v1.bin");
 

@@ -192,10 +192,19 @@ pub fn summarize(
     seen
 }
 
-/// The messages of `queue` and its dead-letter queue, summed over the partitions'
-/// serving copies (of two claiming one partition around an election, the later
-/// term's). None when no broker answered.
-pub fn messages(queue: &str, answers: &[Answer]) -> Option<MessagesStatus> {
+/// The messages of a queue and of its dead-letter queue, summed over the
+/// partitions' serving copies: what the status and the KEDA scaler show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// The queue's ready, in flight and delayed messages and its oldest ready one.
+    pub queue: Depth,
+    /// In the dead-letter queue, in any state.
+    pub dead_lettered: u64,
+}
+
+/// The [`Backlog`] of `queue` (of two copies claiming one partition around an
+/// election, the later term's counts). None when no broker answered.
+pub fn backlog(queue: &str, answers: &[Answer]) -> Option<Backlog> {
     if answers.iter().all(|(_, a)| a.is_err()) {
         return None;
     }
@@ -206,29 +215,41 @@ pub fn messages(queue: &str, answers: &[Answer]) -> Option<MessagesStatus> {
             .filter_map(|(_, r)| r.depth)
             .collect()
     };
-    let mut m = MessagesStatus::default();
-    let mut oldest: Option<u64> = None;
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut b = Backlog::default();
     for d in depths(&dlq) {
-        m.dead_lettered += n(d.ready + d.in_flight + d.delayed);
+        b.dead_lettered += d.ready + d.in_flight + d.delayed;
     }
     for d in depths(queue) {
-        m.ready += n(d.ready);
-        m.in_flight += n(d.in_flight);
-        m.delayed += n(d.delayed);
-        if let Some(t) = d.oldest_ready_ms {
-            oldest = Some(oldest.map_or(t, |o| o.min(t)));
-        }
+        let q = &mut b.queue;
+        q.ready += d.ready;
+        q.in_flight += d.in_flight;
+        q.delayed += d.delayed;
+        q.oldest_ready_ms = match (q.oldest_ready_ms, d.oldest_ready_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
-    m.oldest_ready_time = oldest.and_then(|ms| {
-        let t = k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok()?;
-        // RFC 3339 in seconds, as Kubernetes writes times.
-        Some(format!(
-            "{:.0}",
-            t.round(k8s_openapi::jiff::Unit::Second).ok()?
-        ))
-    });
-    Some(m)
+    Some(b)
+}
+
+/// The [`Backlog`] of `queue` as the status shows it. None when no broker answered.
+pub fn messages(queue: &str, answers: &[Answer]) -> Option<MessagesStatus> {
+    let b = backlog(queue, answers)?;
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    Some(MessagesStatus {
+        ready: n(b.queue.ready),
+        in_flight: n(b.queue.in_flight),
+        delayed: n(b.queue.delayed),
+        dead_lettered: n(b.dead_lettered),
+        oldest_ready_time: b.queue.oldest_ready_ms.and_then(|ms| {
+            let t = k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok()?;
+            // RFC 3339 in seconds, as Kubernetes writes times.
+            Some(format!(
+                "{:.0}",
+                t.round(k8s_openapi::jiff::Unit::Second).ok()?
+            ))
+        }),
+    })
 }
 
 /// The partitions (of the queue and, with `dead_letter`, of its dead-letter queue,

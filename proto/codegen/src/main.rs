@@ -34,6 +34,13 @@ fn generate(out: &Path) -> Result<()> {
         .bytes(".sluice.replication.v1")
         .compile_fds(fds)
         .context("generating Rust code")?;
+    // KEDA's external scaler API, which the operator serves to KEDA.
+    let fds = protox::compile([root.join("keda/externalscaler.proto")], [&root])
+        .context("compiling keda/externalscaler.proto")?;
+    tonic_prost_build::configure()
+        .out_dir(out)
+        .compile_fds(fds)
+        .context("generating Rust code")?;
     Ok(())
 }
 
