@@ -7,6 +7,7 @@
 #   eval "$(examples/clients/setup.sh)"
 #   "$SLUICE_PYTHON" examples/clients/python/orders.py --count 100
 #   node examples/clients/node/orders.js --count 100
+#   cargo run -p sluice-example-orders -- --count 100   (Rust: nothing to install)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR=${1:-${SLUICE_CACHE_DIR:-$HOME/.cache/sluice}/clients}

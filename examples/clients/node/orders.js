@@ -3,10 +3,11 @@
 // The app talks to the sidecar on localhost (SLUICE_ADDR, set by the injection),
 // with no broker address and no password. Like ../python/orders.py, this example:
 // - enqueues --count orders, keyed by customer (one customer's orders stay in order);
-// - consumes them on one Subscribe stream: credit for 16 deliveries at a time, acks
-//   sent inline on the stream, and a nack with a delay for the first delivery of
-//   every tenth order (try again in a while, as when a downstream call fails);
-// - stops cleanly on SIGTERM or SIGINT (ending the stream gives back what it held);
+// - consumes on one Subscribe stream until SIGTERM or SIGINT, as a consumer in a pod
+//   does: credit for 16 deliveries at a time, acks sent inline on the stream, and a
+//   nack with a delay for the first delivery of every tenth order (try again in a
+//   while, as when a downstream call fails);
+// - on the signal, ends the stream: what it held and did not settle goes back at once;
 // - prints what happened as JSON.
 //
 // The .proto is loaded at run time (@grpc/proto-loader): SLUICE_PROTO names the
@@ -45,7 +46,8 @@ async function produce(client, queue, count) {
   }
 }
 
-function consume(client, queue, count) {
+// Consumes until SIGTERM or SIGINT, as a consumer in a pod does.
+function consume(client, queue) {
   return new Promise((resolve, reject) => {
     let confirmed = 0;
     let nacked = 0;
@@ -66,7 +68,6 @@ function consume(client, queue, count) {
       if (resp.response === "ack") {
         // The broker's answer to an inline ack: settled once it says OK (0).
         confirmed += resp.ack.results.filter((r) => r.code === 0).length;
-        if (confirmed === count) finish();
         return;
       }
       if (resp.response !== "message") return; // the answers to nacks
@@ -100,7 +101,7 @@ async function main() {
   const { Queues } = grpc.loadPackageDefinition(def).sluice.v1;
   const client = new Queues(a.addr, grpc.credentials.createInsecure());
   await produce(client, a.queue, a.count);
-  const done = await consume(client, a.queue, a.count);
+  const done = await consume(client, a.queue);
   const stats = await call(client, "Stats", { queue: a.queue });
   client.close();
   console.log(

@@ -4,11 +4,12 @@ The app talks to the sidecar on localhost (SLUICE_ADDR, set by the injection), w
 no broker address and no password. This example:
 
 - enqueues --count orders, keyed by customer (one customer's orders stay in order);
-- consumes them on one Subscribe stream: credit for 16 deliveries at a time, acks
-  sent inline on the stream, and a nack with a delay for the first delivery of every
-  tenth order (as an app does when a downstream call fails: try again in a while);
-- stops cleanly on SIGTERM or SIGINT (the stream is closed; deliveries it held but
-  did not settle go back to the queue at once);
+- consumes on one Subscribe stream until SIGTERM or SIGINT, as a consumer in a pod
+  does: credit for 16 deliveries at a time, acks sent inline on the stream, and a
+  nack with a delay for the first delivery of every tenth order (as an app does when
+  a downstream call fails: try again in a while);
+- on the signal, closes the stream: deliveries it held but did not settle go back
+  to the queue at once;
 - prints what happened as JSON.
 
 Setup (a venv with grpcio and the stubs generated from proto/): see ../setup.sh.
@@ -42,8 +43,8 @@ def produce(stub, queue_name, count):
         )
 
 
-def consume(stub, queue_name, count, stop):
-    """Subscribes until `count` orders are acked or `stop` is set."""
+def consume(stub, queue_name, stop):
+    """Subscribes until `stop` is set (SIGTERM or SIGINT), as a consumer in a pod does."""
     requests = queue.Queue()
     requests.put(
         pb.SubscribeRequest(start=pb.SubscribeStart(queue=queue_name, initial_credit=CREDIT))
@@ -68,8 +69,6 @@ def consume(stub, queue_name, count, stop):
             if kind == "ack":
                 # The broker's answer to an inline ack: settled once it says OK (0).
                 confirmed += sum(1 for r in resp.ack.results if r.code == 0)
-                if confirmed == count:
-                    break
                 continue
             if kind != "message":
                 continue  # the answers to nacks
@@ -111,7 +110,7 @@ def main():
     with grpc.insecure_channel(args.addr) as channel:
         stub = rpc.QueuesStub(channel)
         produce(stub, args.queue, args.count)
-        acked, nacked, redelivered = consume(stub, args.queue, args.count, stop)
+        acked, nacked, redelivered = consume(stub, args.queue, stop)
         stats = stub.Stats(pb.StatsRequest(queue=args.queue))
     print(
         json.dumps(
