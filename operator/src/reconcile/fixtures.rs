@@ -114,6 +114,9 @@ pub enum Scenario {
     Cleanup { pvcs: Vec<&'static str> },
     /// The ConfigMap apply fails: Warning `ReconcileError`, `Degraded=True`.
     ApplyFails,
+    /// The StatefulSet read never answers (a stuck connection): the reconciliation
+    /// is cut, reported like any failure (Warning `ReconcileError`, `Degraded=True`).
+    Hangs,
     /// `storage.size` 1Gi (recorded on `old`) to 2Gi; three bound claims of class
     /// `standard`. Where the class allows expansion: each claim patched to 2Gi, the
     /// StatefulSet deleted with its pods orphaned, `VolumesGrowing`, nothing applied.
@@ -744,6 +747,18 @@ impl ApiServerVerifier {
                         ],
                     );
                 }
+            }
+            Scenario::Hangs => {
+                let held = self.next(Method::GET, STS_PATH).await;
+                let note = self.event("Warning", "ReconcileError").await;
+                assert!(note.contains("did not finish within"), "{note}");
+                let st = self.status().await;
+                let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded");
+                assert_eq!(
+                    degraded.map(|c| (c.status.as_str(), c.reason.as_str())),
+                    Some(("True", "ReconcileError"))
+                );
+                drop(held);
             }
             Scenario::ApplyFails => {
                 self.get_sts(None).await;

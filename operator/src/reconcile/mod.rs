@@ -46,6 +46,12 @@ pub const FIELD_MANAGER: &str = "sluice-operator";
 pub const FINALIZER: &str = "sluice.dev/delete-volumes";
 /// Delay before a failed reconciliation is retried.
 pub const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// The longest one reconciliation may take. Each step is short (API calls, broker
+/// reports bounded at 2 s); one that hangs (a stuck connection waits out the
+/// client's 295 s read timeout) would otherwise hold the Queue's reconciliations
+/// back, as kube's controller runs one at a time per object, and no trigger could
+/// start another. Cut, it fails and is retried like any error.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,6 +77,10 @@ pub enum Error {
     /// back) did not: a bug, as every plan of a valid spec is valid.
     #[error("the spec carried out, with refused changes held back: {0}")]
     Settings(crate::settings::SpecError),
+    #[error(
+        "the reconciliation did not finish within {0:?} (cut and retried; its last step is in the debug log)"
+    )]
+    TimedOut(Duration),
 }
 
 impl Error {
@@ -85,6 +95,7 @@ impl Error {
             Error::Certs(_) => "certs",
             Error::Finalizer(_) => "finalizer",
             Error::Settings(_) => "settings",
+            Error::TimedOut(_) => "timed_out",
         }
     }
 }
@@ -232,7 +243,9 @@ fn error_policy(q: Arc<Queue>, err: &Error, ctx: Arc<Context>) -> Action {
 /// (Warning Event, `Degraded=True ReconcileError`) before the error policy retries.
 pub async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer();
-    let res = reconcile_queue(q.clone(), &ctx).await;
+    let res = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_queue(q.clone(), &ctx))
+        .await
+        .unwrap_or(Err(Error::TimedOut(RECONCILE_TIMEOUT)));
     ctx.metrics
         .reconciliations
         .get_or_create(&crate::metrics::ResultLabel {
@@ -304,14 +317,19 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     if validate::validate(ctx, q, &status).await? == Validation::Invalid {
         return Ok(Action::await_change());
     }
+    let step =
+        |step: &'static str| tracing::debug!(queue = %name, ns = %ns, step, "reconcile step");
+    step("guard");
     let existing = guard::existing(ctx, &ns, &name).await?;
     let mut scale = guard::check(q, existing.as_ref());
     moves::wait_for_rollout(ctx, q, &ns, existing.as_ref(), &mut scale).await?;
+    step("volumes");
     if volumes::grow(ctx, q, &ns, existing.as_ref(), &mut scale.plan).await?
         == volumes::Next::AwaitStatefulSet
     {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    step("moves");
     let moving = moves::follow(ctx, q, &ns, &mut scale.plan).await?;
     // What is applied: the Queue with the refused changes held back.
     let carried = Queue {
@@ -321,7 +339,9 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
     let (raft, placed) = (scale.plan.layout.raft, scale.plan.placed.as_ref());
     let rendered =
         settings::render(&name, &ns, &carried.spec, raft, placed).map_err(Error::Settings)?;
+    step("apply");
     let applied = apply::apply_all(ctx, &carried, &ns, &rendered, &scale.plan.layout).await?;
+    step("announce");
     moves::release_claims(ctx, q, &ns, &scale.plan).await?;
     apply::announce(ctx, q, existing.as_ref(), &scale, &rendered).await;
     guard::announce(ctx, q, &status, &scale).await;
@@ -329,6 +349,7 @@ async fn apply(q: &Queue, ctx: &Context) -> Result<Action, Error> {
         let current = resources::cm_name(&name, &rendered.hash);
         apply::prune_config_maps(ctx, q, &ns, &current).await?;
     }
+    step("report");
     status::report(ctx, q, status, &applied, &scale, &rendered, moving).await
 }
 
@@ -468,6 +489,23 @@ mod tests {
             error: "kube".into(),
         };
         assert_eq!(ctx.metrics.reconcile_errors.get_or_create(&label).get(), 1);
+    }
+
+    /// Time is paused: the cut comes as soon as everything waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_reconciliation_that_hangs_is_cut_and_reported() {
+        let q = Queue::test(json!({}));
+        let (ctx, verifier) = Context::test(&q);
+        let metrics = ctx.metrics.clone();
+        let server = tokio::spawn(verifier.run(Scenario::Hangs));
+        let err = reconcile(Arc::new(q), ctx).await.unwrap_err();
+        assert!(matches!(err, Error::TimedOut(RECONCILE_TIMEOUT)), "{err}");
+        assert_eq!(err.metric_label(), "timed_out");
+        server.await.unwrap();
+        let result = crate::metrics::ResultLabel {
+            result: "error".into(),
+        };
+        assert_eq!(metrics.reconciliations.get_or_create(&result).get(), 1);
     }
 
     #[test]
