@@ -30,6 +30,9 @@ struct Cli {
 enum Cmd {
     /// Print the Queue CustomResourceDefinition as YAML (what crds/ holds).
     Crd,
+    /// Apply this build's Queue CRD to the cluster (server-side) and wait until it
+    /// is served: how an existing CRD is upgraded (Helm never upgrades crds/).
+    InstallCrds,
     /// Run the operator: reconciler (when leader), webhook, KEDA scaler, metrics.
     Run(Box<RunArgs>),
 }
@@ -100,6 +103,10 @@ struct RunArgs {
     /// message counts).
     #[arg(long, default_value = "0.0.0.0:6000")]
     scaler_listen: SocketAddr,
+    /// Apply this build's Queue CRD at start-up (an upgrade brings the CRD along;
+    /// needs get and patch on customresourcedefinitions/queues.sluice.dev).
+    #[arg(long)]
+    install_crds: bool,
     /// Do not serve KEDA's external scaler API.
     #[arg(long)]
     disable_scaler: bool,
@@ -147,6 +154,24 @@ async fn main() -> std::process::ExitCode {
             print!("{}", sluice_operator::crd::crd_yaml());
             std::process::ExitCode::SUCCESS
         }
+        Cmd::InstallCrds => {
+            init_tracing(LogFormat::Text);
+            let done = async {
+                let client = Client::try_default().await?;
+                sluice_operator::crd::install(&client).await?;
+                anyhow::Ok(())
+            };
+            match done.await {
+                Ok(()) => {
+                    info!("the Queue CRD is up to date");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "installing the CRD failed");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run(args) => {
             init_tracing(args.log_format);
             match run(*args).await {
@@ -180,6 +205,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         std::env::var("HOSTNAME")
             .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id()))
     });
+
+    if a.install_crds {
+        // Not fatal: the CRD Helm installed may be current, and the reconciler
+        // still works; the log says what is missing.
+        match sluice_operator::crd::install(&client).await {
+            Ok(()) => info!("the Queue CRD is up to date"),
+            Err(e) => error!(error = %e, "could not apply the Queue CRD (--install-crds)"),
+        }
+    }
 
     let certs = a.data_plane_tls.then(|| {
         Arc::new(DataPlaneCerts::new(

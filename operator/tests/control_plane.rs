@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
@@ -731,11 +732,13 @@ fn the_charts_pods_are_restricted() {
     }
 }
 
+/// `helm template` for the test cluster's Kubernetes version (without a cluster,
+/// helm assumes its own newest).
 fn helm_template(ns: &str, release: &str, extra: &[&str]) -> String {
     let (ok, out, err) = run(Command::new(helm())
         .args(["template", release])
         .arg(repo_root().join("charts/sluice"))
-        .args(["--namespace", ns])
+        .args(["--namespace", ns, "--kube-version", "1.20.2"])
         .args(extra));
     assert!(ok, "helm template failed: {err}");
     out
@@ -847,8 +850,17 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
             &format!("--webhook-service={full}-webhook"),
             &format!("--webhook-listen=127.0.0.1:{webhook_port}"),
             &format!("--token-review-binding={full}-broker-token-review"),
+            "--install-crds",
         ],
     );
+    // The chart's rights let the operator bring its CRD up to date (it starts with
+    // --install-crds, as the chart starts it); refused, it would say so and go on.
+    eventually("the operator applied its CRD", || async {
+        let log = op.log_text();
+        assert!(!log.contains("could not apply the Queue CRD"), "{log}");
+        log.contains("the Queue CRD is up to date").then_some(())
+    })
+    .await;
     // spec.access: the chart's rights cover the brokers' ServiceAccount and adding
     // it to the chart's token-review binding (`bind` on system:auth-delegator).
     apply_queue(&client, ns, example("emails.yaml").remove(0)).await;
@@ -969,6 +981,76 @@ async fn chart_is_accepted_and_its_rbac_is_enough_for_the_operator() {
         )
         .await
         .unwrap();
+}
+
+/// Waits until the CRD carries a server-side apply of the operator's field manager
+/// (what `sluice-operator install-crds` and `run --install-crds` do), and returns it.
+async fn crd_applied_by_the_operator(client: &Client) -> CustomResourceDefinition {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    eventually("the CRD applied by the operator", || async {
+        let crd = crds.get("queues.sluice.dev").await.ok()?;
+        let applied = crd.metadata.managed_fields.iter().flatten().any(|f| {
+            f.manager.as_deref() == Some(sluice_operator::crd::CRD_FIELD_MANAGER)
+                && f.operation.as_deref() == Some("Apply")
+        });
+        applied.then_some(crd)
+    })
+    .await
+}
+
+/// Helm installs `crds/` once and never upgrades it: an older CRD (here, one printer
+/// column short, as a chart from before `Oldest` would have it) is brought up to
+/// this build's by `sluice-operator install-crds`, and the Queues stored under it
+/// stay. (Other tests apply the CRD too; the operator's field manager in the CRD's
+/// managed fields is what says this command applied it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_crd_is_upgraded_by_install_crds_and_queues_stay() {
+    let client = admin().await;
+    install_crd(&client).await;
+    let ns = &unique("it-crd-upgrade");
+    namespace(&client, ns, json!({})).await;
+    apply_queue(&client, ns, example("orders.yaml").remove(0)).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut old = serde_json::to_value(<Queue as kube::CustomResourceExt>::crd()).unwrap();
+    old["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "Oldest");
+    // An older chart's CRD, applied by someone else: the operator's field manager
+    // then owns nothing in it.
+    crds.patch(
+        "queues.sluice.dev",
+        &PatchParams::apply("an-older-chart").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .unwrap();
+    let out = Command::new(harness::bin_dir().join("sluice-operator"))
+        .arg("install-crds")
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install-crds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crd = crd_applied_by_the_operator(&client).await;
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
+    assert!(columns.iter().any(|c| c == "Oldest"), "{columns:?}");
+    let established = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+    let queues: Api<Queue> = Api::namespaced(client.clone(), ns);
+    assert!(queues.get_opt("orders").await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
