@@ -310,6 +310,7 @@ mod tests {
         InjectConfig {
             sidecar: crate::resources::test_sidecar_defaults(false),
             cluster_domain: "cluster.local".into(),
+            native_sidecar: false,
         }
     }
 

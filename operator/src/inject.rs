@@ -15,7 +15,7 @@ use crate::crd::Queue;
 use crate::resources::{self, QueueToken, SIDECAR_GRPC_PORT, SIDECAR_NAME, SidecarDefaults};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::api::core::v1::{EnvVar, Pod, Probe};
 use serde::Serialize;
 
 pub const INJECT_ANNOTATION: &str = "sluice.dev/inject";
@@ -30,6 +30,21 @@ pub const ADDR_ENV: &str = "SLUICE_ADDR";
 pub struct InjectConfig {
     pub sidecar: SidecarDefaults,
     pub cluster_domain: String,
+    /// Inject a native sidecar: the first init container, `restartPolicy: Always`
+    /// (Kubernetes 1.29 on, [`native_sidecars_served`]). The kubelet then starts it
+    /// before the app (once its startup probe passes) and stops it after the app's
+    /// containers, so the app has the queue for all of its own shutdown. Otherwise
+    /// the sidecar is the pod's last container and drains for
+    /// [`drain_seconds`] after SIGTERM while the app shuts down beside it.
+    pub native_sidecar: bool,
+}
+
+/// Whether an API server of this version runs native sidecars: init containers with
+/// `restartPolicy: Always`, on by default from 1.29 (beta; GA in 1.33). `minor` as
+/// `/version` reports it (providers add a `+`).
+pub fn native_sidecars_served(major: &str, minor: &str) -> bool {
+    let n = |s: &str| s.trim_end_matches('+').parse::<u32>().unwrap_or(0);
+    (n(major), n(minor)) >= (1, 29)
 }
 
 /// Access decision for one queue named by a pod.
@@ -117,12 +132,13 @@ pub fn skip(pod: &Pod) -> Option<Skip> {
     if annotation(pod, INJECT_ANNOTATION) != Some("true") {
         return Some(Skip::NotAnnotated);
     }
-    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice());
-    if containers
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.name == SIDECAR_NAME)
-    {
+    let spec = pod.spec.as_ref();
+    let containers = spec.map(|s| s.containers.iter()).into_iter().flatten();
+    let inits = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .into_iter()
+        .flatten();
+    if containers.chain(inits).any(|c| c.name == SIDECAR_NAME) {
         return Some(Skip::AlreadyInjected);
     }
     None
@@ -208,7 +224,24 @@ pub fn inject(
         value: Some(drain_seconds(grace).to_string()),
         ..Default::default()
     });
-    let mut ops = vec![add(&["spec", "containers", "-"], sidecar)];
+    let mut ops = Vec::new();
+    if cfg.native_sidecar {
+        sidecar.restart_policy = Some("Always".into());
+        // The app's containers start once the sidecar serves (not once its brokers
+        // answer: that is readiness).
+        sidecar.startup_probe = sidecar.liveness_probe.clone().map(|p| Probe {
+            period_seconds: Some(1),
+            failure_threshold: Some(60),
+            ..p
+        });
+        // First, so the app's own init containers have the queue too.
+        match spec.and_then(|s| s.init_containers.as_ref()) {
+            Some(_) => ops.push(add(&["spec", "initContainers", "0"], sidecar)),
+            None => ops.push(add(&["spec", "initContainers"], [sidecar])),
+        }
+    } else {
+        ops.push(add(&["spec", "containers", "-"], sidecar));
+    }
     let volumes = resources::sidecar_volumes(&cfg.sidecar, &tokens);
     if spec.and_then(|s| s.volumes.as_ref()).is_some() {
         ops.extend(volumes.iter().map(|v| add(&["spec", "volumes", "-"], v)));
@@ -267,6 +300,7 @@ mod tests {
         InjectConfig {
             sidecar: crate::resources::test_sidecar_defaults(tls),
             cluster_domain: "cluster.local".into(),
+            native_sidecar: false,
         }
     }
 
@@ -412,20 +446,90 @@ mod tests {
             restricted_violations(p.spec.as_ref().unwrap()),
             Vec::<String>::new()
         );
-        let out = apply(&p, &inject(&p, "shop", &cfg(true), allowed).patch);
+        // As the pod's last container and as a native sidecar alike.
+        for native_sidecar in [false, true] {
+            let cfg = InjectConfig {
+                native_sidecar,
+                ..cfg(true)
+            };
+            let out = apply(&p, &inject(&p, "shop", &cfg, allowed).patch);
+            assert_eq!(
+                restricted_violations(out.spec.as_ref().unwrap()),
+                Vec::<String>::new()
+            );
+            // On an app pod that sets nothing, only the app's containers break the rules.
+            let bare = annotated("orders");
+            let out = apply(&bare, &inject(&bare, "shop", &cfg, allowed).patch);
+            let broken = restricted_violations(out.spec.as_ref().unwrap());
+            assert!(!broken.is_empty());
+            assert!(
+                broken.iter().all(|v| !v.contains(SIDECAR_NAME)),
+                "{broken:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn native_sidecars_from_kubernetes_1_29() {
+        assert!(!native_sidecars_served("1", "20"));
+        assert!(!native_sidecars_served("1", "28+"));
+        assert!(native_sidecars_served("1", "29"));
+        assert!(native_sidecars_served("1", "33+"));
+        assert!(!native_sidecars_served("", ""));
+    }
+
+    /// Where the cluster runs native sidecars, the sidecar is the first init
+    /// container with restartPolicy Always and a startup probe: started before the
+    /// app's init containers and containers, stopped after them.
+    #[test]
+    fn a_native_sidecar_is_the_first_init_container_and_restarts_always() {
+        let native = InjectConfig {
+            native_sidecar: true,
+            ..cfg(true)
+        };
+        let mut pod = annotated("orders");
+        let out = apply(&pod, &inject(&pod, "shop", &native, allowed).patch);
+        let spec = out.spec.as_ref().unwrap();
+        let inits = spec.init_containers.as_ref().unwrap();
+        assert_eq!(inits.len(), 1);
+        let side = &inits[0];
+        assert_eq!(side.name, SIDECAR_NAME);
+        assert_eq!(side.restart_policy.as_deref(), Some("Always"));
+        let startup = side.startup_probe.as_ref().expect("a startup probe");
+        let path = startup.http_get.as_ref().and_then(|h| h.path.as_deref());
         assert_eq!(
-            restricted_violations(out.spec.as_ref().unwrap()),
-            Vec::<String>::new()
+            path,
+            Some("/healthz"),
+            "started once it serves, brokers or not"
         );
-        // On an app pod that sets nothing, only the app's containers break the rules.
-        let bare = annotated("orders");
-        let out = apply(&bare, &inject(&bare, "shop", &cfg(true), allowed).patch);
-        let broken = restricted_violations(out.spec.as_ref().unwrap());
-        assert!(!broken.is_empty());
+        assert!(side.readiness_probe.is_some());
         assert!(
-            broken.iter().all(|v| !v.contains(SIDECAR_NAME)),
-            "{broken:?}"
+            containers(&out).iter().all(|c| c.name != SIDECAR_NAME),
+            "not also a container"
         );
+        assert_eq!(
+            env(&containers(&out)[0], ADDR_ENV),
+            Some(format!("127.0.0.1:{SIDECAR_GRPC_PORT}").as_str())
+        );
+        // The app's own init containers come after it; injecting again changes nothing.
+        pod.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: "migrate".into(),
+            image: Some("app".into()),
+            ..Default::default()
+        }]);
+        let out = apply(&pod, &inject(&pod, "shop", &native, allowed).patch);
+        let names: Vec<&str> = out
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, [SIDECAR_NAME, "migrate"]);
+        assert_eq!(skip(&out), Some(Skip::AlreadyInjected));
     }
 
     #[test]

@@ -38,6 +38,13 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SidecarMode {
+    Auto,
+    Native,
+    Container,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -110,6 +117,11 @@ struct RunArgs {
     /// Do not serve KEDA's external scaler API.
     #[arg(long)]
     disable_scaler: bool,
+    /// How the webhook injects the sidecar: `auto` as a native sidecar (an init
+    /// container with restartPolicy Always) where the API server is 1.29 or later,
+    /// else as the pod's last container; `native` or `container` to choose.
+    #[arg(long, value_enum, default_value = "auto")]
+    sidecar_mode: SidecarMode,
     /// Address of the webhook (TLS).
     #[arg(long, default_value = "0.0.0.0:9443")]
     webhook_listen: SocketAddr,
@@ -268,6 +280,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 tokio::spawn(sm.run(client.clone(), resolver.clone(), metrics.clone()));
             }
         }
+        let native_sidecar = match a.sidecar_mode {
+            SidecarMode::Native => true,
+            SidecarMode::Container => false,
+            SidecarMode::Auto => {
+                let v = client.apiserver_version().await?;
+                sluice_operator::inject::native_sidecars_served(&v.major, &v.minor)
+            }
+        };
+        info!(native_sidecar, "sidecar injection");
         let webhook = Arc::new(Webhook {
             client: client.clone(),
             cfg: InjectConfig {
@@ -280,6 +301,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     tls: a.data_plane_tls,
                 },
                 cluster_domain: a.cluster_domain.clone(),
+                native_sidecar,
             },
             metrics: metrics.clone(),
             certs: certs.clone(),
