@@ -6,6 +6,7 @@ use sluice_dataplane::receipts::Settlement;
 use sluice_dataplane::subscription::{
     SubscribeStream, SubscriptionBackend, spawn_subscription, subscription_start,
 };
+use sluice_dataplane::trace;
 use sluice_dataplane::validate::{
     MAX_WAIT, check_batch_len, validate_extension, validate_message, validate_nack_delay,
     validate_visibility, validate_wait,
@@ -85,13 +86,17 @@ impl QueueService {
         q: Arc<Queue>,
         messages: Vec<v1::NewMessage>,
         partition: Option<u32>,
+        trace: Option<Vec<(&'static str, String)>>,
     ) -> Result<Vec<v1::EnqueueResponse>, BrokerError> {
         check_batch_len(messages.len(), q.settings.max_batch)?;
         // Validate all first: a batch with one bad message writes nothing.
         let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NewMessage)>> =
             Default::default();
         let n = messages.len();
-        for (i, m) in messages.into_iter().enumerate() {
+        for (i, mut m) in messages.into_iter().enumerate() {
+            if let Some(ctx) = &trace {
+                trace::carry(ctx, &mut m, q.settings.max_message_bytes);
+            }
             let m = validate_message(m, q.settings.max_message_bytes)
                 .map_err(|e| if n > 1 { e.in_message(i) } else { e })?;
             let p = q.pick_partition(partition, &m.key, &m.dedup_id)?;
@@ -130,9 +135,10 @@ impl Queues for QueueService {
         req: Request<v1::EnqueueRequest>,
     ) -> Result<Response<v1::EnqueueResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
+        let trace = trace::context_of(req.metadata());
         let r = req.into_inner();
         let m = r.message.ok_or_else(|| invalid("message is required"))?;
-        let mut out = self.enqueue_many(q, vec![m], r.partition).await?;
+        let mut out = self.enqueue_many(q, vec![m], r.partition, trace).await?;
         Ok(Response::new(out.remove(0)))
     }
 
@@ -141,8 +147,9 @@ impl Queues for QueueService {
         req: Request<v1::EnqueueBatchRequest>,
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
+        let trace = trace::context_of(req.metadata());
         let r = req.into_inner();
-        let results = self.enqueue_many(q, r.messages, r.partition).await?;
+        let results = self.enqueue_many(q, r.messages, r.partition, trace).await?;
         Ok(Response::new(v1::EnqueueBatchResponse { results }))
     }
 

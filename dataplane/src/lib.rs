@@ -9,6 +9,7 @@
 //! - [`receipts`]: receipts of one call grouped by partition; the settle operations.
 //! - [`partitioning`]: which partition a new message goes to.
 //! - [`subscription`]: the one loop that drives a Subscribe stream, over a backend.
+//! - [`trace`]: W3C trace context from an enqueue's metadata into the message.
 //! - [`server`]: gRPC and HTTP server plumbing (windows, TLS, signals, tracing,
 //!   reflection, `/metrics` and `/readyz`).
 
@@ -16,6 +17,7 @@ pub mod partitioning;
 pub mod receipts;
 pub mod server;
 pub mod subscription;
+pub mod trace;
 pub mod validate;
 
 pub use receipts::SettleOp;

@@ -6,6 +6,7 @@ use futures::stream::FuturesUnordered;
 use sluice_dataplane::SettleOp;
 use sluice_dataplane::partitioning::{Placement, is_pinned, place};
 use sluice_dataplane::subscription::{SubscribeStream, spawn_subscription, subscription_start};
+use sluice_dataplane::trace;
 use sluice_dataplane::validate::{check_batch_len, check_message, validate_extension};
 use sluice_proto::v1::{self, queues_server::Queues};
 use std::collections::BTreeMap;
@@ -171,12 +172,16 @@ impl Queues for SidecarService {
         &self,
         req: Request<v1::EnqueueRequest>,
     ) -> Result<Response<v1::EnqueueResponse>, Status> {
+        let trace = trace::context_of(req.metadata());
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
-        let m = r
+        let mut m = r
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
         check(&route, &m)?;
+        if let Some(ctx) = &trace {
+            trace::carry(ctx, &mut m, route.settings()?.max_message_bytes);
+        }
         let p = partition_of(&route, &m, r.partition).await?;
         let movable = !is_pinned(r.partition, &m.key, &m.dedup_id);
         if r.queue != route.queue {
@@ -213,15 +218,19 @@ impl Queues for SidecarService {
         &self,
         req: Request<v1::EnqueueBatchRequest>,
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
+        let trace = trace::context_of(req.metadata());
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
         // An empty batch is refused even while no broker has described the queue.
         check_batch_len(r.messages.len(), u32::MAX)?;
         check_batch_len(r.messages.len(), route.settings()?.max_batch)?;
         let mut groups: BTreeMap<u32, (Vec<usize>, Vec<v1::NewMessage>)> = BTreeMap::new();
-        for (i, m) in r.messages.into_iter().enumerate() {
+        for (i, mut m) in r.messages.into_iter().enumerate() {
             check(&route, &m)
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {}", e.message())))?;
+            if let Some(ctx) = &trace {
+                trace::carry(ctx, &mut m, route.settings()?.max_message_bytes);
+            }
             let g = groups
                 .entry(partition_of(&route, &m, r.partition).await?)
                 .or_default();
