@@ -170,17 +170,14 @@ impl Collector for QueueCollector {
                 ConstCounter::new(pick(s)).encode(m.encode_family(&labels)?)?;
             }
         }
-        // Replicated partitions: every copy says whether it leads (so a partition
-        // that no broker leads shows as one without a majority); the leader says how
+        // Every copy says whether it leads (so a partition that no broker leads
+        // shows as one without a majority: a Raft group of one too, for the moment a
+        // move hands it over; a plain local log always leads); the leader says how
         // many copies hold everything committed.
-        let copies: Vec<_> = queues
-            .iter()
-            .flat_map(|q| q.reports())
-            .filter(|r| r.copies > 1)
-            .collect();
+        let copies: Vec<_> = queues.iter().flat_map(|q| q.reports()).collect();
         let mut m = encoder.encode_descriptor(
             "partition_leading",
-            "1 where this broker's copy of a replicated partition leads it (with a recent majority)",
+            "1 where this broker's copy of a partition leads it (with a recent majority; a single local copy always does)",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
@@ -191,7 +188,7 @@ impl Collector for QueueCollector {
         }
         let mut m = encoder.encode_descriptor(
             "partition_copies_in_sync",
-            "Copies of a replicated partition (the leader's among them) holding every entry it applied; reported by the leader",
+            "Copies of a partition (the leader's among them) holding every entry it applied; reported by the leader",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;

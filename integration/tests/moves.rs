@@ -415,6 +415,21 @@ async fn single_copies_move_from_one_broker_to_three_and_back() {
             "the one copy of partition {p}"
         );
     }
+    // A group of one reports its leader like any group (what the "no leader" alert
+    // reads): each partition led on exactly the broker holding it.
+    for p in 0..PARTITIONS {
+        eventually_within(
+            "one leader per partition",
+            Duration::from_secs(20),
+            || async {
+                let leading: Vec<usize> = (0..3)
+                    .filter(|&b| leading_gauge(&brokers[b], p) == Some(1))
+                    .collect();
+                (leading == [three[p as usize][0] as usize]).then_some(())
+            },
+        )
+        .await;
+    }
     let n = traffic.progress("three brokers settled");
     traffic.until(n + 100, "on three brokers").await;
 
@@ -433,4 +448,13 @@ async fn single_copies_move_from_one_broker_to_three_and_back() {
     let n = traffic.progress("one broker settled");
     traffic.until(n + 100, "after the moves").await;
     traffic.check(app).await;
+}
+
+/// `sluice_partition_leading` of `QUEUE`'s partition `p` on `b`.
+fn leading_gauge(b: &Broker, p: u32) -> Option<i64> {
+    let (_, body) = http_get(b.metrics, "/metrics");
+    let prefix = format!("sluice_partition_leading{{queue=\"{QUEUE}\",partition=\"{p}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
 }
