@@ -43,11 +43,7 @@ pub async fn wait_for_rollout(
         wait.plan.placed.as_ref(),
     )
     .map_err(Error::Settings)?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&resources::queue_selector(&name)))
-        .await?
-        .items;
+    let pods: Vec<Pod> = of_queue(ctx, ns, &name).await?;
     let stale = pods.iter().any(|p| {
         let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         running && p.annotations().get(resources::HASH_ANNOTATION) != Some(&settled.hash)
