@@ -66,6 +66,13 @@ const QUORUM_LEASE_MS: u64 = 2_000;
 /// (the copy stays a learner meanwhile and keeps receiving the log, so nothing is
 /// lost by asking again; a copy whose broker is down is simply waited for).
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest one round of a move (adding learners, their catching up, the
+/// membership change) may take before it is given up and tried again from the
+/// membership as it then is. A change whose joint configuration cannot commit (its
+/// new copy's broker restarting at that moment) otherwise waited forever, and the
+/// move with it: seen once in the e2e single-copy scaling scenario, where the
+/// leader of a one-copy group logged "moving" and then nothing for minutes.
+const MOVE_ROUND: std::time::Duration = std::time::Duration::from_secs(30);
 /// The first pause after a failed move step; doubled up to [`MOVE_RETRY_MAX`].
 const MOVE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 const MOVE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
@@ -346,8 +353,10 @@ impl Replica {
                         .map_err(|e| format!("removing learners: {e}"))?;
                 }
                 Ok::<_, String>(())
-            }
-            .await;
+            };
+            let moved = tokio::time::timeout(MOVE_ROUND, moved)
+                .await
+                .unwrap_or_else(|_| Err(format!("a round took over {MOVE_ROUND:?}")));
             match moved {
                 Ok(()) => {
                     tracing::info!(queue, partition, ?target, "the partition's copies moved");
