@@ -421,17 +421,47 @@ impl World {
         stdout
     }
 
-    /// The chart's operator pod, once one is Ready.
+    /// A Ready operator pod of the chart.
     pub async fn operator_pod(&self) -> Pod {
         let sys: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         eventually("operator pod Ready", || async {
-            let list = sys
-                .list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
-                .await
-                .ok()?;
-            list.items.into_iter().find(pod_ready)
+            self.operator_pods(&sys).await.into_iter().find(pod_ready)
         })
         .await
+    }
+
+    /// The chart's operator pod that holds the leader lease, once one does. The chart
+    /// runs two replicas; only the leader reconciles, so a test that follows
+    /// reconciliation (or reads the leader's metrics) must pick it, not the first pod.
+    pub async fn operator_leader(&self) -> Pod {
+        let sys: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        eventually("an operator pod is the leader", || async {
+            for pod in self.operator_pods(&sys).await {
+                if !pod_ready(&pod) {
+                    continue;
+                }
+                let name = kube::ResourceExt::name_any(&pod);
+                let body = self
+                    .pod_get(SYSTEM_NAMESPACE, &name, 8080, "/metrics")
+                    .await;
+                let leads = body.is_some_and(|b| {
+                    b.lines()
+                        .any(|l| l.starts_with("sluice_operator_leader") && l.ends_with(" 1"))
+                });
+                if leads {
+                    return Some(pod);
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    async fn operator_pods(&self, sys: &Api<Pod>) -> Vec<Pod> {
+        sys.list(&ListParams::default().labels("app.kubernetes.io/name=sluice-operator"))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
     }
 
     /// The operator as a process in the world; its webhook is registered by URL.
