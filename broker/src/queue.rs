@@ -785,7 +785,7 @@ impl Queue {
                         &pdir,
                         &name,
                         id,
-                        u64::from(me),
+                        me,
                         form.as_deref(),
                         peers,
                         options,

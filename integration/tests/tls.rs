@@ -236,6 +236,7 @@ async fn replicating_brokers_speak_tls_to_each_other_and_refuse_sidecars_as_peer
                     group: Some(pb::Group {
                         queue: "orders".into(),
                         partition: 0,
+                        to: None,
                     }),
                     vote: None,
                     last_log_id: None,

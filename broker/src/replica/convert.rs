@@ -238,6 +238,7 @@ mod tests {
         let group = pb::Group {
             queue: "q".into(),
             partition: 3,
+            to: Some(super::super::node_id(1, 7)),
         };
         let back = append_from(append_to(group, &rpc)).unwrap();
         assert_eq!(back.vote, rpc.vote);

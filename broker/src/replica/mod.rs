@@ -47,9 +47,23 @@ pub struct FloorSnapshot {
     pub next_seq: u64,
 }
 
+/// The broker a copy's node id names: its low 32 bits.
+pub fn ordinal(node: NodeId) -> u32 {
+    node as u32
+}
+
+/// The node id of a copy on broker `ordinal`. Copies that formed the group have
+/// incarnation 0 (the id is the ordinal, as every member can tell without asking);
+/// a copy placed by a move has a new one, so that no membership entry in the log
+/// from before it joined names it (see `store::copy_id`).
+pub fn node_id(ordinal: u32, incarnation: u32) -> NodeId {
+    (u64::from(incarnation) << 32) | u64::from(ordinal)
+}
+
 openraft::declare_raft_types!(
-    /// Raft types of a replicated partition. Node ids are broker ordinals; addresses
-    /// come from the queue's `peers`, so nodes carry nothing.
+    /// Raft types of a replicated partition. Node ids name a broker ([`ordinal`])
+    /// and the copy on it ([`node_id`]); addresses come from the queue's `peers`, so
+    /// nodes carry nothing.
     pub TypeConfig:
         D = Bytes,
         R = Applied,

@@ -262,7 +262,39 @@ impl Peers {
     }
 
     fn peer(&self, node: NodeId) -> Option<Arc<Peer>> {
-        self.peers.get(node as usize).cloned().flatten()
+        self.peers
+            .get(super::ordinal(node) as usize)
+            .cloned()
+            .flatten()
+    }
+
+    /// The node id of broker `ordinal`'s copy of `queue`'s `partition`.
+    pub async fn copy_id(
+        &self,
+        ordinal: u32,
+        queue: &str,
+        partition: u32,
+    ) -> Result<NodeId, tonic::Status> {
+        let peer = self.peer(NodeId::from(ordinal)).ok_or_else(|| {
+            tonic::Status::unavailable(format!("broker {ordinal} has no usable address"))
+        })?;
+        let group = pb::Group {
+            queue: queue.to_string(),
+            partition,
+            to: None,
+        };
+        let resp = peer
+            .client()
+            .copy_id(timed(group, Duration::from_secs(5)))
+            .await?;
+        let node = resp.into_inner().node;
+        if super::ordinal(node) != ordinal {
+            return Err(tonic::Status::internal(format!(
+                "broker {ordinal} named a copy of broker {}",
+                super::ordinal(node)
+            )));
+        }
+        Ok(node)
     }
 }
 
@@ -280,6 +312,7 @@ impl Network {
             group: pb::Group {
                 queue: queue.to_string(),
                 partition,
+                to: None,
             },
         }
     }
@@ -291,7 +324,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, _node: &EmptyNode) -> PeerClient {
         PeerClient {
             peer: self.peers.peer(target),
-            group: self.group.clone(),
+            group: pb::Group {
+                to: Some(target),
+                ..self.group.clone()
+            },
             target,
         }
     }
@@ -506,6 +542,13 @@ mod tests {
             &self,
             _: Request<pb::SnapshotRequest>,
         ) -> Result<Response<pb::SnapshotResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn copy_id(
+            &self,
+            _: Request<pb::Group>,
+        ) -> Result<Response<pb::CopyIdResponse>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
 

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::machine::{Machine, Shared};
 use super::network::{Network, Peers};
-use super::store::{Index, LogReader, LogStore, recover};
-use super::{NodeId, Raft};
+use super::store::{Index, LogReader, LogStore, copy_id, recover};
+use super::{NodeId, Raft, ordinal};
 use crate::error::BrokerError;
 use crate::log::record::Record;
 use crate::log::{Location, LogError, LogObserver, LogOptions, LogWriter};
@@ -47,6 +47,7 @@ struct Proposal {
 pub struct Replica {
     pub raft: Raft,
     pub me: NodeId,
+    peers: Arc<Peers>,
     queue: String,
     partition: u32,
     pub writer: Arc<LogWriter>,
@@ -98,21 +99,22 @@ fn not_leader(queue: &str, partition: u32, leader: Option<NodeId>) -> BrokerErro
     BrokerError::NotLeader {
         queue: queue.to_string(),
         partition,
-        leader: leader.map(|l| l as u32),
+        leader: leader.map(ordinal),
     }
 }
 
 impl Replica {
-    /// Opens the copy of `partition` in `dir`: reads its log and starts its Raft
-    /// node. With `form` (broker ordinals: this copy is a member), it forms the group
-    /// if it never was; without, it waits for the leader to add it (a copy placed on
-    /// this broker by a move).
+    /// Opens the copy of `partition` in `dir` on broker `ordinal`: reads its log and
+    /// starts its Raft node. With `form` (broker ordinals: this copy is a member), it
+    /// forms the group if it never was; without, it waits for the leader to add it (a
+    /// copy placed on this broker by a move, with a node id of its own: see
+    /// [`copy_id`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
         dir: &Path,
         queue: &str,
         partition: u32,
-        me: NodeId,
+        ordinal: u32,
         form: Option<&[u32]>,
         peers: Arc<Peers>,
         options: LogOptions,
@@ -143,6 +145,7 @@ impl Replica {
             );
             writer.truncate(torn.segment, torn.offset).await?;
         }
+        let me = copy_id(dir, ordinal, form.is_none(), &found)?;
         let index = Arc::new(Mutex::new(found.index));
         let store = LogStore::new(dir, me, writer.clone(), index.clone())?;
         let (floor_tx, mut floor_rx) = watch::channel(0u64);
@@ -155,7 +158,7 @@ impl Replica {
         let raft = Raft::new(
             me,
             config,
-            Network::new(peers, queue, partition),
+            Network::new(peers.clone(), queue, partition),
             store,
             machine,
         )
@@ -179,6 +182,7 @@ impl Replica {
         let replica = Arc::new(Replica {
             raft: raft.clone(),
             me,
+            peers,
             queue: queue.to_string(),
             partition,
             log: LogReader::new(index.clone(), writer.reader.clone()),
@@ -255,7 +259,12 @@ impl Replica {
         let applied = m.last_applied.map(|l| l.index);
         let committed = config.log_id().is_none_or(|l| Some(l.index) <= applied);
         let joint = config.membership().get_joint_config().len() > 1;
-        (committed && !joint).then(|| config.voter_ids().map(|n| n as u32).collect())
+        (committed && !joint).then(|| {
+            // Sorted by broker (ids of moved copies sort by incarnation first).
+            let mut brokers: Vec<u32> = config.voter_ids().map(ordinal).collect();
+            brokers.sort_unstable();
+            brokers
+        })
     }
 
     /// Moves the group onto `target` (broker ordinals): each broker new to it joins
@@ -270,8 +279,8 @@ impl Replica {
     /// this broker's (it still runs an older pod during a rollout): it is left as it
     /// is, or two leaders on two versions would move the copies back and forth.
     pub async fn converge(self: Arc<Self>, target: Vec<u32>, known: Vec<u32>) {
-        let target: BTreeSet<NodeId> = target.into_iter().map(u64::from).collect();
-        let known: BTreeSet<NodeId> = known.into_iter().map(u64::from).collect();
+        let target: BTreeSet<u32> = target.into_iter().collect();
+        let known: BTreeSet<u32> = known.into_iter().collect();
         let mut backoff = MOVE_RETRY;
         loop {
             if self.check_leader().is_err() {
@@ -286,16 +295,17 @@ impl Replica {
                     membership.get_joint_config().len() > 1,
                 )
             };
+            let on: BTreeSet<u32> = voters.iter().map(|&v| ordinal(v)).collect();
             let (queue, partition) = (&self.queue, self.partition);
-            let stale: BTreeSet<NodeId> = learners.difference(&target).copied().collect();
-            if voters == target && !joint && stale.is_empty() {
+            let stale = stale_learners(&voters, &learners, &target);
+            if on == target && !joint && stale.is_empty() {
                 return;
             }
-            if !voters.is_subset(&known) {
+            if !on.is_subset(&known) {
                 tracing::info!(
                     queue,
                     partition,
-                    ?voters,
+                    brokers = ?on,
                     ?known,
                     "the group has members these settings do not name (newer settings are rolling out): leaving its copies where they are"
                 );
@@ -304,18 +314,33 @@ impl Replica {
             tracing::info!(
                 queue,
                 partition,
-                ?voters,
+                brokers = ?on,
                 ?target,
                 "moving the partition's copies"
             );
             let moved = async {
-                if voters != target || joint {
-                    let joining: Vec<NodeId> = target.difference(&voters).copied().collect();
+                if on != target || joint {
+                    // Voters staying keep their ids; each broker new to the group
+                    // says which copy it holds (a learner of an earlier round may
+                    // be a copy since deleted there).
+                    let mut next: BTreeSet<NodeId> = voters
+                        .iter()
+                        .copied()
+                        .filter(|&v| target.contains(&ordinal(v)))
+                        .collect();
+                    let mut joining = Vec::new();
+                    for &b in target.difference(&on) {
+                        let id = self.peers.copy_id(b, queue, partition).await.map_err(|e| {
+                            format!("asking broker {b} for its copy: {}", e.message())
+                        })?;
+                        joining.push(id);
+                        next.insert(id);
+                    }
                     for &n in &joining {
                         self.raft
                             .add_learner(n, openraft::EmptyNode {}, false)
                             .await
-                            .map_err(|e| format!("adding broker {n}: {e}"))?;
+                            .map_err(|e| format!("adding copy {n}: {e}"))?;
                     }
                     // Swapped in before it holds the log, a copy the joint majority
                     // needs (with one copy, the new one always) would hold up every
@@ -338,14 +363,22 @@ impl Replica {
                         )
                         .await
                         .map_err(|_| {
-                            format!("brokers {joining:?} did not catch up within {CATCH_UP:?}")
+                            format!("copies {joining:?} did not catch up within {CATCH_UP:?}")
                         })?;
                     self.raft
-                        .change_membership(target.clone(), false)
+                        .change_membership(next, false)
                         .await
                         .map_err(|e| format!("changing the members: {e}"))?;
                 }
-                // Learners of an earlier target that changed meanwhile.
+                let stale = {
+                    let m = self.raft.metrics().borrow().membership_config.clone();
+                    let membership = m.membership();
+                    stale_learners(
+                        &membership.voter_ids().collect(),
+                        &membership.learner_ids().collect(),
+                        &target,
+                    )
+                };
                 if !stale.is_empty() {
                     self.raft
                         .change_membership(openraft::ChangeMembers::RemoveNodes(stale), false)
@@ -446,6 +479,22 @@ impl Replica {
         }
         self.writer.close();
     }
+}
+
+/// Learners to remove: those of an earlier target that changed meanwhile, and
+/// earlier copies of a broker whose copy now is a voter.
+fn stale_learners(
+    voters: &BTreeSet<NodeId>,
+    learners: &BTreeSet<NodeId>,
+    target: &BTreeSet<u32>,
+) -> BTreeSet<NodeId> {
+    learners
+        .iter()
+        .copied()
+        .filter(|&l| {
+            !target.contains(&ordinal(l)) || voters.iter().any(|&v| ordinal(v) == ordinal(l))
+        })
+        .collect()
 }
 
 /// How long records nobody waits for (leases of deliveries, floors) wait for a write

@@ -96,8 +96,25 @@ impl Groups {
         })
     }
 
+    /// The copy a message is for. One meant for another copy of the group on this
+    /// broker (an earlier one, since deleted) is refused: its sender's view of the
+    /// group is older than this copy, and must not count it.
     fn get(&self, group: Option<&pb::Group>) -> Result<Raft, Status> {
         let g = group.ok_or_else(|| Status::invalid_argument("message names no group"))?;
+        let raft = self.copy(g)?;
+        if let Some(to) = g.to {
+            let here = raft.metrics().borrow().id;
+            if to != here {
+                return Err(Status::failed_precondition(format!(
+                    "partition {} of queue {}: the message is for copy {to}, this broker holds copy {here}",
+                    g.partition, g.queue
+                )));
+            }
+        }
+        Ok(raft)
+    }
+
+    fn copy(&self, g: &pb::Group) -> Result<Raft, Status> {
         self.rafts
             .read()
             .unwrap()
@@ -179,6 +196,16 @@ impl Replication for ReplicationService {
             }
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out))))
+    }
+
+    async fn copy_id(
+        &self,
+        request: Request<pb::Group>,
+    ) -> Result<Response<pb::CopyIdResponse>, Status> {
+        self.groups.check_peer(&request)?;
+        let raft = self.groups.copy(request.get_ref())?;
+        let node = raft.metrics().borrow().id;
+        Ok(Response::new(pb::CopyIdResponse { node }))
     }
 
     async fn install_snapshot(

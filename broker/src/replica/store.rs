@@ -223,6 +223,70 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> std::io::
     std::fs::File::open(dir)?.sync_all()
 }
 
+const COPY_ID_FILE: &str = "copy.id";
+
+/// The node id of the copy in `dir`, on broker `ordinal`.
+///
+/// A copy that forms its group, and every copy from before ids had incarnations, is
+/// the broker's ordinal. A copy placed here by a move (`joining`, in an empty
+/// directory) gets a new incarnation, kept in `copy.id`. Openraft counts a node as
+/// a voter when the last membership in *its* log names it; a new copy replays the
+/// group's log from the start, and a membership from when an earlier copy on this
+/// broker was a voter (with one copy, the only voter) would otherwise let it elect
+/// itself on a restart before it reaches the membership that added it (seen in the
+/// e2e single-copy scenario: two leaders, then a panic in openraft's follower).
+/// Openraft asks that a node id never be reused; this is how it is not.
+pub fn copy_id(
+    dir: &Path,
+    ordinal: u32,
+    joining: bool,
+    found: &Recovered,
+) -> Result<NodeId, LogError> {
+    let path = dir.join(COPY_ID_FILE);
+    let io = |op: &'static str, source: std::io::Error| LogError::Io {
+        op,
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return text
+                .trim()
+                .parse::<NodeId>()
+                .ok()
+                .filter(|&id| super::ordinal(id) == ordinal)
+                .ok_or(LogError::Damaged {
+                    segment: 0,
+                    offset: 0,
+                    why: "copy.id is damaged or names another broker",
+                });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading", e)),
+    }
+    let empty = found.index.slots.is_empty() && Meta::load(dir)? == Meta::default();
+    if !(joining && empty) {
+        return Ok(super::node_id(ordinal, 0));
+    }
+    let id = super::node_id(ordinal, new_incarnation());
+    write_atomically(dir, COPY_ID_FILE, id.to_string().as_bytes()).map_err(|e| io("writing", e))?;
+    Ok(id)
+}
+
+/// A random non-zero incarnation (std's hasher keys are random per process, and
+/// the clock makes two in one process differ).
+fn new_incarnation() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() as u32).max(1)
+}
+
 /// What [`recover`] found in a replicated partition's log.
 pub struct Recovered {
     pub index: Index,
@@ -633,6 +697,41 @@ mod tests {
         // Both entries lie in segment 0: only a floor above it covers them.
         assert_eq!(found.index.last_below(0), None);
         assert_eq!(found.index.last_below(1), Some(2));
+    }
+
+    #[test]
+    fn a_copy_placed_by_a_move_has_an_id_of_its_own_and_keeps_it() {
+        let found = |dir: &Path| recover(dir, &Quiet).unwrap();
+        // Forming the group, or from before ids had incarnations: the ordinal.
+        let formed = tempfile::tempdir().unwrap();
+        let f = found(formed.path());
+        assert_eq!(copy_id(formed.path(), 3, false, &f).unwrap(), 3);
+        // Joining in an empty directory: broker 3, a new incarnation, kept.
+        let joined = tempfile::tempdir().unwrap();
+        let f = found(joined.path());
+        let id = copy_id(joined.path(), 3, true, &f).unwrap();
+        assert_eq!(super::super::ordinal(id), 3);
+        assert_ne!(id, 3);
+        let f = found(joined.path());
+        assert_eq!(copy_id(joined.path(), 3, true, &f).unwrap(), id);
+        // Another copy joining the same broker later is another node.
+        let again = tempfile::tempdir().unwrap();
+        let f = found(again.path());
+        assert_ne!(copy_id(again.path(), 3, true, &f).unwrap(), id);
+        // A copy that already holds a vote (older than ids) stays its ordinal.
+        let old = tempfile::tempdir().unwrap();
+        Meta {
+            vote: Some(Vote::new(2, 1)),
+            purged: None,
+        }
+        .save(old.path())
+        .unwrap();
+        let f = found(old.path());
+        assert_eq!(copy_id(old.path(), 3, true, &f).unwrap(), 3);
+        // An id file naming another broker is refused, not believed.
+        std::fs::write(joined.path().join(COPY_ID_FILE), "4").unwrap();
+        let f = found(joined.path());
+        assert!(copy_id(joined.path(), 3, true, &f).is_err());
     }
 
     #[test]
