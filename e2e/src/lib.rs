@@ -7,5 +7,6 @@ pub mod dns;
 pub mod error;
 pub mod harness;
 pub mod net;
+pub mod volumes;
 
 pub use error::{Error, Result};

@@ -4,8 +4,10 @@
 # client, python3-pip (for the helm/kubectl wheel), iproute2 + util-linux (network
 # namespaces, unshare, mount: the e2e suite and the network-partition test), mold
 # (scripts/test links with it: a fraction of GNU ld's time for the dozen large test
-# binaries), promtool, containerd, runc and buildah (below), and a deb-src entry
-# for `apt-get source kubernetes`. Idempotent.
+# binaries), gcc and libc6-dev (the static `pause`), promtool, containerd, runc,
+# buildah, and what the real node of the e2e suite needs besides them
+# (containernetworking-plugins for pod networks, iptables and conntrack for
+# kube-proxy), and a deb-src entry for `apt-get source kubernetes`. Idempotent.
 set -euo pipefail
 SUDO=""
 [[ $(id -u) -eq 0 ]] || SUDO="sudo"
@@ -25,7 +27,7 @@ SRC
   NEED_UPDATE=1
 fi
 
-PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl iproute2 mold)
+PKGS=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl python3-pip unzip make util-linux curl iproute2 mold gcc libc6-dev)
 MISSING=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || MISSING+=("$p")
@@ -38,10 +40,11 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
 fi
 # Without their recommended extras (and nothing of them is started as a service):
 # promtool (prometheus: checks and unit-tests the chart's alerting rules), and
-# containerd, runc and buildah (the images built and run: integration/tests/images.rs).
+# containerd, runc and buildah (the images built and run: integration/tests/images.rs),
+# and the real node's CNI plugins, iptables and conntrack (e2e, docs/e2e.md).
 LEAN=()
 command -v promtool >/dev/null || LEAN+=(prometheus)
-for p in containerd runc buildah; do
+for p in containerd runc buildah containernetworking-plugins iptables conntrack; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || LEAN+=("$p")
 done
 if [[ ${#LEAN[@]} -gt 0 ]]; then
