@@ -13,7 +13,7 @@
 use bytes::{Bytes, BytesMut};
 use sluice_config::{Overflow, QueueSettings};
 use sluice_proto::Receipt;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -104,7 +104,19 @@ pub type Reservation = (Vec<EnqueueOutcome>, Vec<Reserved>, Vec<Record>);
 #[derive(Debug)]
 pub enum EnqueueOutcome {
     Stored(u64),
+    /// Of the message `seq`, which may still be being written: see [`PartitionState::fate`].
     Duplicate(u64),
+}
+
+/// What became of a message a duplicate enqueue refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Its write is under way.
+    Pending,
+    /// It is durable (it may have been settled since).
+    Stored,
+    /// Its write failed: it was never stored, and a retry stores it anew.
+    Failed,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -181,6 +193,9 @@ pub struct PartitionState {
     /// Reserved but not yet durable.
     pending: u64,
     pending_bytes: u64,
+    /// Sequence numbers of messages with a dedup id that are reserved but not yet
+    /// durable: a retry of one must wait for its write (see [`PartitionState::fate`]).
+    pending_dedup: HashSet<u64>,
     n_ready: u64,
     bytes: u64,
     /// Unsettled messages per segment; a segment leaves this map at zero.
@@ -232,6 +247,7 @@ impl PartitionState {
             next_seq: 1,
             pending: 0,
             pending_bytes: 0,
+            pending_dedup: HashSet::new(),
             n_ready: 0,
             bytes: 0,
             segment_live: BTreeMap::new(),
@@ -490,6 +506,7 @@ impl PartitionState {
                 self.settings.default_delay.as_millis() as u64
             };
             if !m.dedup_id.is_empty() {
+                self.pending_dedup.insert(seq);
                 self.dedup.insert(m.dedup_id.clone(), seq);
                 let expires = now + self.settings.dedup_window.as_millis() as u64;
                 self.dedup_order.push_back((expires, m.dedup_id.clone()));
@@ -527,6 +544,20 @@ impl PartitionState {
         Ok((outcomes, reserved, drops))
     }
 
+    /// What became of the message `seq` that an enqueue with `dedup_id` was found to
+    /// duplicate. While its write is under way the duplicate cannot be answered: were
+    /// it acknowledged and the write then failed (a leader deposed mid-write), the
+    /// message would be lost although both attempts were answered.
+    pub fn fate(&self, dedup_id: &str, seq: u64) -> Fate {
+        if self.pending_dedup.contains(&seq) {
+            Fate::Pending
+        } else if self.dedup.get(dedup_id) == Some(&seq) {
+            Fate::Stored
+        } else {
+            Fate::Failed
+        }
+    }
+
     /// The reserved messages are durable at `base` (the batch buffer's location).
     pub fn commit(&mut self, now: u64, base: Location, reserved: Vec<Reserved>) -> bool {
         let mut woke = false;
@@ -539,6 +570,7 @@ impl PartitionState {
                 len: r.frame_len,
             };
             if !r.content.dedup_id.is_empty() {
+                self.pending_dedup.remove(&r.seq);
                 self.keep_for_dedup(loc.segment, r.enqueued_at_ms);
             }
             woke |= self.insert(
@@ -567,6 +599,7 @@ impl PartitionState {
         for r in reserved {
             self.pending -= 1;
             self.pending_bytes -= r.body_len;
+            self.pending_dedup.remove(&r.seq);
             if !r.content.dedup_id.is_empty() && self.dedup.get(&r.content.dedup_id) == Some(&r.seq)
             {
                 self.dedup.remove(&r.content.dedup_id);

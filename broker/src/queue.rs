@@ -20,7 +20,7 @@ use crate::journal::Journal;
 use crate::log::record::{Record, SettleReason};
 use crate::log::{LogObserver, LogOptions, LogWriter, recover};
 use crate::partition::{
-    CacheBudget, Content, Delivery, Effects, EnqueueOutcome, NewMessage, PartitionState,
+    CacheBudget, Content, Delivery, Effects, EnqueueOutcome, Fate, NewMessage, PartitionState,
     ReceiptError, Snapshot,
 };
 use crate::replica::network::Peers;
@@ -205,6 +205,8 @@ pub struct Partition {
     budget: Arc<CacheBudget>,
     /// Re-arms the timer when an earlier deadline appears.
     kick: Notify,
+    /// Wakes duplicates waiting on the write of the message they repeat.
+    written: Notify,
     /// Wakes the queue's long polls.
     ready: Arc<Notify>,
     /// For moves to and from the dead-letter queue.
@@ -271,49 +273,102 @@ impl Partition {
     ) -> Result<Vec<EnqueueOutcome>, BrokerError> {
         self.check_serving()?;
         let now = now_ms();
+        let dedup_ids: Vec<String> = messages.iter().map(|m| m.dedup_id.clone()).collect();
         let mut buf = BytesMut::new();
-        let (epoch, outcomes, reserved, drops) = {
+        let (epoch, outcomes, reserved, in_doubt, drops) = {
             let mut st = self.state.lock().unwrap();
             // Read under the lock that replacing the state takes too.
             let epoch = self.epoch();
             let (outcomes, reserved, drops) = st.reserve(now, messages, &mut buf)?;
+            // Duplicates of messages still being written: answered with that write.
+            let in_doubt: Vec<(String, u64)> = outcomes
+                .iter()
+                .zip(dedup_ids)
+                .filter_map(|(o, id)| match o {
+                    EnqueueOutcome::Duplicate(seq) if st.fate(&id, *seq) == Fate::Pending => {
+                        Some((id, *seq))
+                    }
+                    _ => None,
+                })
+                .collect();
             for d in &drops {
                 d.encode(&mut buf);
             }
             if !buf.is_empty() {
                 let written = self.journal.append_waiting(buf.split().freeze(), true);
-                (epoch, outcomes, reserved, Some((drops, written)))
+                (epoch, outcomes, reserved, in_doubt, Some((drops, written)))
             } else {
-                (epoch, outcomes, reserved, None)
+                (epoch, outcomes, reserved, in_doubt, None)
             }
         };
-        let Some((_, written)) = drops else {
-            return Ok(outcomes);
-        };
-        let written = written.await;
-        let mut st = self.state.lock().unwrap();
-        if self.epoch() != epoch {
-            // The state that reserved these messages is gone; whether they were
-            // committed, the new leader's log says (a retry with a dedup id is safe).
-            return Err(self.moved_on());
-        }
-        match written {
-            Ok(base) => {
-                let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
-                if st.commit(now_ms(), base, reserved) {
-                    self.ready.notify_waiters();
-                }
-                drop(st);
-                if delayed {
-                    self.kick.notify_one();
-                }
-                Ok(outcomes)
+        if let Some((_, written)) = drops {
+            let written = written.await;
+            let mut st = self.state.lock().unwrap();
+            if self.epoch() != epoch {
+                // The state that reserved these messages is gone; whether they were
+                // committed, the new leader's log says (a retry with a dedup id is safe).
+                return Err(self.moved_on());
             }
-            Err(e) => {
-                st.abort(reserved);
-                Err(e)
+            let result = match written {
+                Ok(base) => {
+                    let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
+                    if st.commit(now_ms(), base, reserved) {
+                        self.ready.notify_waiters();
+                    }
+                    drop(st);
+                    if delayed {
+                        self.kick.notify_one();
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    st.abort(reserved);
+                    drop(st);
+                    Err(e)
+                }
+            };
+            self.written.notify_waiters();
+            result?;
+        }
+        self.await_writes(epoch, in_doubt).await?;
+        Ok(outcomes)
+    }
+
+    /// Waits until the writes of the messages `in_doubt` (dedup id, sequence number)
+    /// have an outcome: a duplicate is acknowledged only once the message it repeats is
+    /// durable. A write that failed fails the duplicate too, and the client's retry
+    /// stores the message anew.
+    async fn await_writes(
+        &self,
+        epoch: u64,
+        in_doubt: Vec<(String, u64)>,
+    ) -> Result<(), BrokerError> {
+        for (id, seq) in in_doubt {
+            loop {
+                let written = self.written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                let fate = {
+                    let st = self.state.lock().unwrap();
+                    (self.epoch() == epoch).then(|| st.fate(&id, seq))
+                };
+                match fate {
+                    None => return Err(self.moved_on()),
+                    Some(Fate::Stored) => break,
+                    Some(Fate::Failed) => {
+                        return Err(BrokerError::Unavailable(format!(
+                            "partition {} of queue {}: the earlier attempt at the message with dedup id {id:?} failed to store; try again",
+                            self.id, self.settings.name
+                        )));
+                    }
+                    // A replaced state (a new epoch) wakes nobody: look again soon.
+                    Some(Fate::Pending) => {
+                        let _ = tokio::time::timeout(Duration::from_millis(100), written).await;
+                    }
+                }
             }
         }
+        Ok(())
     }
 
     fn deliver(&self, max: usize, visibility_ms: u64) -> Vec<Delivery> {
@@ -834,6 +889,7 @@ impl Queue {
                             settings: settings.clone(),
                             budget: budget.clone(),
                             kick: Notify::new(),
+                            written: Notify::new(),
                             ready: ready.clone(),
                             queue: weak.clone(),
                         }),

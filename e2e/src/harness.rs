@@ -13,6 +13,7 @@ use crate::agent::{Agent, AgentConfig};
 use crate::dns::DnsServer;
 use crate::error::{Error, Result, io_at};
 use crate::net;
+use crate::node::RealNode;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
@@ -71,7 +72,7 @@ where
             Some(lock)
         }
         None if std::env::var(WORLD_ENV).as_deref() != Ok("1") => {
-            outer(name);
+            outer(name, &opts);
             return;
         }
         None => None,
@@ -119,7 +120,13 @@ fn install_tools() {
     assert!(st.success(), "scripts/k8s/install-tools.sh failed");
 }
 
-fn outer(name: &str) {
+/// Where the images a real node runs are built (shared by the worlds of a machine;
+/// rebuilt when the binaries change).
+fn images_dir() -> PathBuf {
+    std::env::temp_dir().join("sluice-e2e-images")
+}
+
+fn outer(name: &str, opts: &WorldOptions) {
     let _lock = world_lock();
     let st = Command::new(repo_root().join("scripts/k8s/install-deps.sh"))
         .stdout(Stdio::null())
@@ -149,6 +156,10 @@ fn outer(name: &str) {
             bin_dir().display()
         );
     }
+    if opts.real_node {
+        crate::node::build_images(&bin_dir(), &images_dir())
+            .unwrap_or_else(|e| panic!("building the images for the real node: {e}"));
+    }
     let exe = std::env::current_exe().expect("current exe");
     let run_id = format!(
         "{}-{:x}",
@@ -173,6 +184,7 @@ fn outer(name: &str) {
         .env(WORLD_ENV, "1")
         .env("SLUICE_E2E_RUN", &run_id)
         .env("SLUICE_E2E_BIN_DIR", bin_dir())
+        .env("SLUICE_E2E_IMAGES", images_dir())
         .status()
         .expect("run unshare");
     assert!(
@@ -185,6 +197,8 @@ fn outer(name: &str) {
 pub const TOKEN_REVIEW_BINDING: &str = "sluice-e2e-token-review";
 /// Set to a kubeconfig: the scenarios run on that cluster instead of a local world.
 pub const REMOTE_ENV: &str = "SLUICE_E2E_KUBECONFIG";
+/// The name of a local world's one node.
+pub const NODE: &str = "e2e-node-1";
 /// The chart's release and namespace when the chart is installed by the harness.
 pub const RELEASE: &str = "sluice";
 pub const SYSTEM_NAMESPACE: &str = "sluice-system";
@@ -199,6 +213,10 @@ pub struct WorldOptions {
     /// a per-run suffix, a crash is a pod deleted without grace, and nothing on the
     /// node is looked at. This is how the real-cluster path is tested here.
     pub as_remote: bool,
+    /// Run the pods on a real node (kubelet, kube-proxy, containerd and runc running
+    /// the images built from this run's binaries: [`crate::node`]) instead of the node
+    /// agent. Needs the chart (`operator: false`): the operator runs as pods too.
+    pub real_node: bool,
 }
 
 impl Default for WorldOptions {
@@ -206,14 +224,21 @@ impl Default for WorldOptions {
         WorldOptions {
             operator: true,
             as_remote: false,
+            real_node: false,
         }
     }
 }
 
-/// What runs on this machine for a local world: the node agent and the cluster DNS
-/// (the control plane's processes are listed in `<dir>/k8s/pids`).
+/// What runs the pods of a local world.
+enum Kubelet {
+    Agent(Agent),
+    Real(RealNode),
+}
+
+/// What runs on this machine for a local world: the node and the cluster DNS (the
+/// control plane's processes are listed in `<dir>/k8s/pids`).
 struct LocalNode {
-    agent: Agent,
+    kubelet: Kubelet,
     dns: Option<DnsServer>,
 }
 
@@ -229,7 +254,7 @@ struct RemoteView {
 /// How a container was made to crash (see [`World::crash`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Crash {
-    /// Its process got SIGKILL; the kubelet (here: the agent) restarts it in place.
+    /// Its process got SIGKILL; the kubelet (or the agent) restarts it in place.
     InPlace,
     /// Its pod was deleted without grace (the closest the Kubernetes API comes to a
     /// crash); its controller makes a new one.
@@ -296,17 +321,26 @@ impl World {
         let client = client_from(&kubeconfig).await?;
         let dns =
             DnsServer::start(client.clone(), SocketAddr::new(net::BRIDGE_IP.into(), 53)).await?;
-        let agent = Agent::start(
-            client.clone(),
-            AgentConfig {
-                node: "e2e-node-1".into(),
-                bin_dir: bin_dir(),
-                work_dir: dir.join("agent"),
-                api_host: net::BRIDGE_IP.to_string(),
-                api_port,
-            },
-        )
-        .await?;
+        let kubelet = if opts.real_node {
+            let images = std::env::var_os("SLUICE_E2E_IMAGES")
+                .map(PathBuf::from)
+                .unwrap_or_else(images_dir);
+            Kubelet::Real(RealNode::start(client.clone(), NODE, &dir, &kubeconfig, &images).await?)
+        } else {
+            Kubelet::Agent(
+                Agent::start(
+                    client.clone(),
+                    AgentConfig {
+                        node: NODE.into(),
+                        bin_dir: bin_dir(),
+                        work_dir: dir.join("agent"),
+                        api_host: net::BRIDGE_IP.to_string(),
+                        api_port,
+                    },
+                )
+                .await?,
+            )
+        };
         let remote = opts.as_remote.then(|| RemoteView {
             suffix: run_suffix(),
             registry: String::new(),
@@ -319,7 +353,7 @@ impl World {
             client,
             operator: None,
             local: Some(LocalNode {
-                agent,
+                kubelet,
                 dns: Some(dns),
             }),
             remote,
@@ -362,7 +396,27 @@ impl World {
     /// at them there (local processes, volume directories).
     pub fn node(&self) -> Option<&Agent> {
         match (&self.local, &self.remote) {
-            (Some(l), None) => Some(&l.agent),
+            (
+                Some(LocalNode {
+                    kubelet: Kubelet::Agent(agent),
+                    ..
+                }),
+                None,
+            ) => Some(agent),
+            _ => None,
+        }
+    }
+
+    /// The real node, when this world runs one (and is not seen as remote).
+    fn real_node(&self) -> Option<&RealNode> {
+        match (&self.local, &self.remote) {
+            (
+                Some(LocalNode {
+                    kubelet: Kubelet::Real(node),
+                    ..
+                }),
+                None,
+            ) => Some(node),
             _ => None,
         }
     }
@@ -380,7 +434,8 @@ impl World {
     pub fn image(&self, name: &str) -> String {
         match &self.remote {
             Some(r) => format!("{}{name}:{}", r.registry, r.tag),
-            // The agent maps any image named after a binary to that binary.
+            // What scripts/images/build.sh names them (a real node imports them), and
+            // what the agent maps to the binary of that name.
             None => format!("{name}:e2e"),
         }
     }
@@ -521,9 +576,16 @@ impl World {
         }
     }
 
-    /// Crashes a running container: SIGKILL to its process where the node is ours,
-    /// else its pod deleted without grace.
+    /// Crashes a running container: SIGKILL to its process where the node is ours
+    /// (the agent's, or the real node's through containerd), else its pod deleted
+    /// without grace.
     pub async fn crash(&self, ns: &str, pod: &str, container: &str) -> Crash {
+        if let Some(node) = self.real_node() {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+            let p = pods.get(pod).await.expect("the pod to crash");
+            node.kill(&p, container).expect("SIGKILL the container");
+            return Crash::InPlace;
+        }
         match self.node() {
             Some(agent) => {
                 agent
@@ -599,7 +661,10 @@ impl Drop for World {
                 "==== e2e world {} failed; logs follow ====",
                 self.dir.display()
             );
-            local.agent.dump_logs(40);
+            match &local.kubelet {
+                Kubelet::Agent(agent) => agent.dump_logs(40),
+                Kubelet::Real(node) => node.dump_logs(40),
+            }
             for f in [
                 "kube-apiserver",
                 "kube-controller-manager",
@@ -618,7 +683,10 @@ impl Drop for World {
         if let Some(op) = &mut self.operator {
             op.stop();
         }
-        local.agent.shutdown();
+        match &mut local.kubelet {
+            Kubelet::Agent(agent) => agent.shutdown(),
+            Kubelet::Real(node) => node.shutdown(),
+        }
         // The control plane dies with the world's PID namespace anyway; kill it now
         // (cluster.sh stop would wait on zombies: nothing reaps in here but us).
         let pids = std::fs::read_to_string(self.dir.join("k8s/pids")).unwrap_or_default();

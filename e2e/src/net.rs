@@ -10,6 +10,8 @@ use std::net::Ipv4Addr;
 pub const BRIDGE: &str = "sluice0";
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 pub const PREFIX: u8 = 16;
+/// The pods' addresses, behind the bridge.
+pub const POD_CIDR: &str = "10.244.0.0/16";
 
 /// A failed command, as the e2e error.
 fn failed(e: std::io::Error) -> Error {

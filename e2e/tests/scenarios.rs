@@ -474,6 +474,7 @@ fn through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message() {
         WorldOptions {
             operator: false,
             as_remote: true,
+            real_node: true,
         },
         brokers_deleted_and_killed_during_traffic,
     );
@@ -1314,6 +1315,7 @@ fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects() {
         WorldOptions {
             operator: false,
             as_remote: false,
+            real_node: true,
         },
         helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_in,
     );
@@ -1325,7 +1327,7 @@ async fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_
     let helm = w.install_chart().await;
     assert!(helm.contains("STATUS: deployed"), "{helm}");
 
-    // The operator runs as pods (of the agent, here); one of them leads.
+    // The operator runs as pods (of the real node's kubelet, here); one of them leads.
     let op = w.operator_leader().await;
     let c = &op.spec.as_ref().unwrap().containers[0];
     assert_eq!(c.image, Some(w.image("sluice-operator")));
@@ -1598,7 +1600,7 @@ fn node_agent_restarts_unlive_containers_and_unreadies_pods_cut_off() {
         "node_agent_restarts_unlive_containers_and_unreadies_pods_cut_off",
         WorldOptions {
             operator: false,
-            as_remote: false,
+            ..WorldOptions::default()
         },
         node_agent_probes,
     );

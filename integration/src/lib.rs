@@ -160,8 +160,11 @@ impl Broker {
     }
 
     /// Starts the process again on the same data directory and ports, and waits
-    /// until every queue is recovered (or the process has ended).
+    /// until every queue is recovered (or the process has ended). A broker still
+    /// running is stopped first (SIGTERM, as a rollout does): started beside it, the
+    /// new process would find its address taken.
     pub async fn restart(&mut self) {
+        self.proc.stop(Duration::from_secs(10));
         self.spawn().await;
         let start = Instant::now();
         while self.proc.exit_status().is_none() && !self.ready() {

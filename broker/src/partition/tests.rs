@@ -242,6 +242,46 @@ fn dedup_within_window_only() {
     assert_ne!(a, b, "window passed");
 }
 
+/// A retry that finds its first attempt still being written learns that write's
+/// fate: pending until it ends, then stored, or failed (and a later retry stores it).
+#[test]
+fn a_duplicate_of_a_message_being_written_follows_that_write() {
+    let mut p = state(|_| {});
+    let m = NewMessage {
+        dedup_id: "d1".into(),
+        ..msg("a")
+    };
+    let (out, first, _) = p.reserve(0, vec![m.clone()], &mut BytesMut::new()).unwrap();
+    let EnqueueOutcome::Stored(a) = out[0] else {
+        panic!("{out:?}")
+    };
+    let (out, _, _) = p.reserve(0, vec![m.clone()], &mut BytesMut::new()).unwrap();
+    assert!(matches!(out[0], EnqueueOutcome::Duplicate(s) if s == a));
+    assert_eq!(p.fate("d1", a), Fate::Pending, "the write is under way");
+
+    p.abort(first);
+    assert_eq!(p.fate("d1", a), Fate::Failed, "the first write failed");
+    let (out, again, _) = p.reserve(1, vec![m.clone()], &mut BytesMut::new()).unwrap();
+    let EnqueueOutcome::Stored(b) = out[0] else {
+        panic!("a retry after a failed write stores the message: {out:?}")
+    };
+    assert_eq!(p.fate("d1", b), Fate::Pending);
+    let loc = Location {
+        segment: 0,
+        offset: 0,
+        len: 0,
+    };
+    p.commit(1, loc, again);
+    assert_eq!(p.fate("d1", b), Fate::Stored);
+    let r = take(&mut p, 2, 1);
+    p.ack(2, &r[0].1).unwrap();
+    assert_eq!(
+        p.fate("d1", b),
+        Fate::Stored,
+        "settled since, but it was stored"
+    );
+}
+
 #[test]
 fn retention_reject_new_and_drop_oldest() {
     let mut p = state(|s| s.retention_max_messages = 2);
