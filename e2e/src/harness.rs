@@ -215,7 +215,8 @@ pub struct WorldOptions {
     pub as_remote: bool,
     /// Run the pods on a real node (kubelet, kube-proxy, containerd and runc running
     /// the images built from this run's binaries: [`crate::node`]) instead of the node
-    /// agent. Needs the chart (`operator: false`): the operator runs as pods too.
+    /// agent. The chart installs the operator, as pods of that node (`operator` is
+    /// not looked at).
     pub real_node: bool,
 }
 
@@ -358,7 +359,7 @@ impl World {
             }),
             remote,
         };
-        if opts.as_remote {
+        if opts.as_remote || opts.real_node {
             world.install_chart().await;
         } else if opts.operator {
             install_crd(&world.client).await;
@@ -858,7 +859,12 @@ impl World {
     pub async fn app_pod(&self, ns: &str, name: &str, queues: &str, service_account: &str) -> Pod {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": {"sluice.dev/inject": "true", "sluice.dev/queues": queues}},
+            // Ready only once its brokers answer: what the scenarios wait for.
+            "metadata": {"name": name, "annotations": {
+                "sluice.dev/inject": "true",
+                "sluice.dev/queues": queues,
+                "sluice.dev/ready-requires-brokers": "true"
+            }},
             "spec": {
                 "containers": [{
                     "name": "app",

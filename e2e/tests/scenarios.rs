@@ -450,11 +450,16 @@ async fn volume_of(client: &Client, ns: &str, claim: &str) -> String {
     pvc.spec.unwrap().volume_name.expect("claim bound")
 }
 
+/// On the real node: the deleted pod's broker gets SIGTERM and its grace from the
+/// kubelet, the crashed one a SIGKILL through containerd, and the kubelet restarts it.
 #[test]
 fn brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message() {
     isolated(
         "brokers_deleted_and_killed_during_traffic_lose_no_acknowledged_message",
-        WorldOptions::default(),
+        WorldOptions {
+            real_node: true,
+            ..WorldOptions::default()
+        },
         brokers_deleted_and_killed_during_traffic,
     );
 }
@@ -472,9 +477,9 @@ fn through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message() {
     isolated(
         "through_the_kubeconfig_only_crashed_brokers_lose_no_acknowledged_message",
         WorldOptions {
-            operator: false,
             as_remote: true,
             real_node: true,
+            ..WorldOptions::default()
         },
         brokers_deleted_and_killed_during_traffic,
     );
@@ -1313,9 +1318,8 @@ fn helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects() {
     isolated(
         "helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects",
         WorldOptions {
-            operator: false,
-            as_remote: false,
             real_node: true,
+            ..WorldOptions::default()
         },
         helm_install_runs_the_operator_as_a_pod_that_serves_queues_and_injects_in,
     );

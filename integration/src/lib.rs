@@ -243,7 +243,9 @@ impl Sidecar {
         Sidecar::start_with(dir, routes, &[]).await
     }
 
-    /// Like [`start`](Self::start), with more command-line arguments.
+    /// Like [`start`](Self::start), with more command-line arguments. Its readiness
+    /// follows its brokers (`--readiness brokers`), which the tests wait on, unless
+    /// `extra_args` name a `--readiness` of their own.
     pub async fn start_with(dir: &Path, routes: &str, extra_args: &[&str]) -> Sidecar {
         let addr = free_addr();
         let metrics = free_addr();
@@ -254,6 +256,9 @@ impl Sidecar {
             .arg(metrics.to_string())
             .args(extra_args)
             .env("SLUICE_ROUTES", routes);
+        if !extra_args.contains(&"--readiness") {
+            cmd.args(["--readiness", "brokers"]);
+        }
         let proc = spawn(&mut cmd, dir.join(format!("sidecar-{}.log", addr.port())));
         wait_serving(addr).await;
         Sidecar {

@@ -204,6 +204,43 @@ async fn fails_over_when_a_broker_dies_and_reports_readiness() {
     enqueue(&mut app, "orders", msg("back")).await.unwrap();
 }
 
+/// By default the sidecar's readiness is its own: an app pod whose queue has no
+/// broker yet (not created, or down) is Ready and not held back, its calls answer
+/// UNAVAILABLE naming the queue, and once a broker serves the route the same sidecar
+/// delivers through it (`--readiness brokers`, what the pod annotation
+/// `sluice.dev/ready-requires-brokers` asks for, is checked above).
+#[tokio::test]
+async fn a_sidecar_without_its_brokers_is_ready_and_picks_them_up_when_they_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let routes = format!("orders={addr}");
+    let sidecar = Sidecar::start_with(dir.path(), &routes, &["--readiness", "serving"]).await;
+    assert_eq!(
+        http_get(sidecar.metrics, "/readyz").0,
+        200,
+        "ready with no broker answering"
+    );
+    let mut app = sidecar.client().await;
+    let err = enqueue(&mut app, "orders", msg("early")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("orders"), "{}", err.message());
+
+    let broker = Broker::start_at(dir.path(), "", 0, dir.path().join("data"), addr, &[]).await;
+    eventually_within(
+        "the sidecar found the broker",
+        Duration::from_secs(30),
+        || {
+            let mut app = app.clone();
+            async move { enqueue(&mut app, "orders", msg("later")).await.ok() }
+        },
+    )
+    .await;
+    let got = drain(&mut app, "orders", 300).await;
+    assert_eq!(got.iter().map(body_str).collect::<Vec<_>>(), ["later"]);
+    assert_eq!(http_get(sidecar.metrics, "/readyz").0, 200);
+    drop(broker);
+}
+
 #[tokio::test]
 async fn unknown_queue_and_foreign_partition_are_refused() {
     let cl = cluster().await;

@@ -22,6 +22,8 @@ pub const INJECT_ANNOTATION: &str = "sluice.dev/inject";
 pub const QUEUES_ANNOTATION: &str = "sluice.dev/queues";
 pub const INJECTED_ANNOTATION: &str = "sluice.dev/injected";
 pub const DENIED_ANNOTATION: &str = "sluice.dev/denied-queues";
+/// `"true"`: the sidecar is ready only while every queue has a broker that answers.
+pub const READY_REQUIRES_BROKERS_ANNOTATION: &str = "sluice.dev/ready-requires-brokers";
 /// What the app's containers are given to find the sidecar.
 pub const ADDR_ENV: &str = "SLUICE_ADDR";
 
@@ -196,7 +198,7 @@ pub fn inject(
             a => {
                 if a == Access::Unknown {
                     warnings.push(format!(
-                        "sluice: queue {}/{} does not exist yet; the sidecar stays unready until it does",
+                        "sluice: queue {}/{} does not exist yet; calls for it answer UNAVAILABLE until it does",
                         q.namespace, q.queue
                     ));
                 }
@@ -219,11 +221,19 @@ pub fn inject(
     let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
     let mut sidecar = resources::sidecar_container(&cfg.sidecar, &routes);
     let grace = spec.and_then(|s| s.termination_grace_period_seconds);
-    sidecar.env.get_or_insert_with(Vec::new).push(EnvVar {
+    let env = sidecar.env.get_or_insert_with(Vec::new);
+    env.push(EnvVar {
         name: "SLUICE_DRAIN_SECONDS".into(),
         value: Some(drain_seconds(grace).to_string()),
         ..Default::default()
     });
+    if annotation(pod, READY_REQUIRES_BROKERS_ANNOTATION) == Some("true") {
+        env.push(EnvVar {
+            name: "SLUICE_READINESS".into(),
+            value: Some("brokers".into()),
+            ..Default::default()
+        });
+    }
     let mut ops = Vec::new();
     if cfg.native_sidecar {
         sidecar.restart_policy = Some("Always".into());
@@ -340,6 +350,27 @@ mod tests {
 
     fn allowed(_: &QueueRef) -> Access {
         Access::Allowed
+    }
+
+    #[test]
+    fn readiness_follows_the_brokers_only_when_the_pod_asks() {
+        let readiness = |p: &Pod| {
+            let out = apply(p, &inject(p, "shop", &cfg(false), allowed).patch);
+            let side = containers(&out).last().unwrap().clone();
+            env(&side, "SLUICE_READINESS").map(str::to_string)
+        };
+        let mut p = annotated("orders");
+        assert_eq!(
+            readiness(&p),
+            None,
+            "the sidecar's own readiness by default"
+        );
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(READY_REQUIRES_BROKERS_ANNOTATION.into(), "true".into());
+        assert_eq!(readiness(&p).as_deref(), Some("brokers"));
     }
 
     #[test]

@@ -36,27 +36,49 @@ pub use drain::Drain;
 pub use router::Router;
 pub use service::SidecarService;
 
+/// What the sidecar's readiness (HTTP /readyz and gRPC health) follows. Either way it
+/// turns false once the sidecar drains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// The sidecar serves: a queue that is missing, denied or down neither holds the
+    /// app's pod back nor takes it out of its Services (its calls answer why:
+    /// NOT_FOUND, PERMISSION_DENIED, UNAVAILABLE), and the route is picked up when the
+    /// queue's brokers appear. What Dapr's sidecar does.
+    #[default]
+    Serving,
+    /// Also every queue has a broker that answers: asked for by the pod
+    /// (`sluice.dev/ready-requires-brokers: "true"`) when it must not take traffic
+    /// without its queues.
+    BrokersReachable,
+}
+
+impl Readiness {
+    fn ready(self, router: &Router) -> bool {
+        self == Readiness::Serving || router.is_ready()
+    }
+}
+
 /// Serves the API on `grpc` (and readiness/metrics on `http`). When `shutdown`
 /// resolves, or the app posts `/shutdown` to `http` from inside the pod, the sidecar
-/// drains ([`drain`]) for `grace`, then stops. Readiness (HTTP /readyz and gRPC
-/// health) follows whether every queue has a broker, and turns false on shutdown.
+/// drains ([`drain`]) for `grace`, then stops. Readiness: see [`Readiness`].
 pub async fn run(
     router: Arc<Router>,
     grpc: TcpListener,
     http: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
+    readiness: Readiness,
 ) -> Result<(), tonic::transport::Error> {
     router.start().await;
     let drain = Drain::default();
-    let ready = Arc::new(AtomicBool::new(router.is_ready()));
+    let ready = Arc::new(AtomicBool::new(readiness.ready(&router)));
     let (health, health_service) = tonic_health::server::health_reporter();
     {
         let (router, ready, health) = (router.clone(), ready.clone(), health.clone());
         let drain = drain.clone();
         tokio::spawn(async move {
             loop {
-                let now = router.is_ready() && !drain.is_draining();
+                let now = readiness.ready(&router) && !drain.is_draining();
                 ready.store(now, Ordering::Relaxed);
                 if now {
                     health.set_serving::<QueuesServer<SidecarService>>().await;
@@ -97,7 +119,7 @@ pub async fn run(
         }
     };
     let max = MAX_REQUEST_BYTES;
-    tracing::info!(addr = ?grpc.local_addr().ok(), ready = router.is_ready(), "sidecar serving");
+    tracing::info!(addr = ?grpc.local_addr().ok(), brokers_reachable = router.is_ready(), ?readiness, "sidecar serving");
     let result = grpc_server()
         .add_routes(reflection_routes())
         .add_service(

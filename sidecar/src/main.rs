@@ -51,6 +51,18 @@ struct Args {
     /// below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "SLUICE_DRAIN_SECONDS", default_value_t = 5)]
     drain_seconds: u64,
+    /// What readiness (/readyz, gRPC health) follows: `serving` (the sidecar serves;
+    /// a missing or unreachable queue does not hold the pod back) or `brokers` (also
+    /// every queue has a broker that answers). The injection webhook sets `brokers`
+    /// for pods annotated `sluice.dev/ready-requires-brokers: "true"`.
+    #[arg(long, env = "SLUICE_READINESS", value_enum, default_value_t = ReadinessArg::Serving)]
+    readiness: ReadinessArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ReadinessArg {
+    Serving,
+    Brokers,
 }
 
 #[tokio::main]
@@ -83,9 +95,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let router = sluice_sidecar::Router::secured(routes, &security).context("TLS settings")?;
     let grace = std::time::Duration::from_secs(args.drain_seconds);
-    sluice_sidecar::run(router, grpc, Some(http), shutdown_signal(), grace)
-        .await
-        .context("sidecar failed")
+    let readiness = match args.readiness {
+        ReadinessArg::Brokers => sluice_sidecar::Readiness::BrokersReachable,
+        ReadinessArg::Serving => sluice_sidecar::Readiness::Serving,
+    };
+    sluice_sidecar::run(
+        router,
+        grpc,
+        Some(http),
+        shutdown_signal(),
+        grace,
+        readiness,
+    )
+    .await
+    .context("sidecar failed")
 }
 
 /// One in-process broker serves the API directly: with a single local broker there
