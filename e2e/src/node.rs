@@ -36,30 +36,22 @@ impl RealNode {
     ) -> Result<RealNode> {
         let state = dir.join("node");
         let script = crate::harness::repo_root().join("scripts/k8s/node.sh");
-        let out = Command::new(&script)
-            .arg("start")
-            .arg(&state)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--node", name])
-            .args(["--ip", &net::BRIDGE_IP.to_string()])
-            .args(["--bridge", net::BRIDGE])
-            .args(["--pod-cidr", net::POD_CIDR])
-            .args(["--dns", &net::BRIDGE_IP.to_string()])
-            .arg("--images")
-            .arg(images)
-            .env("SLUICE_NODE_PRIVATE", "1")
-            .status()
-            .map_err(|e| Error::Command {
-                cmd: "node.sh start".into(),
-                detail: e.to_string(),
-            })?;
-        if !out.success() {
-            return Err(Error::Command {
-                cmd: "node.sh start".into(),
-                detail: format!("exit {out}"),
-            });
-        }
+        succeeds(
+            "node.sh start",
+            Command::new(&script)
+                .arg("start")
+                .arg(&state)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(["--node", name])
+                .args(["--ip", &net::BRIDGE_IP.to_string()])
+                .args(["--bridge", net::BRIDGE])
+                .args(["--pod-cidr", net::POD_CIDR])
+                .args(["--dns", &net::BRIDGE_IP.to_string()])
+                .arg("--images")
+                .arg(images)
+                .env("SLUICE_NODE_PRIVATE", "1"),
+        )?;
         let volumes = volumes::spawn(client.clone(), name.to_string(), dir.join("volumes"));
         let node = RealNode { state, volumes };
         let nodes: Api<Node> = Api::all(client);
@@ -179,24 +171,29 @@ pub fn build_images(bin_dir: &Path, out: &Path) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(out).map_err(io_at(out))?;
-    let st = Command::new(crate::harness::repo_root().join("scripts/images/build.sh"))
-        .arg(bin_dir)
-        .arg(out)
-        .arg("e2e")
-        .args(IMAGES)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map_err(|e| Error::Command {
-            cmd: "scripts/images/build.sh".into(),
-            detail: e.to_string(),
-        })?;
-    if !st.success() {
-        return Err(Error::Command {
-            cmd: "scripts/images/build.sh".into(),
-            detail: format!("exit {st}"),
-        });
-    }
+    succeeds(
+        "scripts/images/build.sh",
+        Command::new(crate::harness::repo_root().join("scripts/images/build.sh"))
+            .arg(bin_dir)
+            .arg(out)
+            .arg("e2e")
+            .args(IMAGES)
+            .stdout(std::process::Stdio::null()),
+    )?;
     std::fs::write(&stamp_file, stamp).map_err(io_at(&stamp_file))
+}
+
+/// Runs a command to its end; an error unless it exits 0.
+fn succeeds(what: &str, cmd: &mut Command) -> Result<()> {
+    let failed = |detail: String| Error::Command {
+        cmd: what.into(),
+        detail,
+    };
+    let st = cmd.status().map_err(|e| failed(e.to_string()))?;
+    if !st.success() {
+        return Err(failed(format!("exit {st}")));
+    }
+    Ok(())
 }
 
 /// What the images are made of: each binary's size and modification time.

@@ -48,6 +48,18 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
 }
 
 /// The sidecar route (`--routes`) of `queue` to every one of `addrs`.
+/// A test's directory (process logs, data directories), kept after the test when
+/// `SLUICE_KEEP_TEST_DIRS` is set: what a failure that does not reproduce at will
+/// needs looked at.
+pub fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("test directory kept: {}", dir.path().display());
+    }
+    dir
+}
+
 pub fn route(queue: &str, addrs: impl IntoIterator<Item = SocketAddr>) -> String {
     let addrs: Vec<String> = addrs.into_iter().map(|a| a.to_string()).collect();
     format!("{queue}={}", addrs.join(","))

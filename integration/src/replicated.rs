@@ -63,9 +63,12 @@ pub async fn leader(brokers: &[Broker], alive: &[usize]) -> usize {
 }
 
 /// Dequeues and acks until the queue stays empty for `quiet_ms`. An ack may fail
-/// after a failover (the lease was the old leader's): the message comes again.
+/// after a failover (the lease was the old leader's): the message comes again. The
+/// errors met on the way are printed (shown when a test fails): a dequeue that keeps
+/// failing leaves messages behind that would otherwise look lost.
 pub async fn drain_through_failovers(c: &mut Client, quiet_ms: u64) -> Vec<v1::Message> {
     let mut all = Vec::new();
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
     loop {
         let got = match c
             .dequeue(v1::DequeueRequest {
@@ -77,21 +80,35 @@ pub async fn drain_through_failovers(c: &mut Client, quiet_ms: u64) -> Vec<v1::M
             .await
         {
             Ok(r) => r.into_inner().messages,
-            Err(_) => {
+            Err(e) => {
+                *errors
+                    .entry(format!("dequeue: {:?} {}", e.code(), e.message()))
+                    .or_default() += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         if got.is_empty() {
+            if !errors.is_empty() {
+                eprintln!(
+                    "drained {} messages; errors on the way: {errors:?}",
+                    all.len()
+                );
+            }
             return all;
         }
         let receipts = got.iter().map(|m| m.receipt.clone()).collect();
-        let _ = c
+        if let Err(e) = c
             .ack(v1::AckRequest {
                 queue: QUEUE.into(),
                 receipts,
             })
-            .await;
+            .await
+        {
+            *errors
+                .entry(format!("ack: {:?} {}", e.code(), e.message()))
+                .or_default() += 1;
+        }
         all.extend(got);
     }
 }

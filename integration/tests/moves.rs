@@ -148,7 +148,8 @@ fn holders(brokers: &[Broker], running: &[usize], p: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn send(app: &mut Client, i: usize) -> bool {
+/// The answer to an acknowledged enqueue of `m<i>`, if it was.
+async fn send(app: &mut Client, i: usize) -> Option<v1::EnqueueResponse> {
     app.enqueue(v1::EnqueueRequest {
         queue: QUEUE.into(),
         message: Some(v1::NewMessage {
@@ -159,13 +160,16 @@ async fn send(app: &mut Client, i: usize) -> bool {
         partition: None,
     })
     .await
-    .is_ok()
+    .ok()
+    .map(|r| r.into_inner())
 }
 
 /// An app enqueueing keyed messages all along, retrying refusals as apps do (a
 /// partition is unavailable for the seconds of an election).
 struct Traffic {
     acknowledged: Arc<Mutex<Vec<usize>>>,
+    /// What each acknowledged enqueue was answered: where a lost message went.
+    answers: Arc<Mutex<BTreeMap<usize, v1::EnqueueResponse>>>,
     stop: Arc<AtomicBool>,
     producer: tokio::task::JoinHandle<()>,
 }
@@ -173,14 +177,21 @@ struct Traffic {
 impl Traffic {
     fn start(app: &Client) -> Traffic {
         let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let producer = tokio::spawn({
-            let (mut app, acknowledged, stop) = (app.clone(), acknowledged.clone(), stop.clone());
+            let (mut app, acknowledged, answers, stop) = (
+                app.clone(),
+                acknowledged.clone(),
+                answers.clone(),
+                stop.clone(),
+            );
             async move {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    if send(&mut app, i).await {
+                    if let Some(answer) = send(&mut app, i).await {
                         acknowledged.lock().unwrap().push(i);
+                        answers.lock().unwrap().insert(i, answer);
                         i += 1;
                     } else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -190,6 +201,7 @@ impl Traffic {
         });
         Traffic {
             acknowledged,
+            answers,
             stop,
             producer,
         }
@@ -233,6 +245,25 @@ impl Traffic {
         }
         let seen: HashSet<usize> = got.iter().copied().collect();
         let lost: Vec<_> = acknowledged.iter().filter(|i| !seen.contains(i)).collect();
+        if !lost.is_empty() {
+            let answers = self.answers.lock().unwrap();
+            let mut by_partition: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+            for i in &lost {
+                let a = &answers[i];
+                by_partition.entry(a.partition).or_default().push(format!(
+                    "m{i} {}{}",
+                    a.id,
+                    if a.duplicate { " (dup)" } else { "" }
+                ));
+            }
+            for (p, lost) in by_partition {
+                eprintln!(
+                    "lost in partition {p}: {} messages, first {:?}",
+                    lost.len(),
+                    &lost[..lost.len().min(5)]
+                );
+            }
+        }
         assert!(
             lost.is_empty(),
             "{} acknowledged messages lost: {lost:?}",
@@ -258,7 +289,7 @@ impl Traffic {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_move_live_as_the_brokers_grow_from_three_to_five_and_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let addrs: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect();
     let three = formula(3);
     let mut brokers = Vec::new();
@@ -342,7 +373,7 @@ async fn a_single_copy_move_completes_through_brokers_killed_midway() {
 
 /// `from` brokers holding `copies` copies of each partition grow by one.
 async fn killed_midway(copies: u32, from: usize) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let addrs: Vec<SocketAddr> = (0..=from).map(|_| free_addr()).collect();
     let old = with_copies_formula(from as u32, copies);
     let mut brokers = Vec::new();
@@ -391,7 +422,7 @@ async fn killed_midway(copies: u32, from: usize) {
 /// learner and hands over to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_copies_move_from_one_broker_to_three_and_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
     let one = with_copies_formula(1, 1);
     let toml = single(&addrs, 1, &one, &one);
@@ -478,7 +509,7 @@ fn leading_gauge(b: &Broker, p: u32) -> Option<i64> {
 /// panic in openraft's follower and a move that never ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_back_on_its_old_broker_never_leads_on_the_old_membership() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let addrs: Vec<SocketAddr> = (0..2).map(|_| free_addr()).collect();
     let on = |b: u32| vec![vec![b]; PARTITIONS as usize];
     let data = |b: usize| dir.path().join(format!("data-{b}"));
