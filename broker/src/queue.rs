@@ -268,14 +268,14 @@ impl Partition {
     }
 
     pub async fn enqueue(
-        &self,
+        self: &Arc<Self>,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<EnqueueOutcome>, BrokerError> {
         self.check_serving()?;
         let now = now_ms();
         let dedup_ids: Vec<String> = messages.iter().map(|m| m.dedup_id.clone()).collect();
         let mut buf = BytesMut::new();
-        let (epoch, outcomes, reserved, in_doubt, drops) = {
+        let (epoch, outcomes, in_doubt, write) = {
             let mut st = self.state.lock().unwrap();
             // Read under the lock that replacing the state takes too.
             let epoch = self.epoch();
@@ -294,44 +294,62 @@ impl Partition {
             for d in &drops {
                 d.encode(&mut buf);
             }
-            if !buf.is_empty() {
+            let write = (!buf.is_empty()).then(|| {
                 let written = self.journal.append_waiting(buf.split().freeze(), true);
-                (epoch, outcomes, reserved, in_doubt, Some((drops, written)))
-            } else {
-                (epoch, outcomes, reserved, in_doubt, None)
-            }
+                // The write's outcome is applied to the state in a task of its own, so
+                // that it is applied even when this call is cancelled (a client gone
+                // at its deadline): left undone, the message would be in the log but
+                // not in the state, and a retry of it would wait on it forever.
+                let this = self.clone();
+                tokio::spawn(async move { this.apply_write(epoch, now, reserved, written.await) })
+            });
+            (epoch, outcomes, in_doubt, write)
         };
-        if let Some((_, written)) = drops {
-            let written = written.await;
-            let mut st = self.state.lock().unwrap();
-            if self.epoch() != epoch {
-                // The state that reserved these messages is gone; whether they were
-                // committed, the new leader's log says (a retry with a dedup id is safe).
-                return Err(self.moved_on());
-            }
-            let result = match written {
-                Ok(base) => {
-                    let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
-                    if st.commit(now_ms(), base, reserved) {
-                        self.ready.notify_waiters();
-                    }
-                    drop(st);
-                    if delayed {
-                        self.kick.notify_one();
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    st.abort(reserved);
-                    drop(st);
-                    Err(e)
-                }
-            };
-            self.written.notify_waiters();
-            result?;
+        if let Some(write) = write {
+            write
+                .await
+                .map_err(|e| BrokerError::Internal(format!("applying a write: {e}")))??;
         }
         self.await_writes(epoch, in_doubt).await?;
         Ok(outcomes)
+    }
+
+    /// Applies the outcome of writing the messages `reserved` (at `epoch`): into the
+    /// state once durable, forgotten if the write failed. Wakes the duplicates waiting
+    /// on them either way.
+    fn apply_write(
+        &self,
+        epoch: u64,
+        now: u64,
+        reserved: Vec<crate::partition::Reserved>,
+        written: Result<crate::log::Location, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let mut st = self.state.lock().unwrap();
+        if self.epoch() != epoch {
+            // The state that reserved these messages is gone; whether they were
+            // committed, the new leader's log says (a retry with a dedup id is safe).
+            return Err(self.moved_on());
+        }
+        let result = match written {
+            Ok(base) => {
+                let delayed = reserved.iter().any(|r| r.visible_at_ms > now);
+                if st.commit(now_ms(), base, reserved) {
+                    self.ready.notify_waiters();
+                }
+                drop(st);
+                if delayed {
+                    self.kick.notify_one();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                st.abort(reserved);
+                drop(st);
+                Err(e)
+            }
+        };
+        self.written.notify_waiters();
+        result
     }
 
     /// Waits until the writes of the messages `in_doubt` (dedup id, sequence number)
