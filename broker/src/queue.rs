@@ -1022,11 +1022,7 @@ impl Queue {
             notified.as_mut().enable();
             let got = self.take(max, visibility_ms);
             if !got.is_empty() || Instant::now() >= deadline {
-                let mut out = Vec::with_capacity(got.len());
-                for (p, d) in got {
-                    out.push(p.to_message(&d)?);
-                }
-                return Ok(out);
+                return self.messages(got);
             }
             if slot.is_none() {
                 slot = Some(self.wait_slot()?);
@@ -1035,6 +1031,30 @@ impl Queue {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+        }
+    }
+
+    /// The leased deliveries as messages. One that cannot be read back (its log
+    /// record unreadable) is logged and left leased, to come back after its visibility
+    /// timeout; it does not fail the others, which would be left leased with it.
+    fn messages(
+        &self,
+        got: Vec<(Arc<Partition>, Delivery)>,
+    ) -> Result<Vec<v1::Message>, BrokerError> {
+        let mut out = Vec::with_capacity(got.len());
+        let mut failed = None;
+        for (p, d) in got {
+            match p.to_message(&d) {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    tracing::error!(queue = %self.name(), partition = p.id, seq = d.seq, at = ?d.loc, error = %e, "a leased message cannot be read back from the log; it stays leased");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
         }
     }
 
