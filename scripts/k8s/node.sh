@@ -144,7 +144,10 @@ if [[ -n "$images" ]]; then
     done
   done
 fi
-ctr --address "$sock" -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE" || {
+# Listed first, then searched: `ctr ... | grep -q` under pipefail fails whenever grep
+# stops reading before ctr has written its last line (SIGPIPE).
+listed=$(ctr --address "$sock" -n k8s.io images ls -q)
+grep -qx "$PAUSE_IMAGE" <<<"$listed" || {
   echo "$0: no $PAUSE_IMAGE among the imported images (scripts/images/build.sh ... pause)" >&2
   exit 1
 }
