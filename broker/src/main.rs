@@ -78,7 +78,7 @@ fn ordinal_from_env() -> u32 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    let _telemetry = init_tracing(args.log_json, "sluice-broker");
     let file = match &args.config {
         Some(path) => BrokerFile::load(path)?,
         None => BrokerFile::default(),

@@ -3,6 +3,7 @@
 
 use sluice_config::report::{PARTITIONS_PATH, PartitionReport};
 use sluice_dataplane::server::reflection::reflection_routes;
+use sluice_dataplane::server::tunnel::tunnel_route;
 use sluice_dataplane::server::{
     BindError, MAX_REQUEST_BYTES, grpc_server, incoming_nodelay, serve_http,
 };
@@ -29,6 +30,8 @@ pub enum ServeError {
     Broker(#[from] BrokerError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the gRPC listener's address: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
 /// The gRPC routes of a broker, for embedding next to other services.
@@ -80,13 +83,14 @@ pub async fn run(
     metrics.attach(&broker);
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_addr = grpc.local_addr()?;
     let http_task = http.map(|listener| {
         let mut rx = stop_rx.clone();
         tokio::spawn(serve_http(
             listener,
             metrics.registry(),
             ready.clone(),
-            partitions_route(&broker),
+            partitions_route(&broker).merge(tunnel_route(grpc_addr)),
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             },

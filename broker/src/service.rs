@@ -16,6 +16,7 @@ use sluice_proto::v1::{self, queues_server::Queues};
 use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::auth::bearer_token;
 use crate::broker::Broker;
@@ -86,6 +87,20 @@ impl QueueService {
         q: Arc<Queue>,
         messages: Vec<v1::NewMessage>,
         partition: Option<u32>,
+        meta: &MetadataMap,
+    ) -> Result<Vec<v1::EnqueueResponse>, BrokerError> {
+        let span = trace::send_span(&q.settings.name, meta, &messages);
+        let trace = trace::carried(&span, meta);
+        self.enqueue_traced(q, messages, partition, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn enqueue_traced(
+        &self,
+        q: Arc<Queue>,
+        messages: Vec<v1::NewMessage>,
+        partition: Option<u32>,
         trace: Option<Vec<(&'static str, String)>>,
     ) -> Result<Vec<v1::EnqueueResponse>, BrokerError> {
         check_batch_len(messages.len(), q.settings.max_batch)?;
@@ -135,10 +150,9 @@ impl Queues for QueueService {
         req: Request<v1::EnqueueRequest>,
     ) -> Result<Response<v1::EnqueueResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
-        let trace = trace::context_of(req.metadata());
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let m = r.message.ok_or_else(|| invalid("message is required"))?;
-        let mut out = self.enqueue_many(q, vec![m], r.partition, trace).await?;
+        let mut out = self.enqueue_many(q, vec![m], r.partition, &meta).await?;
         Ok(Response::new(out.remove(0)))
     }
 
@@ -147,9 +161,8 @@ impl Queues for QueueService {
         req: Request<v1::EnqueueBatchRequest>,
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
-        let trace = trace::context_of(req.metadata());
-        let r = req.into_inner();
-        let results = self.enqueue_many(q, r.messages, r.partition, trace).await?;
+        let (meta, _, r) = req.into_parts();
+        let results = self.enqueue_many(q, r.messages, r.partition, &meta).await?;
         Ok(Response::new(v1::EnqueueBatchResponse { results }))
     }
 
@@ -170,13 +183,17 @@ impl Queues for QueueService {
         let wait = validate_wait(r.wait_ms)?;
         let vis = validate_visibility(r.visibility_timeout_ms, default_visibility(&q))?;
         let messages = q.dequeue(max as usize, wait, vis).await?;
+        trace::delivered(&r.queue, &messages);
         Ok(Response::new(v1::DequeueResponse { messages }))
     }
 
     async fn ack(&self, req: Request<v1::AckRequest>) -> Result<Response<v1::AckResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
-        let r = req.into_inner();
-        let results = settle(&q, &r.receipts, SettleOp::Ack).await?;
+        let (meta, _, r) = req.into_parts();
+        let span = trace::settle_span("ack", "server", &r.queue, &meta, r.receipts.len());
+        let results = settle(&q, &r.receipts, SettleOp::Ack)
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::AckResponse { results }))
     }
 
@@ -185,12 +202,13 @@ impl Queues for QueueService {
         req: Request<v1::NackRequest>,
     ) -> Result<Response<v1::NackResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let op = SettleOp::Nack {
             delay_ms: validate_nack_delay(r.delay_ms)?,
             dead_letter: r.dead_letter,
         };
-        let results = settle(&q, &r.receipts, op).await?;
+        let span = trace::settle_span("nack", "server", &r.queue, &meta, r.receipts.len());
+        let results = settle(&q, &r.receipts, op).instrument(span).await?;
         Ok(Response::new(v1::NackResponse { results }))
     }
 
@@ -199,9 +217,12 @@ impl Queues for QueueService {
         req: Request<v1::ExtendVisibilityRequest>,
     ) -> Result<Response<v1::ExtendVisibilityResponse>, Status> {
         let q = self.open(&req.get_ref().queue, req.metadata()).await?;
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let visibility_ms = validate_extension(r.visibility_timeout_ms, default_visibility(&q))?;
-        let results = settle(&q, &r.receipts, SettleOp::Extend { visibility_ms }).await?;
+        let span = trace::settle_span("extend", "server", &r.queue, &meta, r.receipts.len());
+        let results = settle(&q, &r.receipts, SettleOp::Extend { visibility_ms })
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::ExtendVisibilityResponse { results }))
     }
 

@@ -1,5 +1,8 @@
 //! `sluice`: the command line. `sluice dev` runs an embedded broker on
-//! 127.0.0.1:7070; the other commands speak the gRPC API to a sidecar or `sluice dev`.
+//! 127.0.0.1:7070; the other commands speak the gRPC API to a sidecar or `sluice dev`,
+//! or with `--kube` to a cluster's queue through its API server ([`kube`]).
+
+mod kube;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -25,6 +28,20 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     addr: String,
+    /// Reach the queue in a Kubernetes cluster through its API server, with your
+    /// kubeconfig and RBAC (instead of --addr).
+    #[arg(long, global = true)]
+    kube: bool,
+    /// With --kube: the Queue's namespace (default: the context's).
+    #[arg(long, short = 'n', global = true, requires = "kube")]
+    namespace: Option<String>,
+    /// With --kube: the kubeconfig context (default: the current one).
+    #[arg(long, global = true, requires = "kube")]
+    context: Option<String>,
+    /// With --kube, for a Queue with an access list: the listed ServiceAccount whose
+    /// token to present (default: the first listed).
+    #[arg(long, global = true, requires = "kube")]
+    service_account: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,11 +81,12 @@ enum Command {
         #[arg(long = "attr")]
         attributes: Vec<String>,
     },
-    /// Lease messages and print them; with --ack, settle them too.
+    /// Lease messages and print them; with --ack, settle them too. Up to --max, in
+    /// batches, until the queue has nothing within --wait.
     Receive {
         queue: String,
         #[arg(long, default_value_t = 1)]
-        max: u32,
+        max: u64,
         #[arg(long, default_value = "5s", value_parser = parse_dur)]
         wait: std::time::Duration,
         #[arg(long, value_parser = parse_dur)]
@@ -198,8 +216,65 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The queue a command works on (`None` for `dev`).
+fn queue_of(c: &Command) -> Option<&str> {
+    match c {
+        Command::Dev { .. } => None,
+        Command::Send { queue, .. }
+        | Command::Receive { queue, .. }
+        | Command::Ack { queue, .. }
+        | Command::Nack { queue, .. }
+        | Command::Peek { queue, .. }
+        | Command::Stats { queue }
+        | Command::Redrive { queue, .. } => Some(queue),
+    }
+}
+
+/// Prints progress on stderr at most once a second, for work on many messages.
+struct Progress {
+    last: std::time::Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, what: impl FnOnce() -> String) {
+        if self.last.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("{}", what());
+            self.last = std::time::Instant::now();
+        }
+    }
+}
+
+/// Messages a Dequeue asks for at most, within the queue's `max_batch`.
+const RECEIVE_BATCH: u64 = 100;
+/// Dead letters one Redrive call moves at most per broker, so a long redrive shows
+/// its progress.
+const REDRIVE_CHUNK: u64 = 1000;
+
 async fn run() -> Result<()> {
     let cli = Cli::parse();
+    // With --kube, a sidecar in this process, kept until the command is done.
+    let mut _session = None;
+    let addr = match queue_of(&cli.command) {
+        Some(queue) if cli.kube => {
+            let target = kube::KubeTarget {
+                context: cli.context.clone(),
+                namespace: cli.namespace.clone(),
+                service_account: cli.service_account.clone(),
+            };
+            let session = kube::open(queue, &target).await?;
+            let addr = session.addr.clone();
+            _session = Some(session);
+            addr
+        }
+        None if cli.kube => bail!("`sluice dev` runs here: --kube is for a cluster's queue"),
+        _ => cli.addr.clone(),
+    };
     match cli.command {
         Command::Dev {
             listen,
@@ -210,7 +285,7 @@ async fn run() -> Result<()> {
             visibility_timeout,
             max_deliveries,
         } => {
-            sluice_dataplane::server::init_tracing(false);
+            let _telemetry = sluice_dataplane::server::init_tracing(false, "sluice-dev");
             let template = QueueSettings {
                 fsync,
                 partitions,
@@ -255,7 +330,7 @@ async fn run() -> Result<()> {
                 let (k, v) = a.split_once('=').context("--attr takes name=value")?;
                 attrs.insert(k.to_string(), v.to_string());
             }
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&addr).await?;
             let r = c
                 .enqueue(v1::EnqueueRequest {
                     queue,
@@ -288,37 +363,62 @@ async fn run() -> Result<()> {
             visibility,
             ack,
         } => {
-            let mut c = connect(&cli.addr).await?;
-            let r = c
-                .dequeue(v1::DequeueRequest {
-                    queue: queue.clone(),
-                    max_messages: max,
-                    wait_ms: wait.as_millis() as u64,
-                    visibility_timeout_ms: visibility.map_or(0, |d| d.as_millis() as u64),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            if r.messages.is_empty() {
-                eprintln!("no message");
-                return Ok(());
-            }
-            for m in &r.messages {
-                print_message(m);
-            }
-            if ack {
-                let receipts = r.messages.iter().map(|m| m.receipt.clone()).collect();
-                let a = c
-                    .ack(v1::AckRequest { queue, receipts })
+            let mut c = connect(&addr).await?;
+            let batch = if max > 1 {
+                let d = c
+                    .describe(v1::DescribeRequest {
+                        queue: queue.clone(),
+                    })
                     .await
                     .map_err(status)?
                     .into_inner();
-                report(&a.results)?;
-                eprintln!("acked {}", a.results.len());
+                RECEIVE_BATCH.min(u64::from(d.max_batch.max(1)))
+            } else {
+                1
+            };
+            let (mut received, mut acked) = (0u64, 0u64);
+            let mut progress = Progress::new();
+            while received < max {
+                let r = c
+                    .dequeue(v1::DequeueRequest {
+                        queue: queue.clone(),
+                        max_messages: batch.min(max - received) as u32,
+                        wait_ms: wait.as_millis() as u64,
+                        visibility_timeout_ms: visibility.map_or(0, |d| d.as_millis() as u64),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if r.messages.is_empty() {
+                    break;
+                }
+                for m in &r.messages {
+                    print_message(m);
+                }
+                received += r.messages.len() as u64;
+                if ack {
+                    let receipts = r.messages.iter().map(|m| m.receipt.clone()).collect();
+                    let a = c
+                        .ack(v1::AckRequest {
+                            queue: queue.clone(),
+                            receipts,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    report(&a.results)?;
+                    acked += a.results.len() as u64;
+                }
+                progress.tick(|| format!("received {received} of at most {max}…"));
+            }
+            match (received, ack) {
+                (0, _) => eprintln!("no message"),
+                (n, true) => eprintln!("received {n}, acked {acked}"),
+                (n, false) => eprintln!("received {n} (leased: ack or nack them by receipt)"),
             }
         }
         Command::Ack { queue, receipts } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&addr).await?;
             let a = c
                 .ack(v1::AckRequest { queue, receipts })
                 .await
@@ -332,7 +432,7 @@ async fn run() -> Result<()> {
             delay,
             dead_letter,
         } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&addr).await?;
             let a = c
                 .nack(v1::NackRequest {
                     queue,
@@ -346,7 +446,7 @@ async fn run() -> Result<()> {
             report(&a.results)?;
         }
         Command::Peek { queue, max } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&addr).await?;
             let r = c
                 .peek(v1::PeekRequest {
                     queue,
@@ -363,7 +463,7 @@ async fn run() -> Result<()> {
             }
         }
         Command::Stats { queue } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&addr).await?;
             let s = c
                 .stats(v1::StatsRequest { queue })
                 .await
@@ -381,16 +481,33 @@ async fn run() -> Result<()> {
             println!("dead-lettered total: {}", s.dead_lettered_total);
         }
         Command::Redrive { queue, max } => {
-            let mut c = connect(&cli.addr).await?;
-            let r = c
-                .redrive(v1::RedriveRequest {
-                    queue,
-                    max_messages: max,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            println!("moved {} messages back", r.moved);
+            let mut c = connect(&addr).await?;
+            let mut moved = 0u64;
+            let mut progress = Progress::new();
+            loop {
+                let chunk = match max {
+                    0 => REDRIVE_CHUNK,
+                    m if moved >= m => break,
+                    m => REDRIVE_CHUNK.min(m - moved),
+                };
+                let r = c
+                    .redrive(v1::RedriveRequest {
+                        queue: queue.clone(),
+                        max_messages: chunk,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if r.moved == 0 {
+                    break;
+                }
+                moved += r.moved;
+                progress.tick(|| format!("moved {moved}…"));
+            }
+            println!(
+                "moved {moved} messages from {queue}{} back to {queue}",
+                sluice_config::DLQ_SUFFIX
+            );
         }
     }
     Ok(())

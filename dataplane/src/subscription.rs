@@ -101,6 +101,7 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
     use v1::subscribe_response::Response as Out;
     let (tx, rx) = mpsc::channel::<Result<v1::SubscribeResponse, Status>>(256);
     let mut credit = u64::from(start.initial_credit).min(MAX_CREDIT);
+    let queue = start.queue.clone();
     tokio::spawn(async move {
         let mut ends = std::pin::pin!(ends);
         let send = |out: Out| {
@@ -179,6 +180,7 @@ pub fn spawn_subscription<B: SubscriptionBackend + Clone>(
                     fetch = None;
                     match got {
                         Ok(messages) => {
+                            crate::trace::delivered(&queue, &messages);
                             for m in messages {
                                 credit = credit.saturating_sub(1);
                                 outstanding.insert(m.receipt.clone());

@@ -1675,3 +1675,181 @@ async fn node_agent_probes(w: Arc<World>) {
     agent.set_network(ns, "cut", true).unwrap();
     ready(true).await;
 }
+
+#[test]
+fn the_cli_reaches_a_queue_through_the_api_server_with_the_callers_rbac() {
+    isolated(
+        "the_cli_reaches_a_queue_through_the_api_server_with_the_callers_rbac",
+        WorldOptions::default(),
+        the_cli_reaches_a_queue_in,
+    );
+}
+
+/// A kubeconfig of the world's cluster as ServiceAccount `ns/name`, made with the
+/// Role `rules` grant: a person with only that RBAC.
+async fn kubeconfig_as(w: &World, ns: &str, name: &str, rules: Value) -> std::path::PathBuf {
+    let client = &w.client;
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let rbac = |kind: &str, body: Value| {
+        let gvk = GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk));
+        let obj: DynamicObject = serde_json::from_value(body).unwrap();
+        async move { api.create(&PostParams::default(), &obj).await.unwrap() }
+    };
+    rbac(
+        "Role",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": name}, "rules": rules}),
+    )
+    .await;
+    rbac(
+        "RoleBinding",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": name},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
+    )
+    .await;
+    // A token for the API server itself (no audience named).
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}})).unwrap();
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&w.kubeconfig).unwrap()).unwrap();
+    for user in config["users"].as_sequence_mut().unwrap() {
+        user["user"] = serde_yaml::to_value(json!({ "token": token })).unwrap();
+    }
+    let path = w.dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// `sluice --kube -n <ns> <args>` with `kubeconfig`: (success, stdout, stderr).
+async fn sluice_kube(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = tokio::process::Command::new(sluice_e2e::harness::bin_dir().join("sluice"))
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--kube", "--namespace", ns])
+        .args(args)
+        .output()
+        .await
+        .expect("run sluice");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn the_cli_reaches_a_queue_in(w: Arc<World>) {
+    let client = w.client.clone();
+    let ns = &w.ns("shop");
+    w.app_namespace(ns).await;
+    apply_queue(
+        &client,
+        ns,
+        "orders",
+        json!({"replicas": 2, "partitions": 4, "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    queue_ready(&client, ns, "orders", 2).await;
+    // An app produces through its sidecar (which also brings the namespace's client
+    // certificate the brokers' mutual TLS asks for).
+    w.app_pod(ns, "app", "orders", "default").await;
+    let produced = produce_all(&w, ns, "app", "o", 300).await;
+    assert_eq!(produced["acked"], 300, "{produced}");
+
+    // What an operator of the queue is granted, and no more.
+    let mut rules = json!([
+        {"apiGroups": ["sluice.dev"], "resources": ["queues"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["sluice-sidecar-tls"], "verbs": ["get"]}
+    ]);
+    let nosy = kubeconfig_as(&w, ns, "nosy", rules.clone()).await;
+    rules.as_array_mut().unwrap().extend([
+        json!({"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get", "create"]}),
+        json!({"apiGroups": [""], "resources": ["serviceaccounts/token"],
+               "resourceNames": ["teller"], "verbs": ["create"]}),
+    ]);
+    let ops = kubeconfig_as(&w, ns, "ops", rules).await;
+
+    let (ok, out, err) = sluice_kube(&ops, ns, &["stats", "orders"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("ready:          300"), "{out}");
+    let (ok, out, err) = sluice_kube(&ops, ns, &["send", "orders", "from-the-cli"]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = sluice_kube(&ops, ns, &["peek", "orders", "--max", "5"]).await;
+    assert!(ok && out.matches("id=").count() == 5, "{out}{err}");
+
+    // Every message, from both brokers, through the tunnels: printed and acked.
+    let (ok, out, err) = sluice_kube(
+        &ops,
+        ns,
+        &[
+            "receive", "orders", "--max", "1000", "--wait", "2s", "--ack",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(err.contains("received 301, acked 301"), "{err}");
+    for body in ["o-0", "o-299", "from-the-cli"] {
+        assert!(out.lines().any(|l| l == body), "{body} not received");
+    }
+    let (_, out, _) = sluice_kube(&ops, ns, &["stats", "orders"]).await;
+    assert!(
+        out.contains("ready:          0") && out.contains("in flight:      0"),
+        "{out}"
+    );
+
+    // Without pods/proxy the API server refuses, and the command says what to ask for.
+    let (ok, _, err) = sluice_kube(&nosy, ns, &["stats", "orders"]).await;
+    assert!(!ok && err.contains("pods/proxy"), "{err}");
+    let (ok, _, err) = sluice_kube(&ops, ns, &["stats", "payments"]).await;
+    assert!(
+        !ok && err.contains("there is no Queue \"payments\""),
+        "{err}"
+    );
+
+    // A Queue with an access list: the command presents a token of a listed
+    // ServiceAccount, which this person may request and nothing else may stand in for.
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "teller"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    apply_queue(
+        &client,
+        ns,
+        "ledger",
+        json!({"replicas": 1, "partitions": 2, "storage": {"size": "1Gi"},
+               "access": {"serviceAccounts": [{"name": "teller"}]}}),
+    )
+    .await;
+    queue_ready(&client, ns, "ledger", 1).await;
+    let (ok, out, err) = sluice_kube(&ops, ns, &["send", "ledger", "audited"]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = sluice_kube(&ops, ns, &["stats", "ledger"]).await;
+    assert!(ok && out.contains("ready:          1"), "{out}{err}");
+    let (ok, _, err) = sluice_kube(
+        &ops,
+        ns,
+        &["--service-account", "intruder", "stats", "ledger"],
+    )
+    .await;
+    assert!(!ok && err.contains("not in the access list"), "{err}");
+}

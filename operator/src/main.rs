@@ -87,6 +87,11 @@ struct RunArgs {
     /// brokers of Queues with `spec.access` join, so they can review callers' tokens.
     #[arg(long, env = "SLUICE_TOKEN_REVIEW_BINDING")]
     token_review_binding: Option<String>,
+    /// OpenTelemetry collector (OTLP over gRPC, e.g. `http://otel-collector:4317`)
+    /// that brokers and injected sidecars send their enqueue, delivery and settle
+    /// spans to. Off when unset.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Mutual TLS between sidecars and brokers, with certificates the operator
     /// issues from a CA it keeps in --data-plane-ca-secret.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -299,6 +304,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     memory_request: a.sidecar_memory_request.clone(),
                     memory_limit: a.sidecar_memory_limit.clone(),
                     tls: a.data_plane_tls,
+                    otlp_endpoint: a.otlp_endpoint.clone(),
                 },
                 cluster_domain: a.cluster_domain.clone(),
                 native_sidecar,
@@ -339,6 +345,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             image_pull_policy: a.image_pull_policy.clone(),
             cluster_domain: a.cluster_domain.clone(),
             token_review_binding: a.token_review_binding.clone(),
+            otlp_endpoint: a.otlp_endpoint.clone(),
         },
         pdb: reconcile::pdb_resource(&client).await?,
         recorder: reconcile::recorder(client.clone(), Some(identity.clone())),

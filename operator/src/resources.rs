@@ -144,6 +144,8 @@ pub struct Defaults {
     /// ClusterRoleBinding (to `system:auth-delegator`) that the brokers of Queues
     /// with an access list are added to; the chart creates it.
     pub token_review_binding: Option<String>,
+    /// OTLP collector the brokers send their spans to (off when `None`).
+    pub otlp_endpoint: Option<String>,
 }
 
 fn meta(q: &Queue, name: String) -> ObjectMeta {
@@ -364,10 +366,15 @@ pub fn stateful_set(q: &Queue, d: &Defaults, hash: &str, layout: &Layout) -> Sta
             "--metrics-listen".into(),
             format!("0.0.0.0:{METRICS_PORT}"),
         ]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(
+            [
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ]
+            .into_iter()
+            .chain(otlp_env(d.otlp_endpoint.as_deref()))
+            .collect(),
+        ),
         ports: Some(vec![
             tcp_port("grpc", GRPC_PORT),
             tcp_port("metrics", METRICS_PORT),
@@ -538,6 +545,18 @@ pub struct SidecarDefaults {
     pub memory_limit: String,
     /// Mount the namespace's client certificate and talk TLS to the brokers.
     pub tls: bool,
+    /// OTLP collector the sidecars send their spans to (off when `None`).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Switches span export on in a broker or sidecar: the standard OpenTelemetry
+/// variable, which both read (`sluice_dataplane::server::logging`).
+fn otlp_env(endpoint: Option<&str>) -> Option<EnvVar> {
+    endpoint.filter(|e| !e.is_empty()).map(|e| EnvVar {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+        value: Some(e.to_string()),
+        ..Default::default()
+    })
 }
 
 /// The sidecar container of an app pod, routing each queue to its brokers
@@ -569,6 +588,7 @@ pub fn sidecar_container(d: &SidecarDefaults, routes: &[String]) -> Container {
         env.extend(tls_env());
         mounts.push(tls_mount(SIDECAR_TLS_VOLUME));
     }
+    env.extend(otlp_env(d.otlp_endpoint.as_deref()));
     let quantities = |pairs: &[(&str, &str)]| {
         pairs
             .iter()
@@ -686,6 +706,7 @@ pub(crate) fn test_sidecar_defaults(tls: bool) -> SidecarDefaults {
         memory_request: "32Mi".into(),
         memory_limit: "128Mi".into(),
         tls,
+        otlp_endpoint: None,
     }
 }
 
@@ -707,7 +728,37 @@ mod tests {
             image_pull_policy: "IfNotPresent".into(),
             cluster_domain: "cluster.local".into(),
             token_review_binding: None,
+            otlp_endpoint: None,
         }
+    }
+
+    #[test]
+    fn span_export_is_switched_on_in_brokers_and_sidecars_only_when_a_collector_is_named() {
+        let q = queue("{}");
+        let otlp = |c: &Container| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")
+                .and_then(|e| e.value.clone())
+        };
+        let broker = |d: &Defaults| {
+            let sts = stateful_set(&q, d, "h", &Layout::of(&q.spec));
+            otlp(&sts.spec.unwrap().template.spec.unwrap().containers[0])
+        };
+        let mut d = defaults();
+        assert_eq!(broker(&d), None);
+        let mut side = test_sidecar_defaults(false);
+        assert_eq!(otlp(&sidecar_container(&side, &[])), None);
+
+        let endpoint = "http://otel-collector.observability:4317";
+        d.otlp_endpoint = Some(endpoint.into());
+        side.otlp_endpoint = Some(endpoint.into());
+        assert_eq!(broker(&d).as_deref(), Some(endpoint));
+        assert_eq!(
+            otlp(&sidecar_container(&side, &[])).as_deref(),
+            Some(endpoint)
+        );
     }
 
     #[test]

@@ -1496,6 +1496,19 @@ async fn helm_lint_and_install_succeed() {
         "{plain}"
     );
     assert!(!plain.contains("kind: PrometheusRule") && !plain.contains("kind: PodMonitor"));
+    assert!(
+        !plain.contains("--otlp-endpoint"),
+        "no span export by default"
+    );
+    let traced = helm_template(
+        "x",
+        "mon",
+        &["--set", "tracing.otlpEndpoint=http://otel-collector:4317"],
+    );
+    assert!(
+        traced.contains("- --otlp-endpoint=http://otel-collector:4317"),
+        "{traced}"
+    );
     let monitored = helm_template(
         "x",
         "mon",

@@ -68,7 +68,7 @@ enum ReadinessArg {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    let _telemetry = init_tracing(args.log_json, "sluice-sidecar");
     let grpc = bind(args.listen).await?;
     let http = bind(args.metrics_listen).await?;
     if args.embedded {
@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let security = sluice_sidecar::router::RouteSecurity {
         token_dir: args.token_dir,
         tls,
+        server_name: None,
     };
     let router = sluice_sidecar::Router::secured(routes, &security).context("TLS settings")?;
     let grace = std::time::Duration::from_secs(args.drain_seconds);

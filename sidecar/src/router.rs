@@ -33,10 +33,12 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request to a broker that gives up after [`CALL_TIMEOUT`] and `extra` (a long
-/// poll's own wait).
+/// poll's own wait), carrying the current span's trace context (while spans are
+/// exported) so the broker's span is its child.
 pub fn timed<T>(msg: T, extra: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(CALL_TIMEOUT + extra);
+    sluice_dataplane::trace::inject_current(r.metadata_mut());
     r
 }
 
@@ -165,6 +167,7 @@ impl QueueRoute {
         addrs: Vec<String>,
         credentials: Credentials,
         tls: Option<&TlsFiles>,
+        server_name: Option<&str>,
         metrics: Arc<SidecarMetrics>,
     ) -> Result<Arc<Self>, TlsError> {
         let tls = match tls {
@@ -173,7 +176,8 @@ impl QueueRoute {
                 let mut by_host = HashMap::new();
                 for a in &addrs {
                     let host = host_of(a);
-                    by_host.insert(host.to_string(), files.client(host)?);
+                    let name = server_name.unwrap_or(host);
+                    by_host.insert(host.to_string(), files.client(name)?);
                 }
                 Some(by_host)
             }
@@ -539,6 +543,9 @@ pub struct RouteSecurity {
     pub token_dir: Option<std::path::PathBuf>,
     /// Our certificate and key, and the CA of the brokers' certificates.
     pub tls: Option<TlsFiles>,
+    /// The name the brokers' certificates must bear, where the route's host is not
+    /// it (`sluice --kube` routes to local tunnels); else the route's host.
+    pub server_name: Option<String>,
 }
 
 /// The host part of `host:port`.
@@ -576,6 +583,7 @@ impl Router {
                 addrs,
                 credentials,
                 security.tls.as_ref(),
+                security.server_name.as_deref(),
                 metrics.clone(),
             )?;
             built.insert(q, route);

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::drain::Drain;
 use crate::router::{BrokerConn, QueueRoute, Router, is_transport_failure, timed};
@@ -166,69 +167,86 @@ impl SidecarService {
     }
 }
 
+/// One enqueue, through the partition's batcher (or straight to a broker for a
+/// dead-letter queue, which has no batcher of its own).
+async fn enqueue_one(
+    route: Arc<QueueRoute>,
+    queue: String,
+    partition: Option<u32>,
+    m: v1::NewMessage,
+) -> Result<v1::EnqueueResponse, Status> {
+    let p = partition_of(&route, &m, partition).await?;
+    let movable = !is_pinned(partition, &m.key, &m.dedup_id);
+    if queue != route.queue {
+        let mut out = route.enqueue_batch(&queue, p, vec![m]).await?;
+        return Ok(out.remove(0));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let retry = movable.then(|| m.clone());
+    route
+        .batcher(p)
+        .send(crate::router::PendingEnqueue {
+            message: m,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
+    let result = rx
+        .await
+        .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
+    match (result, retry) {
+        // A keyless message without a dedup id may go to any partition: try once
+        // more on another broker. (If the first broker stored it before failing,
+        // this makes a second copy: at-least-once. Give a dedup id to avoid that.)
+        (Err(e), Some(m)) if is_transport_failure(&e) => {
+            let p2 = route.any_partition().await.map_err(|_| e.clone())?;
+            let mut out = route.enqueue_batch(&queue, p2, vec![m]).await?;
+            Ok(out.remove(0))
+        }
+        (result, _) => result,
+    }
+}
+
 #[tonic::async_trait]
 impl Queues for SidecarService {
     async fn enqueue(
         &self,
         req: Request<v1::EnqueueRequest>,
     ) -> Result<Response<v1::EnqueueResponse>, Status> {
-        let trace = trace::context_of(req.metadata());
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let route = self.router.route(&r.queue)?;
         let mut m = r
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
         check(&route, &m)?;
-        if let Some(ctx) = &trace {
-            trace::carry(ctx, &mut m, route.settings()?.max_message_bytes);
+        let span = trace::send_span(&r.queue, &meta, std::slice::from_ref(&m));
+        if let Some(ctx) = trace::carried(&span, &meta) {
+            trace::carry(&ctx, &mut m, route.settings()?.max_message_bytes);
         }
-        let p = partition_of(&route, &m, r.partition).await?;
-        let movable = !is_pinned(r.partition, &m.key, &m.dedup_id);
-        if r.queue != route.queue {
-            let mut out = route.enqueue_batch(&r.queue, p, vec![m]).await?;
-            return Ok(Response::new(out.remove(0)));
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let retry = movable.then(|| m.clone());
-        route
-            .batcher(p)
-            .send(crate::router::PendingEnqueue {
-                message: m,
-                reply: tx,
-            })
+        let queue = r.queue;
+        let partition = r.partition;
+        enqueue_one(route, queue, partition, m)
+            .instrument(span)
             .await
-            .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
-        let result = rx
-            .await
-            .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
-        match (result, retry) {
-            // A keyless message without a dedup id may go to any partition: try once
-            // more on another broker. (If the first broker stored it before failing,
-            // this makes a second copy: at-least-once. Give a dedup id to avoid that.)
-            (Err(e), Some(m)) if is_transport_failure(&e) => {
-                let p2 = route.any_partition().await.map_err(|_| e.clone())?;
-                let mut out = route.enqueue_batch(&r.queue, p2, vec![m]).await?;
-                Ok(Response::new(out.remove(0)))
-            }
-            (result, _) => result.map(Response::new),
-        }
+            .map(Response::new)
     }
 
     async fn enqueue_batch(
         &self,
         req: Request<v1::EnqueueBatchRequest>,
     ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
-        let trace = trace::context_of(req.metadata());
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let route = self.router.route(&r.queue)?;
         // An empty batch is refused even while no broker has described the queue.
         check_batch_len(r.messages.len(), u32::MAX)?;
         check_batch_len(r.messages.len(), route.settings()?.max_batch)?;
+        let span = trace::send_span(&r.queue, &meta, &r.messages);
+        let ctx = trace::carried(&span, &meta);
         let mut groups: BTreeMap<u32, (Vec<usize>, Vec<v1::NewMessage>)> = BTreeMap::new();
         for (i, mut m) in r.messages.into_iter().enumerate() {
             check(&route, &m)
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {}", e.message())))?;
-            if let Some(ctx) = &trace {
+            if let Some(ctx) = &ctx {
                 trace::carry(ctx, &mut m, route.settings()?.max_message_bytes);
             }
             let g = groups
@@ -242,7 +260,7 @@ impl Queues for SidecarService {
             .into_iter()
             .map(|(p, (idx, msgs))| route.enqueue_batch(&r.queue, p, msgs).then_map(idx));
         let mut results = vec![v1::EnqueueResponse::default(); n];
-        for (idx, out) in futures::future::join_all(calls).await {
+        for (idx, out) in futures::future::join_all(calls).instrument(span).await {
             for (i, res) in idx.into_iter().zip(out?) {
                 results[i] = res;
             }
@@ -257,14 +275,19 @@ impl Queues for SidecarService {
         self.drain.check()?;
         let r = req.into_inner();
         let route = self.router.route(&r.queue)?;
+        let queue = r.queue.clone();
         let messages = dequeue_any(&route, r).await?;
+        trace::delivered(&queue, &messages);
         Ok(Response::new(v1::DequeueResponse { messages }))
     }
 
     async fn ack(&self, req: Request<v1::AckRequest>) -> Result<Response<v1::AckResponse>, Status> {
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let route = self.router.route(&r.queue)?;
-        let results = settle(&route, &r.queue, r.receipts, SettleOp::Ack, None).await?;
+        let span = trace::settle_span("ack", "client", &r.queue, &meta, r.receipts.len());
+        let results = settle(&route, &r.queue, r.receipts, SettleOp::Ack, None)
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::AckResponse { results }))
     }
 
@@ -272,13 +295,16 @@ impl Queues for SidecarService {
         &self,
         req: Request<v1::NackRequest>,
     ) -> Result<Response<v1::NackResponse>, Status> {
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let route = self.router.route(&r.queue)?;
         let op = SettleOp::Nack {
             delay_ms: r.delay_ms,
             dead_letter: r.dead_letter,
         };
-        let results = settle(&route, &r.queue, r.receipts, op, None).await?;
+        let span = trace::settle_span("nack", "client", &r.queue, &meta, r.receipts.len());
+        let results = settle(&route, &r.queue, r.receipts, op, None)
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::NackResponse { results }))
     }
 
@@ -286,11 +312,14 @@ impl Queues for SidecarService {
         &self,
         req: Request<v1::ExtendVisibilityRequest>,
     ) -> Result<Response<v1::ExtendVisibilityResponse>, Status> {
-        let r = req.into_inner();
+        let (meta, _, r) = req.into_parts();
         let route = self.router.route(&r.queue)?;
         let visibility_ms = validate_extension(r.visibility_timeout_ms, 0)?;
         let op = SettleOp::Extend { visibility_ms };
-        let results = settle(&route, &r.queue, r.receipts, op, None).await?;
+        let span = trace::settle_span("extend", "client", &r.queue, &meta, r.receipts.len());
+        let results = settle(&route, &r.queue, r.receipts, op, None)
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::ExtendVisibilityResponse { results }))
     }
 

@@ -7,7 +7,8 @@
 //! - [`tls`]: PEM files to tonic's mutual TLS settings.
 //! - [`reflection`]: gRPC server reflection, `v1` and `v1alpha`.
 //! - [`signal`]: SIGTERM and Ctrl-C.
-//! - [`logging`]: the tracing subscriber.
+//! - [`logging`]: the tracing subscriber, and span export over OTLP.
+//! - [`tunnel`]: gRPC through an HTTP/1.1 upgrade (the API server's pod proxy).
 
 pub mod http;
 pub mod logging;
@@ -15,9 +16,10 @@ pub mod reflection;
 pub mod signal;
 pub mod tls;
 pub mod transport;
+pub mod tunnel;
 
 pub use http::serve_http;
-pub use logging::init_tracing;
+pub use logging::{Telemetry, init_tracing};
 pub use signal::shutdown_signal;
 pub use transport::{
     BindError, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_REQUEST_BYTES, STREAM_WINDOW, bind,

@@ -818,6 +818,7 @@ impl Context {
                 image_pull_policy: "IfNotPresent".into(),
                 cluster_domain: "cluster.local".into(),
                 token_review_binding: Some(BINDING.into()),
+                otlp_endpoint: None,
             },
             pdb: ApiResource::from_gvk_with_plural(
                 &GroupVersionKind::gvk("policy", "v1", "PodDisruptionBudget"),
