@@ -26,6 +26,7 @@ use sluice_operator::resources;
 use sluice_operator::tls::data_plane::SIDECAR_SECRET;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -261,14 +262,18 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Accepts local connections and joins each to a new tunnel at `path`.
+/// Accepts local connections and joins each to a new tunnel at `path`. The first
+/// failure is told on stderr (the router only sees a broker it cannot reach).
 async fn tunnels(listener: TcpListener, client: Client, path: String) {
     let path = Arc::new(path);
+    let told = Arc::new(AtomicBool::new(false));
     while let Ok((conn, _)) = listener.accept().await {
-        let (client, path) = (client.clone(), path.clone());
+        let (client, path, told) = (client.clone(), path.clone(), told.clone());
         tokio::spawn(async move {
-            if let Err(e) = tunnel(conn, &client, &path).await {
-                tracing::debug!(error = %e, %path, "tunnel failed");
+            if let Err(e) = tunnel(conn, &client, &path).await
+                && !told.swap(true, Ordering::Relaxed)
+            {
+                eprintln!("warning: no tunnel through {path}: {e:#}");
             }
         });
     }

@@ -93,6 +93,21 @@ async fn three_broker_orders_with(w: &World, ns: &str, replication: u32) -> Vec<
     pods
 }
 
+/// `orders` in the app namespace `ns` on 2 brokers over 4 partitions, Ready, and the
+/// app pod `app` (ServiceAccount `default`) routed to it, Ready.
+async fn orders_on_two_brokers_with_an_app(w: &World, ns: &str) {
+    w.app_namespace(ns).await;
+    apply_queue(
+        &w.client,
+        ns,
+        "orders",
+        json!({"replicas": 2, "partitions": 4, "storage": {"size": "1Gi"}}),
+    )
+    .await;
+    queue_ready(&w.client, ns, "orders", 2).await;
+    w.app_pod(ns, "app", "orders", "default").await;
+}
+
 /// Waits for the operator to report, from the brokers' own reports, every one of
 /// the 6 partitions of `orders` led with all `replication` copies in sync.
 async fn partitions_led(client: &Client, ns: &str, replication: u32) {
@@ -332,18 +347,8 @@ async fn keda_scaler_in(w: Arc<World>) {
         eprintln!("skipped: the operator runs in the cluster, its scaler port is not ours");
         return;
     };
-    let client = w.client.clone();
     let ns = &w.ns("shop");
-    w.app_namespace(ns).await;
-    apply_queue(
-        &client,
-        ns,
-        "orders",
-        json!({"replicas": 2, "partitions": 4, "storage": {"size": "1Gi"}}),
-    )
-    .await;
-    queue_ready(&client, ns, "orders", 2).await;
-    w.app_pod(ns, "app", "orders", "default").await;
+    orders_on_two_brokers_with_an_app(&w, ns).await;
 
     let mut keda = ExternalScalerClient::connect(format!("http://127.0.0.1:{}", op.scaler_port))
         .await
@@ -1758,20 +1763,10 @@ async fn sluice_kube(
 async fn the_cli_reaches_a_queue_in(w: Arc<World>) {
     let client = w.client.clone();
     let ns = &w.ns("shop");
-    w.app_namespace(ns).await;
-    apply_queue(
-        &client,
-        ns,
-        "orders",
-        json!({"replicas": 2, "partitions": 4, "storage": {"size": "1Gi"}}),
-    )
-    .await;
-    queue_ready(&client, ns, "orders", 2).await;
     // An app produces through its sidecar (which also brings the namespace's client
     // certificate the brokers' mutual TLS asks for).
-    w.app_pod(ns, "app", "orders", "default").await;
-    let produced = produce_all(&w, ns, "app", "o", 300).await;
-    assert_eq!(produced["acked"], 300, "{produced}");
+    orders_on_two_brokers_with_an_app(&w, ns).await;
+    produce_all(&w, ns, "app", "o", 300).await;
 
     // What an operator of the queue is granted, and no more.
     let mut rules = json!([

@@ -420,3 +420,36 @@ pub async fn drain(c: &mut QueuesClient<Channel>, queue: &str, quiet_ms: u64) ->
 pub fn body_str(m: &v1::Message) -> String {
     String::from_utf8_lossy(&m.body).into_owned()
 }
+
+/// Opens a Subscribe on `queue` with credit 1 and waits (up to 30 s) for its first
+/// message. The stream stays open while the returned sender lives.
+pub async fn first_subscribed(
+    c: &mut QueuesClient<Channel>,
+    queue: &str,
+) -> (v1::Message, tokio::sync::mpsc::Sender<v1::SubscribeRequest>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::SubscribeRequest {
+        request: Some(v1::subscribe_request::Request::Start(v1::SubscribeStart {
+            queue: queue.into(),
+            initial_credit: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(v1::subscribe_response::Response::Message(m)) = resp.response {
+            return (m, tx);
+        }
+    }
+}

@@ -110,40 +110,33 @@ fn carried_span(m: &v1::Message, trace: &str) -> String {
 }
 
 impl Collector {
-    /// Waits for the span of `service` named `name` in `trace` (the batch exporter
-    /// sends every 100 ms here).
-    async fn span(&self, service: &str, name: &str, trace: &str) -> Got {
+    /// Waits (up to 30 s: the batch exporter sends every 100 ms here) for a span of
+    /// `service` named `name` that `matches`.
+    async fn find(&self, service: &str, name: &str, matches: impl Fn(&Got) -> bool) -> Got {
         eventually_within(
-            &format!("{service}'s {name:?} span in trace {trace}"),
+            &format!("{service}'s {name:?} span"),
             Duration::from_secs(30),
             || async {
                 self.spans
                     .lock()
                     .unwrap()
                     .iter()
-                    .find(|s| s.service == service && s.name == name && s.trace == trace)
+                    .find(|s| s.service == service && s.name == name && matches(s))
                     .cloned()
             },
         )
         .await
     }
 
-    /// Waits for a span of `service` named `name` linking to `(trace, span)`.
+    /// The span of `service` named `name` in `trace`.
+    async fn span(&self, service: &str, name: &str, trace: &str) -> Got {
+        self.find(service, name, |s| s.trace == trace).await
+    }
+
+    /// A span of `service` named `name` linking to `(trace, span)`.
     async fn linking(&self, service: &str, name: &str, trace: &str, span: &str) -> Got {
         let link = (trace.to_string(), span.to_string());
-        eventually_within(
-            &format!("{service}'s {name:?} span linking to {span}"),
-            Duration::from_secs(30),
-            || async {
-                self.spans
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|s| s.service == service && s.name == name && s.links.contains(&link))
-                    .cloned()
-            },
-        )
-        .await
+        self.find(service, name, |s| s.links.contains(&link)).await
     }
 }
 
@@ -224,31 +217,7 @@ async fn enqueue_delivery_and_ack_spans_reach_an_otlp_collector_in_the_apps_trac
     app.enqueue(traced(streamed, STREAMED_TRACE, PRODUCER))
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(v1::SubscribeRequest {
-        request: Some(v1::subscribe_request::Request::Start(v1::SubscribeStart {
-            queue: "orders".into(),
-            initial_credit: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = app
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let m = loop {
-        let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .expect("a delivery")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(v1::subscribe_response::Response::Message(m)) = resp.response {
-            break m;
-        }
-    };
+    let (m, _stream) = first_subscribed(&mut app, "orders").await;
     let streamed_send = collector
         .span("sluice-sidecar", "send orders", STREAMED_TRACE)
         .await;
@@ -257,5 +226,4 @@ async fn enqueue_delivery_and_ack_spans_reach_an_otlp_collector_in_the_apps_trac
         .span("sluice-sidecar", "receive orders", STREAMED_TRACE)
         .await;
     assert_eq!(receive.parent, streamed_send.id, "{receive:?}");
-    drop(tx);
 }

@@ -116,31 +116,7 @@ async fn the_trace_context_of_an_enqueue_comes_back_with_the_delivery_through_th
         partition: None,
     };
     app.enqueue(traced(one, PARENT)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(v1::SubscribeRequest {
-        request: Some(v1::subscribe_request::Request::Start(v1::SubscribeStart {
-            queue: "orders".into(),
-            initial_credit: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = app
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let m = loop {
-        let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .expect("a delivery")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(v1::subscribe_response::Response::Message(m)) = resp.response {
-            break m;
-        }
-    };
+    let (m, _stream) = first_subscribed(&mut app, "orders").await;
     assert_eq!(&m.body[..], b"streamed");
     assert_eq!(m.attributes["traceparent"], PARENT);
 }
