@@ -28,6 +28,13 @@ enum SystemKind {
     Direct,
     /// Sluice: clients talk to a sidecar, which talks to the broker.
     Sidecar,
+    /// `direct` with `fsync = "interval"`: NATS 2.9's promise (a process crash loses
+    /// nothing answered; a power loss may lose the last interval).
+    DirectInterval,
+    /// `sidecar` with `fsync = "interval"`.
+    SidecarInterval,
+    /// `sidecar` with mutual TLS between sidecar and broker, as deployed.
+    SidecarTls,
     /// Sluice replicated: clients talk to a sidecar, which talks to the leaders of
     /// the partitions among 3 brokers holding 3 copies of each.
     SidecarR3,
@@ -69,6 +76,10 @@ struct Args {
     /// Message body sizes of the throughput runs, bytes.
     #[arg(long, value_delimiter = ',', default_value = "1024")]
     sizes: Vec<usize>,
+    /// Producer styles of the throughput runs: `one` (one message in flight per
+    /// producer), `window<N>` (N in flight on its connection), `batch<N>` (N per call).
+    #[arg(long, value_delimiter = ',', default_value = "one")]
+    producers: Vec<system::ProducerStyle>,
     /// Consumer styles of the throughput runs.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "subscribe")]
     consumers: Vec<ConsumerMode>,
@@ -195,16 +206,29 @@ fn make_system(
     Ok(match kind {
         SystemKind::Direct
         | SystemKind::Sidecar
+        | SystemKind::DirectInterval
+        | SystemKind::SidecarInterval
+        | SystemKind::SidecarTls
         | SystemKind::SidecarR3
-        | SystemKind::SidecarRaft => Box::new(sluice::Sluice::new(
-            kind != SystemKind::Direct,
-            if kind == SystemKind::SidecarR3 { 3 } else { 1 },
-            kind == SystemKind::SidecarRaft,
-            bin_dir.to_path_buf(),
-            args.partitions,
-            args.credit,
-            args.dequeue_batch,
-        )),
+        | SystemKind::SidecarRaft => {
+            let direct = matches!(kind, SystemKind::Direct | SystemKind::DirectInterval);
+            let s = sluice::Sluice::new(
+                !direct,
+                if kind == SystemKind::SidecarR3 { 3 } else { 1 },
+                kind == SystemKind::SidecarRaft,
+                bin_dir.to_path_buf(),
+                args.partitions,
+                args.credit,
+                args.dequeue_batch,
+            );
+            match kind {
+                SystemKind::DirectInterval | SystemKind::SidecarInterval => {
+                    Box::new(s.fsync_interval())
+                }
+                SystemKind::SidecarTls => Box::new(s.mutual_tls()),
+                _ => Box::new(s),
+            }
+        }
         SystemKind::Nats => Box::new(nats::Nats::new(1, args.credit, args.dequeue_batch)?),
         SystemKind::NatsR3 => Box::new(nats::Nats::new(3, args.credit, args.dequeue_batch)?),
         SystemKind::Rabbitmq => {
@@ -241,6 +265,9 @@ async fn run(args: &Args) -> Result<()> {
             k,
             SystemKind::Direct
                 | SystemKind::Sidecar
+                | SystemKind::DirectInterval
+                | SystemKind::SidecarInterval
+                | SystemKind::SidecarTls
                 | SystemKind::SidecarR3
                 | SystemKind::SidecarRaft
         )
@@ -323,35 +350,43 @@ async fn run(args: &Args) -> Result<()> {
     for round in 1..=args.rounds {
         println!("== round {round} of {}", args.rounds);
         for &mode in &args.consumers {
-            for &size in &args.sizes {
-                for &n in &args.concurrency {
-                    for system in &systems {
-                        let name = system.name();
-                        let r = scenario::throughput(
-                            system.as_ref(),
-                            &throughput_queue(mode, n, size),
-                            mode,
-                            n,
-                            args.warmup,
-                            args.duration,
-                            args.drain,
-                            size,
-                            round,
-                        )
-                        .await
-                        .with_context(|| {
-                            format!("{name}: throughput, {} × {n}, {size} B", mode.as_str())
-                        })?;
-                        println!(
-                            "   {name:<16} throughput {:<9} {size:>5} B {n:>2}×{n:<2}  enqueued {:>8.0} msg/s  end-to-end {:>8.0} msg/s  {:>7.2} MB/s  server CPU {:>6.1} µs/msg  client CPU {:>6.1} µs/msg",
-                            mode.as_str(),
-                            r.enqueued_per_sec,
-                            r.acked_per_sec,
-                            r.mb_per_sec,
-                            r.server_cpu_us,
-                            r.client_cpu_us,
-                        );
-                        tput.push(r);
+            for &style in &args.producers {
+                for &size in &args.sizes {
+                    for &n in &args.concurrency {
+                        for system in &systems {
+                            let name = system.name();
+                            let r = scenario::throughput(
+                                system.as_ref(),
+                                &throughput_queue(mode, n, size),
+                                mode,
+                                style,
+                                n,
+                                args.warmup,
+                                args.duration,
+                                args.drain,
+                                size,
+                                round,
+                            )
+                            .await
+                            .with_context(|| {
+                                format!(
+                                    "{name}: throughput, {} × {n}, producers {}, {size} B",
+                                    mode.as_str(),
+                                    style.label()
+                                )
+                            })?;
+                            println!(
+                                "   {name:<24} throughput {:<9} {:<9} {size:>5} B {n:>2}×{n:<2}  enqueued {:>8.0} msg/s  end-to-end {:>8.0} msg/s  {:>7.2} MB/s  server CPU {:>6.1} µs/msg  client CPU {:>6.1} µs/msg",
+                                mode.as_str(),
+                                style.label(),
+                                r.enqueued_per_sec,
+                                r.acked_per_sec,
+                                r.mb_per_sec,
+                                r.server_cpu_us,
+                                r.client_cpu_us,
+                            );
+                            tput.push(r);
+                        }
                     }
                 }
             }
@@ -424,12 +459,23 @@ async fn run(args: &Args) -> Result<()> {
 
     let load_after = Machine::load();
     let settings = format!(
-        "throughput: {:.1} s warmup + {:.1} s measured per row, then the queue is drained; producers send one message at a time each and wait for its durable acknowledgement; \
+        "throughput: {:.1} s warmup + {:.1} s measured per row, then the queue is drained; each producer (its own connection) sends as its style says and counts a message once its durable acknowledgement came: {}; \
          Subscribe-style consumers keep {} messages outstanding, Dequeue-style consumers take and ack up to {} per call; \
          latency: {} B messages, {:.0} msg/s offered for {:.1} s (+{:.1} s warmup) by N producer connections to N {} consumers; \
          {} round(s), systems interleaved within each scenario",
         args.warmup.as_secs_f64(),
         args.duration.as_secs_f64(),
+        args.producers
+            .iter()
+            .map(|p| match p {
+                system::ProducerStyle::One => "`one`: one message in flight".to_string(),
+                system::ProducerStyle::Window(n) => format!("`window{n}`: {n} in flight"),
+                system::ProducerStyle::Batch(n) => {
+                    format!("`batch{n}`: {n} per call (Sluice EnqueueBatch; the peers pipeline {n} and wait for all)")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         args.credit,
         args.dequeue_batch,
         args.message_size,

@@ -1,9 +1,9 @@
 //! The SVG plot: throughput and latency by concurrency, one line per system
 //! (means over rounds).
 
-use crate::report::{mean_latency, mean_throughput};
+use crate::report::{Row, mean_latency, mean_throughput};
 use crate::scenario::{LatencyResult, ThroughputResult};
-use crate::system::ConsumerMode;
+use crate::system::{ConsumerMode, ProducerStyle};
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 use std::path::Path;
@@ -40,9 +40,11 @@ pub fn write_svg(
     root.fill(&WHITE).map_err(e)?;
     let (left, right) = root.split_horizontally(550);
 
+    // The first producer style run (one message in flight, by default).
+    let style = tput.first().map_or(ProducerStyle::One, |r| r.style);
     let rows: Vec<_> = tput
         .iter()
-        .filter(|r| r.size == size && r.mode == ConsumerMode::Subscribe)
+        .filter(|r| r.size == size && r.mode == ConsumerMode::Subscribe && r.style == style)
         .collect();
     let names = systems(rows.iter().map(|r| r.system.clone()));
     let conc = {
@@ -75,8 +77,13 @@ pub fn write_svg(
         let points: Vec<(f64, f64)> = conc
             .iter()
             .filter_map(|&n| {
-                mean_throughput(tput, name, ConsumerMode::Subscribe, size, n)
-                    .map(|m| (n as f64, m.acked_per_sec))
+                let row = Row {
+                    mode: ConsumerMode::Subscribe,
+                    style,
+                    size,
+                    concurrency: n,
+                };
+                mean_throughput(tput, name, row).map(|m| (n as f64, m.acked_per_sec))
             })
             .collect();
         chart

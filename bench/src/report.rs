@@ -1,7 +1,7 @@
 //! The results table, the machine it ran on, and the markdown report.
 
 use crate::scenario::{BacklogResult, LatencyResult, ProcessMemory, ThroughputResult};
-use crate::system::ConsumerMode;
+use crate::system::{ConsumerMode, ProducerStyle};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -99,14 +99,15 @@ fn mib(kib: u64) -> String {
 
 pub fn throughput_table(rows: &[ThroughputResult]) -> String {
     let mut s = String::new();
-    s.push_str("| system | consumer | size B | producers × consumers | round | enqueued msg/s | end-to-end msg/s | end-to-end MB/s | server CPU µs/msg | client CPU µs/msg | ack failures |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| system | consumer | producer | size B | producers × consumers | round | enqueued msg/s | end-to-end msg/s | end-to-end MB/s | server CPU µs/msg | client CPU µs/msg | ack failures |\n");
+    s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} × {} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {} × {} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {} |",
             r.system,
             r.mode.as_str(),
+            r.style.label(),
             r.size,
             r.concurrency,
             r.concurrency,
@@ -201,18 +202,47 @@ pub struct MeanThroughput {
     pub max: f64,
 }
 
+/// One throughput scenario: consumer and producer style, body size, concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub mode: ConsumerMode,
+    pub style: ProducerStyle,
+    pub size: usize,
+    pub concurrency: usize,
+}
+
+impl Row {
+    fn of(r: &ThroughputResult) -> Row {
+        Row {
+            mode: r.mode,
+            style: r.style,
+            size: r.size,
+            concurrency: r.concurrency,
+        }
+    }
+
+    fn cells(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} |",
+            self.mode.as_str(),
+            self.style.label(),
+            self.size,
+            self.concurrency
+        )
+    }
+}
+
+const ROW_HEADER: &str = "| consumer | producer | size B | producers = consumers |";
+const ROW_RULE: &str = "\n|---|---|---:|---:|";
+
 pub fn mean_throughput(
     rows: &[ThroughputResult],
     system: &str,
-    mode: ConsumerMode,
-    size: usize,
-    concurrency: usize,
+    row: Row,
 ) -> Option<MeanThroughput> {
     let r: Vec<_> = rows
         .iter()
-        .filter(|r| {
-            r.system == system && r.mode == mode && r.size == size && r.concurrency == concurrency
-        })
+        .filter(|r| r.system == system && Row::of(r) == row)
         .collect();
     if r.is_empty() {
         return None;
@@ -266,8 +296,35 @@ fn names<'a>(it: impl Iterator<Item = &'a str>) -> Vec<String> {
     distinct(it).into_iter().map(str::to_string).collect()
 }
 
-/// The Sluice systems and the peers among `systems`, and the ratio columns:
-/// each Sluice system over each peer, and the sidecar over direct.
+/// What an answered enqueue survives, by system name: pairs are compared only at
+/// equal durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Promise {
+    /// On disk before the answer (fsync): a power loss loses nothing answered.
+    Fsync,
+    /// Written before the answer, synced on an interval: a process crash loses
+    /// nothing, a power loss may lose the last interval.
+    Interval,
+    /// [`Promise::Fsync`] on a majority of 3 copies.
+    FsyncR3,
+    /// [`Promise::Interval`] on a majority of 3 copies.
+    IntervalR3,
+}
+
+fn promise(system: &str) -> Promise {
+    let r3 = system.contains("r3");
+    let interval = system.ends_with("-interval") || system.starts_with("nats");
+    match (r3, interval) {
+        (false, false) => Promise::Fsync,
+        (false, true) => Promise::Interval,
+        (true, false) => Promise::FsyncR3,
+        (true, true) => Promise::IntervalR3,
+    }
+}
+
+/// The ratio columns: each Sluice system over each peer making the same promise
+/// (`fsync: interval` against NATS 2.9, `always` against RabbitMQ's quorum queues),
+/// the sidecar over direct at the same fsync setting, and TLS over plaintext.
 fn ratio_pairs(systems: &[String]) -> Vec<(String, String)> {
     let sluice: Vec<_> = systems
         .iter()
@@ -280,12 +337,20 @@ fn ratio_pairs(systems: &[String]) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     for s in &sluice {
         for p in &peers {
-            pairs.push(((*s).clone(), (*p).clone()));
+            if promise(s) == promise(p) {
+                pairs.push(((*s).clone(), (*p).clone()));
+            }
         }
     }
-    if systems.iter().any(|s| s == "sluice-sidecar") && systems.iter().any(|s| s == "sluice-direct")
-    {
-        pairs.push(("sluice-sidecar".into(), "sluice-direct".into()));
+    for (a, b) in [
+        ("sluice-sidecar", "sluice-direct"),
+        ("sluice-sidecar-interval", "sluice-direct-interval"),
+        // What mutual TLS costs.
+        ("sluice-sidecar-tls", "sluice-sidecar"),
+    ] {
+        if systems.iter().any(|s| s == a) && systems.iter().any(|s| s == b) {
+            pairs.push((a.to_string(), b.to_string()));
+        }
     }
     pairs
 }
@@ -294,58 +359,50 @@ fn short(name: &str) -> &str {
     name.trim_start_matches("sluice-")
 }
 
+/// The scenarios of `rows`, in the order they ran.
+fn scenarios(rows: &[ThroughputResult]) -> Vec<Row> {
+    distinct(rows.iter().map(Row::of))
+}
+
 /// Means over rounds, with the spread, and ratios (Sluice / peer) per scenario.
 pub fn throughput_summary(rows: &[ThroughputResult]) -> String {
     let systems = names(rows.iter().map(|r| r.system.as_str()));
     let pairs = ratio_pairs(&systems);
-    let mut s = String::new();
-    s.push_str("| consumer | size B | producers = consumers |");
+    let mut s = String::from(ROW_HEADER);
     for n in &systems {
         let _ = write!(s, " {n} msgs/s (min–max), MB/s |");
     }
     for (a, b) in &pairs {
         let _ = write!(s, " {} / {} |", short(a), short(b));
     }
-    s.push_str("\n|---|---:|---:|");
+    s.push_str(ROW_RULE);
     for _ in 0..systems.len() + pairs.len() {
         s.push_str("---:|");
     }
     s.push('\n');
-    for mode in distinct(rows.iter().map(|r| r.mode)) {
-        for size in distinct(rows.iter().map(|r| r.size)) {
-            for n in distinct(rows.iter().map(|r| r.concurrency)) {
-                let means: Vec<_> = systems
-                    .iter()
-                    .map(|sys| mean_throughput(rows, sys, mode, size, n))
-                    .collect();
-                if means.iter().all(Option::is_none) {
-                    continue;
+    for row in scenarios(rows) {
+        s.push_str(&row.cells());
+        for sys in &systems {
+            match mean_throughput(rows, sys, row) {
+                Some(m) => {
+                    let _ = write!(
+                        s,
+                        " {:.0} ({:.0}–{:.0}), {:.2} |",
+                        m.acked_per_sec, m.min, m.max, m.mb_per_sec
+                    );
                 }
-                let _ = write!(s, "| {} | {size} | {n} |", mode.as_str());
-                for m in &means {
-                    match m {
-                        Some(m) => {
-                            let _ = write!(
-                                s,
-                                " {:.0} ({:.0}–{:.0}), {:.2} |",
-                                m.acked_per_sec, m.min, m.max, m.mb_per_sec
-                            );
-                        }
-                        None => s.push_str(" – |"),
-                    }
-                }
-                for (a, b) in &pairs {
-                    let get = |x: &str| mean_throughput(rows, x, mode, size, n);
-                    match (get(a), get(b)) {
-                        (Some(x), Some(y)) if y.acked_per_sec > 0.0 => {
-                            let _ = write!(s, " {:.2}× |", x.acked_per_sec / y.acked_per_sec);
-                        }
-                        _ => s.push_str(" – |"),
-                    }
-                }
-                s.push('\n');
+                None => s.push_str(" – |"),
             }
         }
+        for (a, b) in &pairs {
+            match (mean_throughput(rows, a, row), mean_throughput(rows, b, row)) {
+                (Some(x), Some(y)) if y.acked_per_sec > 0.0 => {
+                    let _ = write!(s, " {:.2}× |", x.acked_per_sec / y.acked_per_sec);
+                }
+                _ => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
     }
     s
 }
@@ -353,32 +410,26 @@ pub fn throughput_summary(rows: &[ThroughputResult]) -> String {
 /// Server and client CPU time per message (means over rounds).
 pub fn cpu_summary(rows: &[ThroughputResult]) -> String {
     let systems = names(rows.iter().map(|r| r.system.as_str()));
-    let mut s = String::new();
-    s.push_str("| consumer | size B | producers = consumers |");
+    let mut s = String::from(ROW_HEADER);
     for n in &systems {
         let _ = write!(s, " {n} server µs/msg (+ client) |");
     }
-    s.push_str("\n|---|---:|---:|");
+    s.push_str(ROW_RULE);
     for _ in 0..systems.len() {
         s.push_str("---:|");
     }
     s.push('\n');
-    for mode in distinct(rows.iter().map(|r| r.mode)) {
-        for size in distinct(rows.iter().map(|r| r.size)) {
-            for n in distinct(rows.iter().map(|r| r.concurrency)) {
-                let _ = write!(s, "| {} | {size} | {n} |", mode.as_str());
-                for sys in &systems {
-                    match mean_throughput(rows, sys, mode, size, n) {
-                        Some(m) => {
-                            let _ =
-                                write!(s, " {:.1} (+{:.1}) |", m.server_cpu_us, m.client_cpu_us);
-                        }
-                        None => s.push_str(" – |"),
-                    }
+    for row in scenarios(rows) {
+        s.push_str(&row.cells());
+        for sys in &systems {
+            match mean_throughput(rows, sys, row) {
+                Some(m) => {
+                    let _ = write!(s, " {:.1} (+{:.1}) |", m.server_cpu_us, m.client_cpu_us);
                 }
-                s.push('\n');
+                None => s.push_str(" – |"),
             }
         }
+        s.push('\n');
     }
     s
 }
@@ -511,5 +562,44 @@ impl Report<'_> {
         }
         std::fs::write(path, text)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_pair_systems_that_make_the_same_promise() {
+        let systems: Vec<String> = [
+            "sluice-direct",
+            "sluice-sidecar",
+            "sluice-sidecar-interval",
+            "sluice-sidecar-tls",
+            "sluice-sidecar-r3",
+            "nats",
+            "rabbitmq",
+            "nats-r3",
+            "rabbitmq-r3",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pairs = ratio_pairs(&systems);
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("sluice-direct", "rabbitmq"),
+                ("sluice-sidecar", "rabbitmq"),
+                ("sluice-sidecar-interval", "nats"),
+                ("sluice-sidecar-tls", "rabbitmq"),
+                ("sluice-sidecar-r3", "rabbitmq-r3"),
+                ("sluice-sidecar", "sluice-direct"),
+                ("sluice-sidecar-tls", "sluice-sidecar"),
+            ]
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! a fixed offered rate (corrected for coordinated omission).
 
 use crate::proc::{self, Usage};
-use crate::system::{ConsumerMode, System};
+use crate::system::{ConsumerMode, ProducerStyle, System};
 use anyhow::{Context, Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
@@ -35,6 +35,7 @@ fn stamp_of(body: &[u8]) -> Option<(u64, bool)> {
 pub struct ThroughputResult {
     pub system: String,
     pub mode: ConsumerMode,
+    pub style: ProducerStyle,
     pub concurrency: usize,
     pub enqueued_per_sec: f64,
     pub acked_per_sec: f64,
@@ -61,6 +62,7 @@ pub async fn throughput(
     system: &dyn System,
     queue: &str,
     mode: ConsumerMode,
+    style: ProducerStyle,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
@@ -97,16 +99,32 @@ pub async fn throughput(
     }
     for _ in 0..concurrency {
         let producer = system.producer(queue).await?;
-        let (stop, enqueued) = (stop_producers.clone(), enqueued.clone());
-        tasks.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                producer
-                    .send(body(base, Instant::now(), false, size))
-                    .await?;
-                enqueued.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        });
+        let (senders, batch) = match style {
+            ProducerStyle::One => (1, 0),
+            ProducerStyle::Window(w) => (w, 0),
+            ProducerStyle::Batch(b) => (1, b as usize),
+        };
+        // A window is that many sends in flight at once on the producer's connection.
+        for _ in 0..senders {
+            let producer = producer.clone();
+            let (stop, enqueued) = (stop_producers.clone(), enqueued.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if batch == 0 {
+                        producer
+                            .send(body(base, Instant::now(), false, size))
+                            .await?;
+                        enqueued.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let now = Instant::now();
+                        let bodies = (0..batch).map(|_| body(base, now, false, size)).collect();
+                        producer.send_many(bodies).await?;
+                        enqueued.fetch_add(batch as u64, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            });
+        }
     }
     let watch = async {
         tokio::time::sleep(warmup).await;
@@ -155,6 +173,7 @@ pub async fn throughput(
     Ok(ThroughputResult {
         system: system.name().to_string(),
         mode,
+        style,
         concurrency,
         enqueued_per_sec: enq as f64 / secs,
         acked_per_sec: ack as f64 / secs,

@@ -94,6 +94,31 @@ async fn wait_ready(addr: SocketAddr, queues: &[QueueSpec], child: &mut ChildGua
     }
 }
 
+/// Waits until the broker's `/readyz` at `http` answers 200 (every queue recovered).
+async fn wait_http_ready(http: SocketAddr, child: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        check_alive(child)?;
+        let ready = tokio::task::spawn_blocking(move || {
+            std::net::TcpStream::connect(http).is_ok()
+                && sluice_testkit::http::get(http, "/readyz").0 == 200
+        })
+        .await?;
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready on {http}/readyz after {STARTUP_TIMEOUT:?}; last lines of {}:\n{}",
+                child.name,
+                child.log.display(),
+                child.tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until every partition of every queue has a leader among the brokers at
 /// `addrs` (each describes the partitions it leads), so a measurement never starts
 /// inside the first elections.
@@ -137,6 +162,10 @@ pub struct Sluice {
     /// One copy, but each partition a Raft group of one: a Queue as the operator
     /// makes it (so its copies can move).
     raft: bool,
+    /// The queues' `fsync` setting: `always` unless [`Sluice::fsync_interval`].
+    fsync: &'static str,
+    /// Mutual TLS between sidecar and brokers ([`Sluice::mutual_tls`]), as deployed.
+    tls: bool,
     bin_dir: PathBuf,
     partitions: u32,
     subscribe_credit: u32,
@@ -174,6 +203,8 @@ impl Sluice {
             via_sidecar: via_sidecar || copies > 1,
             copies,
             raft: raft && copies == 1,
+            fsync: "always",
+            tls: false,
             bin_dir,
             partitions,
             subscribe_credit,
@@ -184,6 +215,56 @@ impl Sluice {
             broker_addrs: Vec::new(),
             endpoint: None,
         }
+    }
+
+    /// The same with `fsync = "interval"` (named `…-interval`): answered once written,
+    /// synced on an interval, the promise NATS 2.9 makes.
+    pub fn fsync_interval(mut self) -> Self {
+        self.fsync = "interval";
+        self.name.push_str("-interval");
+        self
+    }
+
+    /// The same with mutual TLS between sidecar and brokers (named `…-tls`): the
+    /// deployed path, with certificates issued as the operator issues them.
+    pub fn mutual_tls(mut self) -> Self {
+        self.tls = true;
+        self.name.push_str("-tls");
+        self
+    }
+
+    /// Issues the CA, the brokers' certificate (for the loopback address they serve
+    /// on, also presented to each other) and the sidecar's client certificate into
+    /// `dir`.
+    fn issue_certificates(dir: &std::path::Path) -> Result<()> {
+        use sluice_operator::tls::{Ca, Usage};
+        let year = std::time::Duration::from_secs(365 * 86_400);
+        let ca = Ca::generate("sluice-bench-ca", year)?;
+        std::fs::write(dir.join("ca.crt"), &ca.cert_pem)?;
+        for (who, usage, sans) in [
+            ("broker", Usage::Peer, vec!["127.0.0.1".to_string()]),
+            ("sidecar", Usage::Client, vec![]),
+        ] {
+            let leaf = ca.issue(&format!("sluice-bench-{who}"), &sans, usage, year)?;
+            std::fs::write(dir.join(format!("{who}.crt")), &leaf.cert_pem)?;
+            std::fs::write(dir.join(format!("{who}.key")), &leaf.key_pem)?;
+        }
+        Ok(())
+    }
+
+    /// The TLS flags of `who` (broker or sidecar), if TLS is on.
+    fn tls_args(&self, dir: &std::path::Path, who: &str) -> Vec<std::ffi::OsString> {
+        if !self.tls {
+            return Vec::new();
+        }
+        [
+            ("--tls-cert", format!("{who}.crt")),
+            ("--tls-key", format!("{who}.key")),
+            ("--tls-ca", "ca.crt".to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, file)| [flag.into(), dir.join(file).into_os_string()])
+        .collect()
     }
 
     fn endpoint(&self) -> Result<SocketAddr> {
@@ -209,6 +290,7 @@ impl Sluice {
             .arg(http.to_string())
             .arg("--ordinal")
             .arg(ordinal.to_string())
+            .args(self.tls_args(dir, "broker"))
             .env("RUST_LOG", "warn");
         Ok(ChildGuard::spawn_group(
             &format!("{BROKER_BIN}-{ordinal}"),
@@ -235,9 +317,14 @@ impl System for Sluice {
             1 => "one broker".to_string(),
             n => format!("{n} brokers, {n} copies of each partition (Raft, majority ack)"),
         };
+        let tls = if self.tls {
+            "; mutual TLS between sidecar and broker (rustls, ECDSA P-256)"
+        } else {
+            ""
+        };
         format!(
-            "{hops}; {brokers}, fsync = \"always\", {} partitions per queue",
-            self.partitions
+            "{hops}; {brokers}, fsync = \"{}\", {} partitions per queue{tls}",
+            self.fsync, self.partitions
         )
     }
 
@@ -259,8 +346,8 @@ impl System for Sluice {
         for q in queues {
             writeln!(
                 toml,
-                "[[queue]]\nname = \"{}\"\npartitions = {}\nreplicas = {n}\nfsync = \"always\"\nvisibility_timeout = \"60s\"",
-                q.name, self.partitions
+                "[[queue]]\nname = \"{}\"\npartitions = {}\nreplicas = {n}\nfsync = \"{}\"\nvisibility_timeout = \"60s\"",
+                q.name, self.partitions, self.fsync
             )?;
             if n > 1 {
                 writeln!(toml, "replication = {n}\npeers = [{peers}]")?;
@@ -270,10 +357,18 @@ impl System for Sluice {
             writeln!(toml)?;
         }
         std::fs::write(dir.0.join("broker.toml"), toml)?;
+        if self.tls {
+            Self::issue_certificates(&dir.0)?;
+        }
         self.dir = Some(dir);
         for i in 0..n {
             let mut broker = self.spawn_broker(i)?;
-            wait_ready(self.broker_addrs[i].0, queues, &mut broker).await?;
+            if self.tls {
+                // Its gRPC port wants our certificate: its HTTP readiness says the same.
+                wait_http_ready(self.broker_addrs[i].1, &mut broker).await?;
+            } else {
+                wait_ready(self.broker_addrs[i].0, queues, &mut broker).await?;
+            }
             self.brokers.push(Some(broker));
         }
         if n > 1 || self.raft {
@@ -288,6 +383,7 @@ impl System for Sluice {
                 .arg(sidecar_grpc.to_string())
                 .arg("--metrics-listen")
                 .arg(sidecar_http.to_string())
+                .args(self.tls_args(dir, "sidecar"))
                 .env("RUST_LOG", "warn");
             let addrs = self
                 .broker_addrs
@@ -327,8 +423,9 @@ impl System for Sluice {
         let started = Instant::now();
         let mut broker = self.spawn_broker(0)?;
         // Served = a message dequeued and acked: straight at the broker, or through
-        // the sidecar when the partitions have other copies.
-        let at = if self.copies > 1 {
+        // the sidecar when the partitions have other copies or the broker wants the
+        // sidecar's certificate.
+        let at = if self.copies > 1 || self.tls {
             self.endpoint()?
         } else {
             self.broker_addrs[0].0

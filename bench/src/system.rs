@@ -26,6 +26,50 @@ impl ConsumerMode {
     }
 }
 
+/// How a throughput producer sends, as users drive each system: one message in
+/// flight and waiting for its durable answer; a window of that many in flight on the
+/// one connection (NATS's async publish, RabbitMQ's confirms with a window, gRPC's
+/// concurrent calls); or batches of that many in one call (Sluice's `EnqueueBatch`;
+/// the peers pipeline the batch and wait for every confirmation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerStyle {
+    One,
+    Window(u32),
+    Batch(u32),
+}
+
+impl ProducerStyle {
+    pub fn label(self) -> String {
+        match self {
+            ProducerStyle::One => "one".into(),
+            ProducerStyle::Window(n) => format!("window{n}"),
+            ProducerStyle::Batch(n) => format!("batch{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ProducerStyle {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let count = |rest: &str| match rest.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!(
+                "{s:?}: expected one, window<N> or batch<N> (N ≥ 1)"
+            )),
+        };
+        if s == "one" {
+            Ok(ProducerStyle::One)
+        } else if let Some(rest) = s.strip_prefix("window") {
+            count(rest).map(ProducerStyle::Window)
+        } else if let Some(rest) = s.strip_prefix("batch") {
+            count(rest).map(ProducerStyle::Batch)
+        } else {
+            Err(format!("{s:?}: expected one, window<N> or batch<N>"))
+        }
+    }
+}
+
 /// Knobs every system gets from the command line.
 #[derive(Debug, Clone)]
 pub struct QueueSpec {

@@ -25,7 +25,12 @@ fn smoke_run_reports_every_system() {
     );
     let out = Command::new(bench)
         .arg("--smoke")
-        .args(["--systems", "direct,sidecar,sidecar-r3,sidecar-raft"])
+        .args([
+            "--systems",
+            "direct,sidecar,sidecar-interval,sidecar-tls,sidecar-r3,sidecar-raft",
+            "--producers",
+            "one,window4,batch10",
+        ])
         .output()
         .expect("running sluice-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -37,9 +42,13 @@ fn smoke_run_reports_every_system() {
     );
     // sluice-sidecar-r3: three brokers, three copies of each partition;
     // sluice-sidecar-raft: one copy in a Raft group of one, as the operator runs it.
+    // sluice-sidecar-interval: fsync = "interval", NATS 2.9's promise;
+    // sluice-sidecar-tls: mutual TLS between sidecar and broker.
     for system in [
         "sluice-direct",
         "sluice-sidecar",
+        "sluice-sidecar-interval",
+        "sluice-sidecar-tls",
         "sluice-sidecar-r3",
         "sluice-sidecar-raft",
     ] {
@@ -51,5 +60,14 @@ fn smoke_run_reports_every_system() {
             rows >= 2,
             "no throughput and latency rows for {system}:\n{stdout}"
         );
+        // A throughput row per producer style.
+        for style in ["one", "window4", "batch10"] {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(&format!("| {system} | subscribe | {style} |"))),
+                "no {style} row for {system}:\n{stdout}"
+            );
+        }
     }
 }
