@@ -184,7 +184,6 @@ fn outer(name: &str, opts: &WorldOptions) {
         .env(WORLD_ENV, "1")
         .env("SLUICE_E2E_RUN", &run_id)
         .env("SLUICE_E2E_BIN_DIR", bin_dir())
-        .env("SLUICE_E2E_IMAGES", images_dir())
         .status()
         .expect("run unshare");
     assert!(
@@ -323,9 +322,8 @@ impl World {
         let dns =
             DnsServer::start(client.clone(), SocketAddr::new(net::BRIDGE_IP.into(), 53)).await?;
         let kubelet = if opts.real_node {
-            let images = std::env::var_os("SLUICE_E2E_IMAGES")
-                .map(PathBuf::from)
-                .unwrap_or_else(images_dir);
+            // The same directory inside the world as outside, where they were built.
+            let images = images_dir();
             Kubelet::Real(RealNode::start(client.clone(), NODE, &dir, &kubeconfig, &images).await?)
         } else {
             Kubelet::Agent(
