@@ -581,3 +581,56 @@ async fn the_app_can_stop_the_sidecar_from_inside_the_pod() {
     .await;
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn a_redrive_limit_is_the_queues_not_each_brokers() {
+    let cl = cluster().await;
+    let mut app = cl.sidecar.client().await;
+    // 40 messages over the 4 partitions of both brokers, all dead-lettered.
+    for i in 0..40 {
+        let mut m = msg(&format!("d{i}"));
+        m.key = format!("k{i}");
+        enqueue(&mut app, "orders", m).await.unwrap();
+    }
+    let mut leased = Vec::new();
+    while leased.len() < 40 {
+        let got = dequeue(&mut app, "orders", 40, 2000).await;
+        assert!(!got.is_empty(), "only {} of 40 delivered", leased.len());
+        leased.extend(got.into_iter().map(|m| m.receipt));
+    }
+    let nacked = app
+        .nack(v1::NackRequest {
+            queue: "orders".into(),
+            receipts: leased,
+            delay_ms: 0,
+            dead_letter: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nacked.results.iter().all(|r| r.code == 0), "{nacked:?}");
+    eventually_within("40 dead letters", Duration::from_secs(30), || async {
+        let mut c = app.clone();
+        (stats(&mut c, "orders.dlq").await.ready == 40).then_some(())
+    })
+    .await;
+    let redriver = app.clone();
+    let redrive = |max: u64| {
+        let mut c = redriver.clone();
+        async move {
+            c.redrive(v1::RedriveRequest {
+                queue: "orders".into(),
+                max_messages: max,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .moved
+        }
+    };
+    // Both brokers hold dead letters; a limit of 15 moves 15 in all, not 15 each.
+    assert_eq!(redrive(15).await, 15);
+    assert_eq!(stats(&mut app, "orders").await.ready, 15);
+    assert_eq!(redrive(0).await, 25, "no limit: the rest");
+    assert_eq!(stats(&mut app, "orders.dlq").await.ready, 0);
+}

@@ -417,20 +417,41 @@ impl Queues for SidecarService {
         req: Request<v1::RedriveRequest>,
     ) -> Result<Response<v1::RedriveResponse>, Status> {
         let r = req.into_inner();
-        let parts = self
-            .all_brokers(&r.queue, |b| {
-                let req = r.clone();
-                async move {
-                    b.client()
-                        .redrive(timed(req, Duration::from_secs(60)))
-                        .await
-                        .map(|x| x.into_inner().moved)
-                }
-            })
-            .await?;
-        Ok(Response::new(v1::RedriveResponse {
-            moved: parts.into_iter().sum(),
-        }))
+        let redrive = |b: Arc<BrokerConn>, max_messages: u64| {
+            let req = v1::RedriveRequest {
+                queue: r.queue.clone(),
+                max_messages,
+            };
+            async move {
+                b.client()
+                    .redrive(timed(req, Duration::from_secs(60)))
+                    .await
+                    .map(|x| x.into_inner().moved)
+                    .map_err(|e| b.failed(e))
+            }
+        };
+        if r.max_messages == 0 {
+            let parts = self.all_brokers(&r.queue, |b| redrive(b, 0)).await?;
+            return Ok(Response::new(v1::RedriveResponse {
+                moved: parts.into_iter().sum(),
+            }));
+        }
+        // A limit is the queue's, not each broker's: the brokers in turn, each asked
+        // for what is left.
+        let route = self.router.route(&r.queue)?;
+        let brokers = route.healthy_brokers();
+        if brokers.is_empty() {
+            route.settings()?;
+            return Err(Status::unavailable("no broker reachable"));
+        }
+        let mut moved = 0;
+        for b in brokers {
+            if moved >= r.max_messages {
+                break;
+            }
+            moved += redrive(b, r.max_messages - moved).await?;
+        }
+        Ok(Response::new(v1::RedriveResponse { moved }))
     }
 
     async fn describe(
