@@ -51,6 +51,16 @@ enum SystemKind {
     RabbitmqR3,
 }
 
+impl SystemKind {
+    /// Sluice itself (needs the broker and sidecar binaries), not a peer.
+    fn is_sluice(self) -> bool {
+        !matches!(
+            self,
+            SystemKind::Nats | SystemKind::NatsR3 | SystemKind::Rabbitmq | SystemKind::RabbitmqR3
+        )
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sluice-bench",
@@ -260,18 +270,7 @@ async fn run(args: &Args) -> Result<()> {
             .context("this executable has no directory")?
             .to_path_buf(),
     };
-    if args.systems.iter().any(|k| {
-        matches!(
-            k,
-            SystemKind::Direct
-                | SystemKind::Sidecar
-                | SystemKind::DirectInterval
-                | SystemKind::SidecarInterval
-                | SystemKind::SidecarTls
-                | SystemKind::SidecarR3
-                | SystemKind::SidecarRaft
-        )
-    }) {
+    if args.systems.iter().any(|k| k.is_sluice()) {
         for name in [sluice::BROKER_BIN, sluice::SIDECAR_BIN] {
             sluice::find_binary(&bin_dir, name)?;
         }

@@ -146,18 +146,25 @@ impl SidecarService {
         SidecarService { router, drain }
     }
 
-    /// Calls every reachable broker of a queue.
-    async fn all_brokers<T, F, Fut>(&self, queue: &str, call: F) -> Result<Vec<T>, Status>
-    where
-        F: Fn(Arc<BrokerConn>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>>,
-    {
+    /// The reachable brokers of a queue; none is UNAVAILABLE (or why the queue
+    /// cannot be described).
+    fn reachable_brokers(&self, queue: &str) -> Result<Vec<Arc<BrokerConn>>, Status> {
         let route = self.router.route(queue)?;
         let brokers = route.healthy_brokers();
         if brokers.is_empty() {
             route.settings()?;
             return Err(Status::unavailable("no broker reachable"));
         }
+        Ok(brokers)
+    }
+
+    /// Calls every reachable broker of a queue.
+    async fn all_brokers<T, F, Fut>(&self, queue: &str, call: F) -> Result<Vec<T>, Status>
+    where
+        F: Fn(Arc<BrokerConn>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let brokers = self.reachable_brokers(queue)?;
         let results = futures::future::join_all(brokers.into_iter().map(|b| {
             let fut = call(b.clone());
             async move { fut.await.map_err(|e| b.failed(e)) }
@@ -438,14 +445,8 @@ impl Queues for SidecarService {
         }
         // A limit is the queue's, not each broker's: the brokers in turn, each asked
         // for what is left.
-        let route = self.router.route(&r.queue)?;
-        let brokers = route.healthy_brokers();
-        if brokers.is_empty() {
-            route.settings()?;
-            return Err(Status::unavailable("no broker reachable"));
-        }
         let mut moved = 0;
-        for b in brokers {
+        for b in self.reachable_brokers(&r.queue)? {
             if moved >= r.max_messages {
                 break;
             }
