@@ -192,6 +192,53 @@ impl Drop for WaitSlot<'_> {
     }
 }
 
+/// Where a partition's records land, once durable (or why they did not).
+type Written = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<crate::log::Location, BrokerError>> + Send>,
+>;
+
+/// The write of reserved messages, whose outcome must reach the partition's state even
+/// when the call awaiting it is cancelled (a client gone at its deadline): left
+/// undone, the message would be in the log but not in the state, and a retry of it
+/// would wait on it forever. The caller applies it as it awaits; a cancelled caller
+/// leaves it to a task ([`Drop`]). Cheaper than a task per write, which costs every
+/// enqueue a hand-off between threads.
+struct PendingWrite {
+    partition: Arc<Partition>,
+    epoch: u64,
+    now: u64,
+    pending: Option<(Vec<crate::partition::Reserved>, Written)>,
+}
+
+impl PendingWrite {
+    async fn apply(mut self) -> Result<(), BrokerError> {
+        let (_, written) = self.pending.as_mut().expect("a write is applied once");
+        let result = written.await;
+        let (reserved, _) = self.pending.take().expect("a write is applied once");
+        self.partition
+            .apply_write(self.epoch, self.now, reserved, result)
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        let Some((reserved, written)) = self.pending.take() else {
+            return;
+        };
+        let (partition, epoch, now) = (self.partition.clone(), self.epoch, self.now);
+        let finish = async move {
+            let _ = partition.apply_write(epoch, now, reserved, written.await);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(finish);
+            }
+            // No runtime (the broker is going away): nobody will retry on this state.
+            Err(_) => tracing::debug!("a write's outcome was dropped with the runtime"),
+        }
+    }
+}
+
 pub struct Partition {
     pub id: u32,
     state: Mutex<PartitionState>,
@@ -294,21 +341,19 @@ impl Partition {
             for d in &drops {
                 d.encode(&mut buf);
             }
-            let write = (!buf.is_empty()).then(|| {
-                let written = self.journal.append_waiting(buf.split().freeze(), true);
-                // The write's outcome is applied to the state in a task of its own, so
-                // that it is applied even when this call is cancelled (a client gone
-                // at its deadline): left undone, the message would be in the log but
-                // not in the state, and a retry of it would wait on it forever.
-                let this = self.clone();
-                tokio::spawn(async move { this.apply_write(epoch, now, reserved, written.await) })
+            let write = (!buf.is_empty()).then(|| PendingWrite {
+                partition: self.clone(),
+                epoch,
+                now,
+                pending: Some((
+                    reserved,
+                    Box::pin(self.journal.append_waiting(buf.split().freeze(), true)),
+                )),
             });
             (epoch, outcomes, in_doubt, write)
         };
         if let Some(write) = write {
-            write
-                .await
-                .map_err(|e| BrokerError::Internal(format!("applying a write: {e}")))??;
+            write.apply().await?;
         }
         self.await_writes(epoch, in_doubt).await?;
         Ok(outcomes)

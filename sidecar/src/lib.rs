@@ -6,7 +6,8 @@
 //! - [`routes`]: which addresses serve which queue.
 //! - [`credentials`]: the ServiceAccount token each route presents to its brokers.
 //! - [`metrics`]: batch sizes, and brokers up (asked of the router at scrape time).
-//! - [`router`]: broker discovery, partition ownership, per-partition batching.
+//! - [`batcher`]: concurrent single enqueues to a partition gathered into batches.
+//! - [`router`]: broker discovery, partition ownership, enqueues sent to owners.
 //! - [`settle`]: acks, nacks and extensions sent to the owners of their partitions.
 //! - [`subscription`]: Subscribe relayed over broker Subscribe streams.
 //! - [`drain`]: the shutdown (no new deliveries, settles until the grace ends).
@@ -16,6 +17,7 @@
 //! loop, server plumbing) is in `sluice-dataplane`. The broker itself is linked only
 //! with the `embedded` feature (`sluice-sidecar --embedded`).
 
+pub mod batcher;
 pub mod credentials;
 pub mod drain;
 pub mod metrics;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -17,6 +17,7 @@ use sluice_dataplane::server::tls::{TlsError, TlsFiles};
 use sluice_dataplane::server::{CONNECTION_WINDOW, MAX_REQUEST_BYTES, STREAM_WINDOW};
 use tonic::{Code, Request, Status};
 
+use crate::batcher::{BatchCall, Batcher};
 use crate::credentials::Credentials;
 use crate::metrics::{BrokersUp, SidecarMetrics};
 
@@ -139,12 +140,6 @@ struct Layout {
     refused: Option<Status>,
 }
 
-/// A message waiting to be sent in the next batch of its partition.
-pub struct PendingEnqueue {
-    pub message: v1::NewMessage,
-    pub reply: oneshot::Sender<Result<v1::EnqueueResponse, Status>>,
-}
-
 /// One queue's brokers and partition layout.
 pub struct QueueRoute {
     pub queue: String,
@@ -156,7 +151,7 @@ pub struct QueueRoute {
     layout: RwLock<Layout>,
     relayout: Arc<AtomicBool>,
     next: AtomicUsize,
-    batchers: Mutex<HashMap<u32, mpsc::Sender<PendingEnqueue>>>,
+    batchers: Mutex<HashMap<u32, Arc<Batcher>>>,
     changed: Notify,
     metrics: Arc<SidecarMetrics>,
 }
@@ -428,17 +423,27 @@ impl QueueRoute {
         v
     }
 
-    /// The batcher of a partition: concurrent single enqueues to one partition are
-    /// sent together as one EnqueueBatch while the previous batch is in flight.
-    pub fn batcher(self: &Arc<Self>, partition: u32) -> mpsc::Sender<PendingEnqueue> {
-        let mut map = self.batchers.lock().unwrap();
-        if let Some(tx) = map.get(&partition) {
-            return tx.clone();
-        }
-        let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run_batcher(Arc::downgrade(self), partition, rx));
-        map.insert(partition, tx.clone());
-        tx
+    /// Enqueues one message to `partition`, gathered with concurrent ones into
+    /// `EnqueueBatch` calls ([`Batcher`]).
+    pub async fn enqueue_gathered(
+        self: &Arc<Self>,
+        partition: u32,
+        message: v1::NewMessage,
+    ) -> Result<v1::EnqueueResponse, Status> {
+        let batcher = self
+            .batchers
+            .lock()
+            .unwrap()
+            .entry(partition)
+            .or_default()
+            .clone();
+        let max = self.settings().map(|s| s.max_batch as usize).unwrap_or(100);
+        let route = self.clone();
+        let send = move |messages: Vec<v1::NewMessage>| -> BatchCall {
+            route.metrics.batch_size.observe(messages.len() as f64);
+            Box::pin(async move { route.enqueue_batch(&route.queue, partition, messages).await })
+        };
+        batcher.enqueue(message, max, send).await
     }
 
     /// Sends a batch to the owner of its partition. A replicated partition whose
@@ -488,52 +493,6 @@ enum Attempt<T> {
     Done(Result<T, Status>),
     /// Failed in a way a new leader would fix.
     Retry(Status),
-}
-
-/// Most bytes one coalesced batch carries.
-const BATCH_BYTES: usize = 4 * 1024 * 1024;
-
-async fn run_batcher(
-    route: std::sync::Weak<QueueRoute>,
-    partition: u32,
-    mut rx: mpsc::Receiver<PendingEnqueue>,
-) {
-    while let Some(first) = rx.recv().await {
-        let Some(route) = route.upgrade() else {
-            return;
-        };
-        let max = route
-            .settings()
-            .map(|s| s.max_batch as usize)
-            .unwrap_or(100)
-            .max(1);
-        let mut size = first.message.body.len();
-        let mut batch = vec![first];
-        while batch.len() < max && size < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    size += p.message.body.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        route.metrics.batch_size.observe(batch.len() as f64);
-        let (messages, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.message, p.reply)).unzip();
-        match route.enqueue_batch(&route.queue, partition, messages).await {
-            Ok(results) => {
-                for (reply, r) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(r));
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
 }
 
 /// How the sidecar proves itself to brokers.

@@ -174,8 +174,8 @@ impl SidecarService {
     }
 }
 
-/// One enqueue, through the partition's batcher (or straight to a broker for a
-/// dead-letter queue, which has no batcher of its own).
+/// One enqueue, gathered with concurrent ones to its partition (or straight to a
+/// broker for a dead-letter queue, whose enqueues are not gathered).
 async fn enqueue_one(
     route: Arc<QueueRoute>,
     queue: String,
@@ -188,19 +188,8 @@ async fn enqueue_one(
         let mut out = route.enqueue_batch(&queue, p, vec![m]).await?;
         return Ok(out.remove(0));
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let retry = movable.then(|| m.clone());
-    route
-        .batcher(p)
-        .send(crate::router::PendingEnqueue {
-            message: m,
-            reply: tx,
-        })
-        .await
-        .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
-    let result = rx
-        .await
-        .map_err(|_| Status::unavailable("sidecar is shutting down"))?;
+    let result = route.enqueue_gathered(p, m).await;
     match (result, retry) {
         // A keyless message without a dedup id may go to any partition: try once
         // more on another broker. (If the first broker stored it before failing,
