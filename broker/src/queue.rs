@@ -883,6 +883,8 @@ impl Queue {
             fsync_interval: settings.fsync_interval,
             segment_bytes: storage.segment_bytes,
             reserve_bytes: storage.disk_reserve_bytes,
+            // A replica's log calls back into the replica as entries land.
+            caller_writes: !replicated,
         };
         let mut opened = Vec::new();
         if replicated {

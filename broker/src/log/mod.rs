@@ -2,7 +2,9 @@
 //!
 //! One writer thread per partition does group commit: it takes every append waiting
 //! for it, writes them with one `write`, and under `fsync: always` covers them all with
-//! one `fdatasync` before answering any. Segments are files named by a growing number;
+//! one `fdatasync` before answering any. Under `fsync: interval` or `never` the callers
+//! may write their own appends instead ([`LogOptions::caller_writes`]), and the thread
+//! only syncs. Segments are files named by a growing number;
 //! a segment is deleted once no unsettled message lives in it or an older one (taken
 //! out of the log at once, its space freed in the background: [`reaper`]).
 //!
@@ -81,6 +83,12 @@ pub struct LogOptions {
     /// Free bytes of the volume kept for records that settle or move messages: new
     /// messages are refused (`DiskFull`) below it, so that acks still land on a full disk.
     pub reserve_bytes: u64,
+    /// Under `fsync: interval` or `never`, the calling thread writes its appends itself
+    /// and the writer thread only syncs on the interval: nobody waits for an fsync,
+    /// so handing each append to the thread would cost only wake-ups (two switches
+    /// between threads per record). Not for a log whose `append_then` callbacks take
+    /// locks its callers hold (a replica's).
+    pub caller_writes: bool,
 }
 
 /// Observes the writer; the broker's metrics implement it.
@@ -367,6 +375,9 @@ enum Command {
 /// Handle to a partition's writer thread.
 pub struct LogWriter {
     tx: Mutex<Option<mpsc::Sender<Command>>>,
+    /// With [`LogOptions::caller_writes`]: the writer's state, used by the callers; the
+    /// thread only syncs. None: every command goes to the thread.
+    inline: Option<Arc<Mutex<Inline>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     active: Arc<AtomicU64>,
     pub reader: Arc<SegmentReader>,
@@ -403,6 +414,7 @@ impl LogWriter {
         let active = Arc::new(AtomicU64::new(active_id));
         let reader = Arc::new(SegmentReader::new(dir));
         let (tx, rx) = mpsc::channel();
+        let caller_writes = options.caller_writes && options.fsync != FsyncMode::Always;
         let mut state = WriterThread {
             dir: dir.to_path_buf(),
             segments: segments.to_vec(),
@@ -416,15 +428,28 @@ impl LogWriter {
             reader: reader.clone(),
             unsynced: false,
             last_sync: Instant::now(),
+            caller_writes,
         };
         if state.segments.is_empty() {
             state.segments.push(active_id);
         }
-        let thread = std::thread::Builder::new()
-            .name(format!("log-{name}"))
-            .spawn(move || state.run(rx))
-            .map_err(|e| LogError::io("starting writer for", dir, e))?;
+        let thread = std::thread::Builder::new().name(format!("log-{name}"));
+        let (inline, thread) = if caller_writes {
+            let inline = Arc::new(Mutex::new(Inline {
+                writer: state,
+                staging: Vec::new(),
+            }));
+            let syncs = inline.clone();
+            (
+                Some(inline),
+                thread.spawn(move || Inline::run_syncs(&syncs, rx)),
+            )
+        } else {
+            (None, thread.spawn(move || state.run(rx)))
+        };
+        let thread = thread.map_err(|e| LogError::io("starting writer for", dir, e))?;
         Ok(LogWriter {
+            inline,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             active,
@@ -433,10 +458,31 @@ impl LogWriter {
     }
 
     fn send(&self, cmd: Command) -> bool {
+        let cmd = match self.write_inline(cmd) {
+            Ok(()) => return true,
+            Err(cmd) => cmd,
+        };
         match &*self.tx.lock().unwrap() {
             Some(tx) => tx.send(cmd).is_ok(),
             None => false,
         }
+    }
+
+    /// Carries out `cmd` on the calling thread, with [`LogOptions::caller_writes`]
+    /// and while the log is open; else gives it back.
+    fn write_inline(&self, cmd: Command) -> Result<(), Command> {
+        let Some(inline) = &self.inline else {
+            return Err(cmd);
+        };
+        // Held while writing: `close` cannot slip in between and sync before this.
+        let open = self.tx.lock().unwrap();
+        if open.is_none() {
+            return Err(cmd);
+        }
+        let mut guard = inline.lock().unwrap();
+        let Inline { writer, staging } = &mut *guard;
+        writer.process(&mut vec![cmd], staging);
+        Ok(())
     }
 
     /// Queues framed records; `done` hears where they landed once they are as durable
@@ -461,6 +507,9 @@ impl LogWriter {
             buf,
             done,
             new_data,
+        };
+        let Err(cmd) = self.write_inline(cmd) else {
+            return;
         };
         let failed = match &*self.tx.lock().unwrap() {
             Some(tx) => tx.send(cmd).err().map(|e| e.0),
@@ -522,6 +571,64 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(|e| LogError::io("syncing directory", dir, e))
 }
 
+/// The writer's state when callers write their own appends
+/// ([`LogOptions::caller_writes`]).
+struct Inline {
+    writer: WriterThread,
+    staging: Vec<u8>,
+}
+
+impl Inline {
+    /// The thread of a log whose callers write: syncs every interval (`fsync:
+    /// interval`) until the log closes, then once more (unless `fsync: never`).
+    fn run_syncs(inline: &Mutex<Inline>, rx: mpsc::Receiver<Command>) {
+        let (fsync, interval) = {
+            let o = &inline.lock().unwrap().writer.options;
+            (o.fsync, o.fsync_interval.max(Duration::from_millis(1)))
+        };
+        loop {
+            let closed = match fsync {
+                FsyncMode::Interval => matches!(
+                    rx.recv_timeout(interval),
+                    Err(mpsc::RecvTimeoutError::Disconnected)
+                ),
+                _ => rx.recv().is_err(),
+            };
+            if closed {
+                break;
+            }
+            if fsync == FsyncMode::Interval {
+                Self::sync(inline);
+            }
+        }
+        if fsync != FsyncMode::Never {
+            Self::sync(inline);
+        }
+    }
+
+    /// Syncs what was written, without holding the state meanwhile: callers go on
+    /// writing (what they write now is covered by the next sync).
+    fn sync(inline: &Mutex<Inline>) {
+        let (file, path, observer) = {
+            let mut st = inline.lock().unwrap();
+            let w = &mut st.writer;
+            if !w.unsynced {
+                return;
+            }
+            w.unsynced = false;
+            w.last_sync = Instant::now();
+            (w.file.try_clone(), w.path.clone(), w.observer.clone())
+        };
+        let start = Instant::now();
+        let result = file.and_then(|f| f.sync_data());
+        observer.fsync(start.elapsed());
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "interval fsync failed; trying again at the next");
+            inline.lock().unwrap().writer.unsynced = true;
+        }
+    }
+}
+
 struct WriterThread {
     dir: PathBuf,
     segments: Vec<u64>,
@@ -536,6 +643,8 @@ struct WriterThread {
     reader: Arc<SegmentReader>,
     unsynced: bool,
     last_sync: Instant,
+    /// Callers write ([`Inline`]): interval syncs are the thread's, not the writers'.
+    caller_writes: bool,
 }
 
 impl WriterThread {
@@ -753,7 +862,9 @@ impl WriterThread {
         let sync_now = match self.options.fsync {
             FsyncMode::Always => must_sync && self.unsynced || !flushes.is_empty(),
             FsyncMode::Interval => {
-                !flushes.is_empty() || self.last_sync.elapsed() >= self.options.fsync_interval
+                !flushes.is_empty()
+                    || !self.caller_writes
+                        && self.last_sync.elapsed() >= self.options.fsync_interval
             }
             FsyncMode::Never => !flushes.is_empty(),
         };
@@ -904,6 +1015,7 @@ pub(crate) mod tests {
             fsync_interval: Duration::from_millis(10),
             segment_bytes,
             reserve_bytes: 0,
+            caller_writes: false,
         }
     }
 
@@ -942,6 +1054,47 @@ pub(crate) mod tests {
         let (tx, rx) = oneshot::channel();
         w.append_new(frame(&enq(1)), tx);
         rx.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn under_interval_fsync_callers_write_and_the_thread_only_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let opts = LogOptions {
+            fsync: FsyncMode::Interval,
+            caller_writes: true,
+            ..options(1 << 20)
+        };
+        let w = LogWriter::open(dir.path(), &[], 0, opts, seen.clone(), "t".into()).unwrap();
+        // Answered on the calling thread, before `append_then` returns, in order.
+        let me = std::thread::current().id();
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        for seq in 1..=3 {
+            let to = answers.clone();
+            w.append_then(frame(&enq(seq)), move |r| {
+                to.lock()
+                    .unwrap()
+                    .push((std::thread::current().id(), r.unwrap().offset));
+            });
+            assert_eq!(answers.lock().unwrap().len(), seq as usize);
+        }
+        let answers = answers.lock().unwrap().clone();
+        assert!(answers.iter().all(|(t, _)| *t == me), "{answers:?}");
+        assert!(answers.windows(2).all(|a| a[0].1 < a[1].1), "{answers:?}");
+        // The thread syncs on the interval, with nobody waiting.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.fsyncs.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "no interval fsync");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A flush syncs on the caller's thread; after close, appends are refused.
+        w.flush().await.unwrap();
+        w.close();
+        let (tx, rx) = oneshot::channel();
+        w.append(frame(&enq(4)), Some(tx));
+        assert!(matches!(rx.await.unwrap(), Err(LogError::Stopped)));
+        let (_, recs) = replay(dir.path(), &seen);
+        assert_eq!(recs, (1..=3).map(enq).collect::<Vec<_>>());
     }
 
     fn replay(dir: &Path, seen: &Seen) -> (Vec<u64>, Vec<Record>) {
