@@ -298,6 +298,17 @@ mod tests {
         }
     }
 
+    /// An enqueue of `body` through `b` to `broker`, in a task of its own.
+    fn spawn_enqueue(
+        b: &Arc<Batcher>,
+        broker: &HeldBroker,
+        body: &'static str,
+        max: usize,
+    ) -> tokio::task::JoinHandle<Result<v1::EnqueueResponse, Status>> {
+        let (b, send) = (b.clone(), broker.send());
+        tokio::spawn(async move { b.enqueue(msg(body), max, send).await })
+    }
+
     async fn settle() {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -308,18 +319,9 @@ mod tests {
     async fn a_lone_enqueue_goes_out_on_its_own_and_later_ones_gather_behind_it() {
         let b = Arc::new(Batcher::default());
         let broker = HeldBroker::default();
-        let first = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("a"), 100, s).await }
-        });
+        let first = spawn_enqueue(&b, &broker, "a", 100);
         broker.wait_for_batches(1).await;
-        let rest: Vec<_> = ["b", "c", "d"]
-            .into_iter()
-            .map(|body| {
-                let (b, s) = (b.clone(), broker.send());
-                tokio::spawn(async move { b.enqueue(msg(body), 100, s).await })
-            })
-            .collect();
+        let rest = ["b", "c", "d"].map(|body| spawn_enqueue(&b, &broker, body, 100));
         settle().await;
         assert_eq!(broker.bodies(0), ["a"]);
         assert_eq!(broker.sent.load(Ordering::SeqCst), 1, "one batch in flight");
@@ -338,18 +340,9 @@ mod tests {
     async fn a_batch_carries_at_most_max_and_the_rest_follow() {
         let b = Arc::new(Batcher::default());
         let broker = HeldBroker::default();
-        let first = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("a"), 2, s).await }
-        });
+        let first = spawn_enqueue(&b, &broker, "a", 2);
         broker.wait_for_batches(1).await;
-        let rest: Vec<_> = ["b", "c", "d"]
-            .into_iter()
-            .map(|body| {
-                let (b, s) = (b.clone(), broker.send());
-                tokio::spawn(async move { b.enqueue(msg(body), 2, s).await })
-            })
-            .collect();
+        let rest = ["b", "c", "d"].map(|body| spawn_enqueue(&b, &broker, body, 2));
         settle().await;
         broker.release(0);
         broker.wait_for_batches(2).await;
@@ -368,16 +361,10 @@ mod tests {
     async fn a_leader_cancelled_mid_call_still_answers_its_waiters_and_hands_the_lead_on() {
         let b = Arc::new(Batcher::default());
         let broker = HeldBroker::default();
-        let leader = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("a"), 1, s).await }
-        });
+        let leader = spawn_enqueue(&b, &broker, "a", 1);
         broker.wait_for_batches(1).await;
         // "b" joins while "a" is in flight, "c" behind it.
-        let waiter = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("b"), 1, s).await }
-        });
+        let waiter = spawn_enqueue(&b, &broker, "b", 1);
         settle().await;
         leader.abort();
         assert!(leader.await.unwrap_err().is_cancelled());
@@ -394,20 +381,11 @@ mod tests {
     async fn a_lead_handed_to_a_caller_that_has_gone_passes_to_the_next() {
         let b = Arc::new(Batcher::default());
         let broker = HeldBroker::default();
-        let leader = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("a"), 1, s).await }
-        });
+        let leader = spawn_enqueue(&b, &broker, "a", 1);
         broker.wait_for_batches(1).await;
-        let gone = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("gone"), 1, s).await }
-        });
+        let gone = spawn_enqueue(&b, &broker, "gone", 1);
         settle().await;
-        let next = tokio::spawn({
-            let (b, s) = (b.clone(), broker.send());
-            async move { b.enqueue(msg("c"), 1, s).await }
-        });
+        let next = spawn_enqueue(&b, &broker, "c", 1);
         settle().await;
         gone.abort();
         let _ = gone.await;
