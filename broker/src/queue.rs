@@ -193,9 +193,7 @@ impl Drop for WaitSlot<'_> {
 }
 
 /// Where a partition's records land, once durable (or why they did not).
-type Written = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<crate::log::Location, BrokerError>> + Send>,
->;
+type Written = futures::future::BoxFuture<'static, Result<crate::log::Location, BrokerError>>;
 
 /// The write of reserved messages, whose outcome must reach the partition's state even
 /// when the call awaiting it is cancelled (a client gone at its deadline): left

@@ -12,10 +12,9 @@
 //! the others: the call in flight is finished by a task and answers its waiters, and
 //! a lead handed to a caller that has gone passes on to the next waiter.
 
+use futures::future::BoxFuture;
 use sluice_proto::v1;
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -24,8 +23,7 @@ use tonic::Status;
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// One batch sent to the partition's broker: its answers, in the batch's order.
-pub type BatchCall =
-    Pin<Box<dyn Future<Output = Result<Vec<v1::EnqueueResponse>, Status>> + Send + 'static>>;
+pub type BatchCall = BoxFuture<'static, Result<Vec<v1::EnqueueResponse>, Status>>;
 
 /// One partition's gathering of enqueues.
 #[derive(Default)]

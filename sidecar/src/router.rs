@@ -437,7 +437,14 @@ impl QueueRoute {
             .entry(partition)
             .or_default()
             .clone();
-        let max = self.settings().map(|s| s.max_batch as usize).unwrap_or(100);
+        // Read in place: `settings()` clones the whole description.
+        let max = self
+            .layout
+            .read()
+            .unwrap()
+            .settings
+            .as_ref()
+            .map_or(100, |s| s.max_batch as usize);
         let route = self.clone();
         let send = move |messages: Vec<v1::NewMessage>| -> BatchCall {
             route.metrics.batch_size.observe(messages.len() as f64);

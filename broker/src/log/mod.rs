@@ -428,7 +428,6 @@ impl LogWriter {
             reader: reader.clone(),
             unsynced: false,
             last_sync: Instant::now(),
-            caller_writes,
         };
         if state.segments.is_empty() {
             state.segments.push(active_id);
@@ -616,7 +615,6 @@ impl Inline {
                 return;
             }
             w.unsynced = false;
-            w.last_sync = Instant::now();
             (w.file.try_clone(), w.path.clone(), w.observer.clone())
         };
         let start = Instant::now();
@@ -643,8 +641,6 @@ struct WriterThread {
     reader: Arc<SegmentReader>,
     unsynced: bool,
     last_sync: Instant,
-    /// Callers write ([`Inline`]): interval syncs are the thread's, not the writers'.
-    caller_writes: bool,
 }
 
 impl WriterThread {
@@ -862,8 +858,9 @@ impl WriterThread {
         let sync_now = match self.options.fsync {
             FsyncMode::Always => must_sync && self.unsynced || !flushes.is_empty(),
             FsyncMode::Interval => {
+                // Where callers write ([`Inline`]), interval syncs are the thread's.
                 !flushes.is_empty()
-                    || !self.caller_writes
+                    || !self.options.caller_writes
                         && self.last_sync.elapsed() >= self.options.fsync_interval
             }
             FsyncMode::Never => !flushes.is_empty(),
