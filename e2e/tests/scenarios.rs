@@ -758,8 +758,8 @@ async fn claims_of_orders(client: &Client, ns: &str) -> Option<Vec<String>> {
 }
 
 /// The path for a default small Queue: one copy of each partition, brokers
-/// 1 -> 3 -> 5 -> 2 -> 1 and partitions 4 -> 8, with 10,000 keyed messages written
-/// during the moves. Every partition is a Raft group of one, so its copy moves as a
+/// 1 -> 3 -> 5 -> 2 -> 1 (the last asked for while the copies move onto 2) and
+/// partitions 4 -> 8, with 10,000 keyed messages written during the moves. Every partition is a Raft group of one, so its copy moves as a
 /// replicated one does. Partitions grow between two producers: a key's partition
 /// is its hash modulo the partitions, so a key written across the change would be
 /// split over two partitions (as in Kafka) and lose its order.
@@ -795,13 +795,25 @@ async fn single_copy_queue_scales_in(w: Arc<World>) {
     copies_moved_onto(&client, ns, 5, 8, 1).await;
     queue_ready(&client, ns, "orders", 5).await;
 
+    // 5 -> 2, and 1 asked for while those copies move: accepted, and carried out
+    // by a second move once the first is done.
     let c = keyed_traffic(&w, ns, "c").await;
     apply_queue(&client, ns, "orders", spec(2, 8)).await;
-    copies_moved_onto(&client, ns, 2, 8, 1).await;
-    queue_ready(&client, ns, "orders", 2).await;
-
-    let d = keyed_traffic(&w, ns, "d").await;
+    eventually("copies moving onto 2 brokers", || async {
+        let q = serde_json::to_value(queue_api(&client, ns).get("orders").await.ok()?).ok()?;
+        (q.pointer("/status/layout/movingTo")?.as_u64() == Some(2)).then_some(())
+    })
+    .await;
     apply_queue(&client, ns, "orders", spec(1, 8)).await;
+    eventually("the move names the count asked meanwhile", || async {
+        let q = serde_json::to_value(queue_api(&client, ns).get("orders").await.ok()?).ok()?;
+        let (_, reason, message) = condition(&q, "Progressing")?;
+        (reason == "PartitionsMoving"
+            && message.ends_with("then onto 1 brokers, as asked meanwhile"))
+        .then_some(())
+    })
+    .await;
+    let d = keyed_traffic(&w, ns, "d").await;
     copies_moved_onto(&client, ns, 1, 8, 1).await;
     queue_ready(&client, ns, "orders", 1).await;
     partitions_of_led(&client, ns, 8, 1).await;

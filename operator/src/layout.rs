@@ -122,10 +122,6 @@ pub enum Refusal {
     )]
     FewerBrokersThanCopies { to: i32, replication: i32 },
     #[error(
-        "spec.replicas cannot change to {to} now: partition copies are moving onto {moving_to} brokers; wait until the Queue's Progressing condition no longer says PartitionsMoving, then change replicas"
-    )]
-    MoveUnderWay { moving_to: i32, to: i32 },
-    #[error(
         "spec.replication cannot change from {from} to {to} yet: the brokers' volumes hold {from} copies of each partition and copies cannot be added or removed while the partitions hold messages; keep replication at {from}, or create a new Queue with the replication you want and move the traffic to it"
     )]
     Replication { from: i32, to: i32 },
@@ -155,9 +151,7 @@ impl Refusal {
             Refusal::PartitionsDecrease { .. } => Reason::PartitionsDecreaseBlocked,
             Refusal::MovesPartitions { from, to, .. } if to < from => Reason::ScaleDownBlocked,
             Refusal::FewerBrokersThanCopies { .. } => Reason::ScaleDownBlocked,
-            Refusal::MovesPartitions { .. } | Refusal::MoveUnderWay { .. } => {
-                Reason::ScaleUpBlocked
-            }
+            Refusal::MovesPartitions { .. } => Reason::ScaleUpBlocked,
             Refusal::StorageClass { .. }
             | Refusal::StorageShrink { .. }
             | Refusal::NotExpandable { .. } => Reason::StorageChangeBlocked,
@@ -207,6 +201,9 @@ pub struct Plan {
     pub placed: Option<Placed>,
     /// Copies moving onto other brokers, until the brokers report them moved.
     pub moving: Option<Move>,
+    /// A broker count asked for while copies move onto another: carried out by the
+    /// next move, once this one is done.
+    pub then: Option<i32>,
 }
 
 /// A replicated Queue's placement, as the brokers' settings carry it.
@@ -273,6 +270,7 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
     let mut spec = wanted.clone();
     let mut refusals = Vec::new();
     let mut grows = None;
+    let mut then = None;
     // Unset: what the volumes hold, or for a new Queue the default for its size.
     let replication = wanted.replication.unwrap_or_else(|| {
         held.map_or_else(|| default_replication(wanted.replicas), |h| h.replication)
@@ -294,22 +292,20 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
             spec.partitions = held.partitions;
         }
         let movable = held.movable();
-        if let Some(to) = held.moving_to
-            && wanted.replicas != to
-        {
-            // The settings name the members the operator last saw committed; a new
-            // target now could leave a copy off both lists while it is a member.
-            refusals.push(Refusal::MoveUnderWay {
-                moving_to: to,
-                to: wanted.replicas,
-            });
-            spec.replicas = to;
-        } else if movable && wanted.replicas < held.replication {
+        if movable && wanted.replicas < held.replication {
             refusals.push(Refusal::FewerBrokersThanCopies {
                 to: wanted.replicas,
                 replication: held.replication,
             });
-            spec.replicas = held.brokers;
+            spec.replicas = held.moving_to.unwrap_or(held.brokers);
+        } else if let Some(to) = held.moving_to
+            && wanted.replicas != to
+        {
+            // The move under way goes on to its end and the next one starts from
+            // there: re-targeted midway, the settings (which name the members last
+            // seen committed) could leave off both lists a copy that is a member.
+            then = Some(wanted.replicas);
+            spec.replicas = to;
         }
         if wanted.replicas != held.brokers && !movable {
             let moved = held.moved_by(wanted.replicas);
@@ -399,6 +395,7 @@ pub fn plan(wanted: &QueueSpec, held: Option<&Layout>) -> Plan {
         grows,
         placed,
         moving,
+        then,
     }
 }
 
@@ -575,18 +572,26 @@ mod tests {
             (3, Reason::ScaleDownBlocked)
         );
         assert!(p2.moving.is_none());
-        // Another replica count meanwhile is refused until the move is done.
+        // Another replica count meanwhile is accepted and waits: the move goes on
+        // to five brokers, the next starts from there.
         let four = spec(json!({"replicas": 4, "partitions": 6, "replication": 3}));
-        let mid = plan(&four, Some(&p.layout));
-        assert_eq!(
-            mid.refusals,
-            vec![Refusal::MoveUnderWay {
-                moving_to: 5,
-                to: 4
-            }]
-        );
+        let mut mid = plan(&four, Some(&p.layout));
+        assert_eq!((mid.refusals.clone(), mid.then), (vec![], Some(4)));
         assert_eq!(mid.spec.replicas, 5);
-        assert_eq!(check_update(&five, Some(&p.layout), &four), mid.refusals);
+        assert_eq!(
+            (mid.moving.clone(), mid.placed.clone()),
+            (again.moving, again.placed)
+        );
+        assert!(check_update(&five, Some(&p.layout), &four).is_empty());
+        // Fewer than the copies is refused there too, and holds the move's count.
+        let refused = plan(&two, Some(&p.layout));
+        assert_eq!(refused.refusals[0].reason(), Reason::ScaleDownBlocked);
+        assert_eq!((refused.spec.replicas, refused.then), (5, None));
+        // Once done, planning the waiting count from the new layout moves on to it.
+        mid.finish_move();
+        let next = plan(&four, Some(&mid.layout));
+        assert_eq!(next.moving.map(|m| m.brokers), Some(4));
+        assert_eq!((next.spec.replicas, next.then), (5, None));
         // The brokers report it done: the new placement is what the volumes hold.
         p.finish_move();
         assert_eq!(p.spec.replicas, 5);

@@ -387,11 +387,34 @@ async fn example_queue_creates_owned_objects_rolls_repairs_and_cascades() {
         settings.contains("placement = [[") && settings.contains("members = [[0, 1, 2]"),
         "{settings}"
     );
-    // Another count while copies move: refused until they have.
+    // Another count while copies move: accepted, and carried out after them. The
+    // move goes on onto four brokers and says what comes next; nothing is refused.
     let mut five = changed.clone();
     five["spec"]["replicas"] = json!(5);
     apply_queue(&client, ns, five).await;
-    wait_degraded(&client, ns, "orders", "ScaleUpBlocked").await;
+    let q = wait_queue(&client, ns, "orders", "the next count named", |q| {
+        condition(q, "Progressing").is_some_and(|c| {
+            c.reason == "PartitionsMoving"
+                && c.message
+                    .ends_with("; then onto 5 brokers, as asked meanwhile")
+        })
+    })
+    .await;
+    assert!(
+        condition(&q, "Degraded").is_some_and(|c| c.status == "False"),
+        "{:?}",
+        condition(&q, "Degraded")
+    );
+    assert_eq!(
+        q.status
+            .as_ref()
+            .unwrap()
+            .layout
+            .as_ref()
+            .unwrap()
+            .moving_to,
+        Some(4)
+    );
     assert_eq!(sts_replicas(&sts_api, "sluice-orders").await, Some(4));
     let changed = bigger;
     // Fewer partitions: refused, the brokers keep reading all six.

@@ -129,6 +129,13 @@ pub fn is_transport_failure(status: &Status) -> bool {
     ) || is_local_timeout(status)
 }
 
+/// A queue's limits on what one call may carry, as its brokers describe them.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_message_bytes: u64,
+    pub max_batch: u32,
+}
+
 #[derive(Default)]
 struct Layout {
     brokers: Vec<Arc<BrokerConn>>,
@@ -320,6 +327,18 @@ impl QueueRoute {
             .ok_or_else(|| self.unavailable())
     }
 
+    /// The limits every enqueue is checked against, read in place: `settings()`
+    /// clones the whole description, too much for each message.
+    pub fn limits(&self) -> Result<Limits, Status> {
+        let layout = self.layout.read().unwrap();
+        let limits = layout.settings.as_ref().map(|s| Limits {
+            max_message_bytes: s.max_message_bytes,
+            max_batch: s.max_batch,
+        });
+        drop(layout);
+        limits.ok_or_else(|| self.unavailable())
+    }
+
     fn unavailable(&self) -> Status {
         if let Some(refused) = &self.layout.read().unwrap().refused {
             return refused.clone();
@@ -437,14 +456,7 @@ impl QueueRoute {
             .entry(partition)
             .or_default()
             .clone();
-        // Read in place: `settings()` clones the whole description.
-        let max = self
-            .layout
-            .read()
-            .unwrap()
-            .settings
-            .as_ref()
-            .map_or(100, |s| s.max_batch as usize);
+        let max = self.limits().map_or(100, |l| l.max_batch as usize);
         let route = self.clone();
         let send = move |messages: Vec<v1::NewMessage>| -> BatchCall {
             route.metrics.batch_size.observe(messages.len() as f64);

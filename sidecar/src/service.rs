@@ -16,15 +16,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::drain::Drain;
-use crate::router::{BrokerConn, QueueRoute, Router, is_transport_failure, timed};
+use crate::router::{BrokerConn, Limits, QueueRoute, Router, is_transport_failure, timed};
 use crate::settle::{ThenMap, settle};
 use crate::subscription::RelayedSubscription;
 
 /// Checks a message against the queue's limits before it joins a shared batch, so
 /// one bad message cannot fail the batch of others.
-fn check(route: &QueueRoute, m: &v1::NewMessage) -> Result<(), Status> {
-    let settings = route.settings()?;
-    Ok(check_message(m, settings.max_message_bytes)?)
+fn check(m: &v1::NewMessage, limits: Limits) -> Result<(), Status> {
+    Ok(check_message(m, limits.max_message_bytes)?)
 }
 
 /// The partition of a message: by explicit choice, key or dedup id, else any
@@ -214,10 +213,11 @@ impl Queues for SidecarService {
         let mut m = r
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
-        check(&route, &m)?;
+        let limits = route.limits()?;
+        check(&m, limits)?;
         let span = trace::send_span(&r.queue, &meta, std::slice::from_ref(&m));
         if let Some(ctx) = trace::carried(&span, &meta) {
-            trace::carry(&ctx, &mut m, route.settings()?.max_message_bytes);
+            trace::carry(&ctx, &mut m, limits.max_message_bytes);
         }
         let queue = r.queue;
         let partition = r.partition;
@@ -235,15 +235,16 @@ impl Queues for SidecarService {
         let route = self.router.route(&r.queue)?;
         // An empty batch is refused even while no broker has described the queue.
         check_batch_len(r.messages.len(), u32::MAX)?;
-        check_batch_len(r.messages.len(), route.settings()?.max_batch)?;
+        let limits = route.limits()?;
+        check_batch_len(r.messages.len(), limits.max_batch)?;
         let span = trace::send_span(&r.queue, &meta, &r.messages);
         let ctx = trace::carried(&span, &meta);
         let mut groups: BTreeMap<u32, (Vec<usize>, Vec<v1::NewMessage>)> = BTreeMap::new();
         for (i, mut m) in r.messages.into_iter().enumerate() {
-            check(&route, &m)
+            check(&m, limits)
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {}", e.message())))?;
             if let Some(ctx) = &ctx {
-                trace::carry(ctx, &mut m, route.settings()?.max_message_bytes);
+                trace::carry(ctx, &mut m, limits.max_message_bytes);
             }
             let g = groups
                 .entry(partition_of(&route, &m, r.partition).await?)

@@ -200,11 +200,14 @@ pub fn compute(observed: &Observed) -> Vec<QueueCondition> {
                     true,
                     Reason::PartitionsMoving,
                     format!(
-                        "moving partition copies onto {} brokers: {} of {} partitions left ({})",
+                        "moving partition copies onto {} brokers: {} of {} partitions left ({}){}",
                         m.to,
                         m.left.len(),
                         m.partitions,
-                        crate::layout::list(&m.left)
+                        crate::layout::list(&m.left),
+                        m.then
+                            .map(|n| format!("; then onto {n} brokers, as asked meanwhile"))
+                            .unwrap_or_default()
                     ),
                 )
             } else if let (true, Some((size, short))) = (r.rolled(), growing) {
@@ -658,6 +661,26 @@ mod tests {
         assert_eq!(
             available(seen(&[0, 2], &[])),
             "partitions 0, 2 have no leader: fewer than 2 of their 3 copies answer, so their writes wait; no report from sluice-orders-2: connection refused"
+        );
+        let moving = |then| {
+            let r = Rollout {
+                moving: Some(Moving {
+                    to: 5,
+                    left: vec![1, 4],
+                    partitions: 6,
+                    then,
+                }),
+                ..rollout()
+            };
+            compute(&Observed::Applied(&r))[0].message.clone()
+        };
+        assert_eq!(
+            moving(None),
+            "moving partition copies onto 5 brokers: 2 of 6 partitions left (1, 4)"
+        );
+        assert_eq!(
+            moving(Some(2)),
+            "moving partition copies onto 5 brokers: 2 of 6 partitions left (1, 4); then onto 2 brokers, as asked meanwhile"
         );
         let cs = compute(&Observed::InvalidSpec { error: "bad" });
         assert_eq!(cs[0].message, "bad");

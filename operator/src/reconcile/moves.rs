@@ -63,6 +63,8 @@ pub struct Moving {
     /// Partitions whose group has not moved yet.
     pub left: Vec<i32>,
     pub partitions: i32,
+    /// The broker count asked for meanwhile, moved onto next.
+    pub then: Option<i32>,
 }
 
 /// Follows the move the plan carries, if any: finishes it in the plan when the
@@ -108,6 +110,7 @@ pub async fn follow(
             to: m.brokers,
             left,
             partitions: m.target.len() as i32,
+            then: plan.then,
         }));
     }
     plan.finish_move();
